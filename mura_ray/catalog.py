@@ -1,0 +1,213 @@
+"""Read an archive root into a catalog: one Arrow row per image.
+
+Columns (``CATALOG_SCHEMA``): ``image_uri``, ``split``, ``body_part``,
+``patient_id``, ``study_uri``, ``label`` (1 abnormal, 0 normal, null when
+unknown), and ``source_size`` / ``source_etag`` from the listing.
+
+Where labels come from, first match wins:
+1. MURA's CSVs (``{split}_image_paths.csv`` and ``{split}_labeled_studies.csv``)
+   in the root or in ``ROOT/MURA-v1.1``;
+2. folder names (``XR_<PART>/patientNNNNN/studyK_{positive,negative}/``);
+3. nothing: any tree of images is accepted, with null labels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mura_ray import storage
+from mura_ray.decode import is_image_name
+from mura_ray.errors import UsageError
+
+CATALOG_SCHEMA = pa.schema(
+    [
+        ("image_uri", pa.string()),
+        ("split", pa.string()),
+        ("body_part", pa.string()),
+        ("patient_id", pa.string()),
+        ("study_uri", pa.string()),
+        ("label", pa.int8()),
+        ("source_size", pa.int64()),
+        ("source_etag", pa.string()),
+    ]
+)
+SPLITS = ("train", "valid", "test")
+_PART = re.compile(r"^XR_([A-Z]+)$", re.IGNORECASE)
+_PATIENT = re.compile(r"^patient\d+$", re.IGNORECASE)
+_STUDY = re.compile(r"^study\d+_(positive|negative)$", re.IGNORECASE)
+
+
+@dataclass
+class Listing:
+    """Files under a root: image files with their listing info, and how many others were skipped."""
+
+    images: dict[str, dict[str, Any]]  # path inside fs -> info
+    others: list[str]
+
+
+def list_archive(fs, base: str) -> Listing:
+    """One recursive listing of ``base``; image files are kept, other files counted."""
+    found = fs.find(base, detail=True)
+    images: dict[str, dict[str, Any]] = {}
+    others: list[str] = []
+    for path, info in found.items():
+        if info.get("type", "file") != "file":
+            continue
+        if is_image_name(path):
+            images[path] = info
+        else:
+            others.append(path)
+    return Listing(images=images, others=sorted(others))
+
+
+def parse_parts(path: str, rel_path: str | None = None) -> dict[str, Any]:
+    """Split, body part, patient and folder label from the folders of an image path.
+
+    MURA's folders (``XR_<PART>``, ``patientNNNNN``, ``studyK_<label>``) are read
+    from the whole path; the split is the folder just above ``XR_<PART>``, or
+    else a ``train``/``valid``/``test`` folder inside the archive (``rel_path``).
+    """
+    out: dict[str, Any] = {"split": None, "body_part": None, "patient_id": None, "label": None}
+    comps = path.split("/")[:-1]
+    for i, comp in enumerate(comps):
+        if m := _PART.match(comp):
+            out["body_part"] = m.group(1).upper()
+            if i and comps[i - 1].lower() in SPLITS:
+                out["split"] = comps[i - 1].lower()
+        elif _PATIENT.match(comp):
+            out["patient_id"] = comp
+        elif m := _STUDY.match(comp):
+            out["label"] = 1 if m.group(1).lower() == "positive" else 0
+    if out["split"] is None and rel_path is not None:
+        out["split"] = next((c.lower() for c in rel_path.split("/")[:-1] if c.lower() in SPLITS), None)
+    return out
+
+
+def _csv_dir(fs, base: str) -> str | None:
+    for d in (base, storage.join(base, "MURA-v1.1")):
+        for split in SPLITS:
+            if fs.exists(storage.join(d, f"{split}_image_paths.csv")):
+                return d
+    return None
+
+
+def _read_lines(fs, path: str) -> list[tuple[int, str]]:
+    text = storage.read_bytes(fs, path).decode("utf-8-sig")
+    return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def _csv_rows(fs, csv_dir: str, listing: Listing) -> list[dict[str, Any]]:
+    """Rows from MURA's CSVs. Their paths start with the archive folder's own name (``MURA-v1.1/...``)."""
+    parent, name = posixpath.split(csv_dir)
+
+    def resolve(rel: str) -> str:
+        return storage.join(parent, rel) if rel.split("/", 1)[0] == name else storage.join(csv_dir, rel)
+
+    rows: list[dict[str, Any]] = []
+    for split in SPLITS:
+        paths_csv = storage.join(csv_dir, f"{split}_image_paths.csv")
+        if not fs.exists(paths_csv):
+            continue
+        labels: dict[str, int] = {}
+        studies_csv = storage.join(csv_dir, f"{split}_labeled_studies.csv")
+        if fs.exists(studies_csv):
+            for n, line in _read_lines(fs, studies_csv):
+                study, sep, value = line.rpartition(",")
+                if not sep or value.strip() not in ("0", "1"):
+                    raise UsageError(
+                        f"{storage.to_uri(fs, studies_csv)} line {n}: expected 'study_dir/,0|1', got {line[:120]!r}"
+                    )
+                labels[resolve(study.strip()).rstrip("/")] = int(value)
+        for n, line in _read_lines(fs, paths_csv):
+            if "," in line or not is_image_name(line):
+                raise UsageError(
+                    f"{storage.to_uri(fs, paths_csv)} line {n}: expected one image path (.png/.jpg), got {line[:120]!r}"
+                )
+            path = resolve(line)
+            study = posixpath.dirname(path)
+            parts = parse_parts(path)
+            label = labels.get(study, parts["label"])
+            info = listing.images.get(path, {})
+            rows.append(
+                dict(
+                    image_uri=storage.to_uri(fs, path),
+                    split=split,
+                    body_part=parts["body_part"],
+                    patient_id=parts["patient_id"],
+                    study_uri=storage.to_uri(fs, study),
+                    label=label,
+                    source_size=info.get("size"),
+                    source_etag=storage.source_tag(info) if info else None,
+                )
+            )
+    return rows
+
+
+def _tree_rows(fs, base: str, listing: Listing) -> list[dict[str, Any]]:
+    rows = []
+    for path, info in listing.images.items():
+        parts = parse_parts(path, posixpath.relpath(path, base))
+        rows.append(
+            dict(
+                image_uri=storage.to_uri(fs, path),
+                split=parts["split"],
+                body_part=parts["body_part"],
+                patient_id=parts["patient_id"],
+                study_uri=storage.to_uri(fs, posixpath.dirname(path)),
+                label=parts["label"],
+                source_size=info.get("size"),
+                source_etag=storage.source_tag(info),
+            )
+        )
+    return rows
+
+
+def build_catalog(root: str, *, split: str | None = None) -> pa.Table:
+    """Catalog of the archive at ``root`` (path or s3:// URI), sorted by ``image_uri``.
+
+    ``split`` keeps only that split. Raises ``UsageError`` naming what was
+    found when the root holds no usable images.
+    """
+    fs, base = storage.filesystem(root)
+    if not fs.exists(base):
+        raise UsageError(f"archive root not found: {root!r}")
+    if not fs.isdir(base):
+        raise UsageError(f"archive root is a file, not a folder: {root!r}")
+    listing = list_archive(fs, base)
+    csv_dir = _csv_dir(fs, base)
+    rows = _csv_rows(fs, csv_dir, listing) if csv_dir else _tree_rows(fs, base, listing)
+    if not rows:
+        seen = ", ".join(posixpath.relpath(p, base) for p in listing.others[:5])
+        what = f"{len(listing.others)} other file(s), e.g. {seen}" if listing.others else "nothing"
+        raise UsageError(f"no images (.png, .jpg, .jpeg) under {root!r}: found {what}")
+    table = pa.Table.from_pylist(rows, schema=CATALOG_SCHEMA).sort_by("image_uri")
+    if split is not None:
+        table = table.filter(pc.equal(table["split"], split))
+        if table.num_rows == 0:
+            raise UsageError(f"no images in split {split!r} under {root!r}")
+    return table
+
+
+def fingerprint(table: pa.Table) -> str:
+    """A hash of what a catalog holds (paths, labels, sizes, tags), for model cards and run records."""
+    h = hashlib.sha256()
+    for col in ("image_uri", "label", "source_size", "source_etag"):
+        h.update(col.encode())
+        h.update(repr(table[col].to_pylist()).encode())
+    return h.hexdigest()
+
+
+def summary(table: pa.Table) -> dict[str, Any]:
+    """Counts by split and label, for logs and checks."""
+    out: dict[str, Any] = {"images": table.num_rows}
+    grouped = table.group_by(["split", "label"]).aggregate([("image_uri", "count")])
+    for row in grouped.to_pylist():
+        out[f"{row['split']}/{row['label']}"] = row["image_uri_count"]
+    return out

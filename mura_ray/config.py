@@ -1,0 +1,47 @@
+"""One typed config per job, filled from the CLI, saved next to its outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    workers: int = 2
+    epochs: int = 10
+    image_size: int = 224
+    batch_size: int = 32  # per worker
+    lr: float = 1e-3
+    weights: str = "imagenet"
+    trainable: str = "auto"  # layer3,layer4,fc from pretrained weights; all with --weights none
+    patience: int = 3  # epochs without a better validation F1 before stopping
+    lr_patience: int = 1  # ReduceLROnPlateau on validation loss
+    lr_factor: float = 0.3
+    seed: int = 0
+    use_gpu: bool | None = None  # None: use GPUs when the cluster has enough
+    cpus_per_worker: float | None = None  # None: sized from the cluster
+    shuffle_labels: bool = False  # leakage check: train on permuted labels
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class ScoreConfig:
+    model: str
+    input: str
+    output: str
+    split: str | None = None
+    batch_size: int = 64
+    actors: int | None = None  # None: sized from the cluster
+    cpus_per_actor: float | None = None
+    use_gpu: bool | None = None
+    run_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,124 @@
+"""Ray Data pipelines: catalog rows -> bytes -> cached uint8 squares -> model batches.
+
+Decoding and resizing run once per image (``cached_images`` materializes
+the result in Ray's object store); each training epoch then re-runs only the
+random augmentation on the cached squares.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+from ray.train import DataConfig
+
+from mura_ray import storage
+from mura_ray.decode import DecodeError, load_square
+from mura_ray.transforms import EvalPreset, TrainPreset
+
+log = logging.getLogger(__name__)
+
+ROWS_PER_BLOCK = 64
+
+
+def read_and_decode(batch: dict[str, np.ndarray], *, side: int, fs: Any) -> dict[str, np.ndarray]:
+    """Read each ``image_uri`` through ``fs`` and decode it to a (side, side) uint8 square.
+
+    Adds ``pixels`` (zeros where unreadable), ``error`` (the reason, or ""
+    when fine: an all-empty string column keeps its type through Arrow,
+    where an all-null one would not) and ``read_size`` (bytes read; -1 when
+    the file could not be read). Other
+    columns pass through. A bad file never raises: it becomes a row with
+    ``error`` set.
+    """
+    uris = batch["image_uri"]
+    pixels = np.zeros((len(uris), side, side), dtype=np.uint8)
+    errors = np.full(len(uris), "", dtype=object)
+    sizes = np.full(len(uris), -1, dtype=np.int64)
+    for i, uri in enumerate(uris):
+        try:
+            data = storage.read_bytes(fs, storage.path_in(uri))
+        except Exception as exc:  # missing file, permission, network
+            errors[i] = f"cannot read file: {type(exc).__name__}: {exc}"
+            continue
+        sizes[i] = len(data)
+        try:
+            pixels[i] = load_square(data, side)
+        except DecodeError as exc:
+            errors[i] = str(exc)
+    out = dict(batch)
+    out.update(pixels=pixels, error=errors, read_size=sizes)
+    return out
+
+
+def catalog_dataset(catalog: pa.Table, rows_per_block: int = ROWS_PER_BLOCK) -> ray.data.Dataset:
+    """The catalog as a Ray Dataset in small blocks, so reads spread over the cluster."""
+    blocks = [catalog.slice(i, rows_per_block) for i in range(0, catalog.num_rows, rows_per_block)]
+    return ray.data.from_arrow(blocks)
+
+
+def decoded_images(catalog: pa.Table, *, side: int, fs: Any, num_cpus: float = 1.0) -> ray.data.Dataset:
+    """Lazy dataset of the catalog's images decoded to (side, side) uint8, errors as rows."""
+    return catalog_dataset(catalog).map_batches(
+        read_and_decode,
+        fn_kwargs={"side": side, "fs": fs},
+        batch_size=16,
+        num_cpus=num_cpus,
+    )
+
+
+def cached_training_split(
+    catalog: pa.Table, *, split: str, side: int, fs: Any, shuffle_labels_seed: int | None = None
+) -> tuple[ray.data.Dataset, int]:
+    """Decode one labelled split once and keep it in the object store.
+
+    Returns ``(dataset, n_unreadable)``; the dataset has ``pixels``, ``label``
+    and ``study_uri`` and no unreadable rows. ``shuffle_labels_seed`` permutes
+    labels across images (a leakage check: nothing real should be learnt).
+    """
+    import pyarrow.compute as pc
+
+    part = catalog.filter(pc.and_(pc.equal(catalog["split"], split), pc.is_valid(catalog["label"])))
+    if shuffle_labels_seed is not None:
+        perm = np.random.default_rng(shuffle_labels_seed).permutation(part.num_rows)
+        part = part.set_column(part.schema.get_field_index("label"), "label", part["label"].take(perm))
+    ds = decoded_images(part.select(["image_uri", "label", "study_uri"]), side=side, fs=fs)
+    ds = ds.materialize()
+    clean = ds.filter(expr="error == ''").select_columns(["pixels", "label", "study_uri"]).materialize()
+    return clean, ds.count() - clean.count()
+
+
+def train_view(cached: ray.data.Dataset, *, size: int) -> ray.data.Dataset:
+    """Per-epoch random augmentation over the cached squares (re-run on every iteration)."""
+
+    def augment(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return TrainPreset(size=size)(batch)
+
+    return cached.select_columns(["pixels", "label"]).random_shuffle().map_batches(augment, batch_size=64, num_cpus=0.5)
+
+
+def eval_view(cached: ray.data.Dataset, *, size: int) -> ray.data.Dataset:
+    """Centre crop of the cached squares, with ``label`` and ``study_uri`` kept for metrics."""
+    return cached.map_batches(EvalPreset(size=size), batch_size=128, num_cpus=0.5)
+
+
+class ExactValidationConfig(DataConfig):
+    """Split ``train`` into equal shards (DDP steps must match), ``valid`` into uneven ones.
+
+    Every validation row then goes to exactly one worker, and the workers'
+    predictions are gathered before metrics are computed.
+    """
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        rest = {k: v for k, v in datasets.items() if k != "valid"}
+        output = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
+        if "valid" in datasets:
+            ds = datasets["valid"].copy(datasets["valid"])
+            ds.set_name("valid")
+            ds.context.execution_options = self._resolve_execution_options("valid")
+            for i, shard in enumerate(ds.streaming_split(world_size, equal=False)):
+                output[i]["valid"] = shard
+        return output

@@ -1,0 +1,97 @@
+"""Decode image bytes to 8-bit grayscale and resize them for the cache.
+
+No Ray here: these are the functions Ray Data maps, callable on their own.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+
+import numpy as np
+from PIL import Image
+
+# Files the catalog and the scorer treat as images (compared lower-case).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+# Decompression-bomb guard: an image with more pixels than this is refused
+# before its pixels are decoded. MURA's largest images are about 4 megapixels.
+MAX_PIXELS = int(os.environ.get("MURA_RAY_MAX_PIXELS", 50_000_000))
+
+# Ratio of the cached side to the model's input side, as torchvision's
+# classification recipe resizes to 256 before a 224 crop.
+RESIZE_RATIO = 256 / 224
+
+
+class DecodeError(ValueError):
+    """The bytes are not an image this package can read."""
+
+
+def cache_side(image_size: int) -> int:
+    """Side of the square uint8 image kept per file for a model input of ``image_size``."""
+    return int(round(image_size * RESIZE_RATIO))
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _to_gray(image: Image.Image) -> np.ndarray:
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # High bit depth: stretch the used range onto 0..255.
+        arr = np.asarray(image, dtype=np.float32)
+        lo, hi = float(arr.min()), float(arr.max())
+        if hi <= lo:
+            return np.zeros(arr.shape, dtype=np.uint8)
+        return ((arr - lo) * (255.0 / (hi - lo))).round().astype(np.uint8)
+    if mode == "CMYK":
+        image = image.convert("RGB")
+    elif mode in ("P", "PA"):
+        image = image.convert("RGBA")
+    if image.mode != "L":
+        image = image.convert("L")
+    return np.asarray(image, dtype=np.uint8)
+
+
+def decode_gray(data: bytes, *, target: int | None = None) -> np.ndarray:
+    """Decode PNG/JPEG bytes to an (H, W) uint8 array.
+
+    ``target`` lets JPEG decoding use DCT scaling down to about that short
+    side. Raises ``DecodeError`` with the reason for unreadable input.
+    """
+    if not data:
+        raise DecodeError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            w, h = image.size
+            if w * h > MAX_PIXELS:
+                raise DecodeError(f"image of {w}x{h} pixels is over the limit of {MAX_PIXELS} pixels")
+            if target and image.format == "JPEG":
+                image.draft("L", (target, target))
+            image.load()
+            return _to_gray(image)
+    except DecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DecodeError(f"image over the pixel limit: {exc}") from None
+    except Exception as exc:  # PIL raises many types for bad input
+        raise DecodeError(f"cannot decode image: {type(exc).__name__}: {exc}") from None
+
+
+def resize_center_square(gray: np.ndarray, side: int) -> np.ndarray:
+    """Resize so the short side is ``side``, then crop the centre square: (side, side) uint8."""
+    h, w = gray.shape
+    scale = side / min(h, w)
+    nh, nw = max(side, round(h * scale)), max(side, round(w * scale))
+    image = Image.fromarray(gray, mode="L").resize((nw, nh), Image.BILINEAR, reducing_gap=2.0)
+    top, left = (nh - side) // 2, (nw - side) // 2
+    return np.asarray(image, dtype=np.uint8)[top : top + side, left : left + side]
+
+
+def load_square(data: bytes, side: int) -> np.ndarray:
+    """Bytes of one image -> (side, side) uint8 gray square (the cached form)."""
+    return resize_center_square(decode_gray(data, target=side), side)

@@ -1,0 +1,117 @@
+"""One train step, one epoch, evaluation and one scoring step. No Ray here.
+
+Batches are dicts with ``pixels`` ((B, S, S) uint8, numpy or torch) and,
+for training and evaluation, ``label`` ((B,) ints). The same ``evaluate``
+serves per-epoch validation and evaluation runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mura_ray.model import to_input
+
+
+def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPUs that have it; full precision elsewhere."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _tensor(x: Any, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+    return t.to(device, dtype=dtype, non_blocking=True)
+
+
+def train_step(
+    model: nn.Module,
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+) -> torch.Tensor:
+    """Forward, backward and update on one batch already on the model's device; returns the detached loss."""
+    with autocast_for(pixels.device):
+        logits = model(to_input(pixels))
+        loss = loss_fn(logits.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable[dict[str, Any]],
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    on_batch: Callable[[int, float], None] | None = None,
+) -> dict[str, float]:
+    """Train over ``batches``; returns ``{"loss": mean loss per image, "images": n}``."""
+    model.train()
+    total = torch.zeros((), device=device)
+    seen = 0
+    for i, batch in enumerate(batches):
+        pixels = _tensor(batch["pixels"], device)
+        labels = _tensor(batch["label"], device, torch.long)
+        loss = train_step(model, pixels, labels, loss_fn, optimizer)
+        total += loss * len(labels)
+        seen += len(labels)
+        if on_batch is not None:
+            on_batch(i, float(loss))
+    return {"loss": float(total) / max(seen, 1), "images": seen}
+
+
+@torch.inference_mode()
+def score_step(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, S, S) uint8 on the model's device -> (B,) float32 probability of abnormal."""
+    with autocast_for(pixels.device):
+        logits = model(to_input(pixels))
+    return torch.softmax(logits.float(), dim=1)[:, 1]
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[dict[str, Any]],
+    device: torch.device,
+    loss_fn: nn.Module | None = None,
+    keep: tuple[str, ...] = (),
+) -> dict[str, np.ndarray]:
+    """Probabilities (and the summed loss when ``loss_fn`` is given) over ``batches``.
+
+    Pass the plain module, not a DDP wrapper: DDP's forward may run
+    collectives, and validation shards differ in length between workers.
+    Returns ``prob`` and ``label`` arrays, ``loss_sum`` and the columns named in ``keep``.
+    """
+    model.eval()
+    probs, labels, loss_sum = [], [], 0.0
+    kept: dict[str, list] = {k: [] for k in keep}
+    for batch in batches:
+        pixels = _tensor(batch["pixels"], device)
+        with autocast_for(device):
+            logits = model(to_input(pixels)).float()
+        probs.append(torch.softmax(logits, dim=1)[:, 1].cpu().numpy())
+        if "label" in batch:
+            y = _tensor(batch["label"], device, torch.long)
+            labels.append(y.cpu().numpy())
+            if loss_fn is not None:
+                loss_sum += float(loss_fn(logits, y)) * len(y)
+        for k in keep:
+            kept[k].append(np.asarray(batch[k]))
+    out = {
+        "prob": np.concatenate(probs) if probs else np.zeros(0, np.float32),
+        "label": np.concatenate(labels) if labels else np.zeros(0, np.int64),
+        "loss_sum": np.float64(loss_sum),
+    }
+    for k, parts in kept.items():
+        out[k] = np.concatenate(parts) if parts else np.zeros(0, dtype=object)
+    return out

@@ -1,0 +1,76 @@
+"""ResNet18 for normal/abnormal, its starting weights and which blocks train.
+
+No I/O beyond fetching starting weights, and nothing about distribution.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.models import ResNet18_Weights, resnet18
+
+from mura_ray.errors import UsageError
+
+ARCHITECTURE = "resnet18"
+NUM_CLASSES = 2
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+BLOCKS = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc")
+DEFAULT_TRAINABLE = ("layer3", "layer4", "fc")
+
+
+def build_model(num_classes: int = NUM_CLASSES) -> nn.Module:
+    """A plain torchvision ResNet18 with a ``num_classes`` head."""
+    return resnet18(num_classes=num_classes)
+
+
+def parse_trainable(spec: str) -> tuple[str, ...]:
+    """``"layer3,layer4,fc"`` or ``"all"`` -> the block names to train."""
+    if spec.strip() == "all":
+        return BLOCKS
+    names = tuple(s.strip() for s in spec.split(",") if s.strip())
+    unknown = [n for n in names if n not in BLOCKS]
+    if unknown or not names:
+        raise UsageError(f"--trainable takes 'all' or a comma list of {', '.join(BLOCKS)}; got {spec!r}")
+    return names
+
+
+def set_trainable(model: nn.Module, blocks: tuple[str, ...]) -> None:
+    """Freeze every parameter outside ``blocks``."""
+    for name, param in model.named_parameters():
+        param.requires_grad = name.split(".")[0] in blocks
+
+
+def load_starting_weights(model: nn.Module, weights: str) -> list[str]:
+    """Fill ``model`` from ``weights``: ``imagenet``, ``none``, or a safetensors state dict (path or s3://).
+
+    The classification head is kept fresh when its shape differs from the
+    source's (ImageNet has 1000 classes). Returns the keys left at their
+    initial values.
+    """
+    if weights == "none":
+        return list(model.state_dict())
+    if weights == "imagenet":
+        state = ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
+    else:
+        from mura_ray.checkpoint import read_state_dict
+
+        state = read_state_dict(weights)
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not any(k.startswith("layer") for k in usable):
+        raise UsageError(f"--weights {weights!r} holds no ResNet18 backbone weights (keys like layer1.0.conv1.weight)")
+    model.load_state_dict(usable, strict=False)
+    return sorted(set(own) - set(usable))
+
+
+def to_input(pixels: torch.Tensor, *, channels_last: bool = True) -> torch.Tensor:
+    """(B, S, S) uint8 gray on any device -> (B, 3, S, S) float, ImageNet-normalised.
+
+    The gray channel is repeated to the three channels ResNet expects.
+    """
+    x = pixels.unsqueeze(1).float().div_(255.0)  # (B, 1, S, S)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    x = (x.expand(-1, 3, -1, -1) - mean) / std  # (B, 3, S, S)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()

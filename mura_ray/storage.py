@@ -1,0 +1,106 @@
+"""One way to reach files, local or in object storage.
+
+Every path argument of mura-ray is a local path or an ``s3://bucket/prefix``
+URI. ``filesystem(uri)`` returns an fsspec filesystem and the path inside it;
+the filesystem object pickles with its settings, so it can be handed to Ray
+tasks and actors and reach the same storage there.
+
+S3 settings come from the standard AWS sources (environment, shared config,
+instance profile). ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``) points
+at an S3-compatible server such as MinIO.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from typing import Any
+
+import fsspec
+
+from mura_ray.errors import UsageError
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def _s3_options() -> dict[str, Any]:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    opts: dict[str, Any] = {}
+    if endpoint:
+        opts["endpoint_url"] = endpoint
+    return opts
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return ``(fs, path)`` for a local path or an s3:// URI."""
+    if uri.startswith("s3://"):
+        import s3fs
+
+        fs = s3fs.S3FileSystem(**_s3_options())
+        return fs, uri[len("s3://") :].rstrip("/")
+    if is_remote(uri):
+        raise UsageError(f"unsupported storage scheme in {uri!r}: use a local path or s3://bucket/prefix")
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    fs = fsspec.filesystem("file")
+    return fs, os.path.abspath(os.path.expanduser(uri))
+
+
+def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The user-facing URI of ``path`` inside ``fs`` (the inverse of ``filesystem``)."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("s3", "s3a"):
+        return "s3://" + path
+    return path
+
+
+def join(base: str, *parts: str) -> str:
+    return posixpath.join(base, *[p.strip("/") for p in parts]) if parts else base
+
+
+def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(data)
+
+
+def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def write_text(uri: str, text: str) -> None:
+    fs, path = filesystem(uri)
+    write_bytes(fs, path, text.encode("utf-8"))
+
+
+def read_text(uri: str) -> str:
+    fs, path = filesystem(uri)
+    return read_bytes(fs, path).decode("utf-8")
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def source_tag(info: dict[str, Any]) -> str | None:
+    """A change tag for a listed file: its ETag in object storage, else its mtime."""
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return str(etag).strip('"')
+    mtime = info.get("mtime") or info.get("LastModified")
+    if mtime is None:
+        return None
+    return f"mtime:{mtime.timestamp() if hasattr(mtime, 'timestamp') else mtime}"
+
+
+def path_in(uri: str) -> str:
+    """The path inside its filesystem of a URI made by ``to_uri``."""
+    if uri.startswith("s3://"):
+        return uri[len("s3://") :]
+    return uri

@@ -1,0 +1,325 @@
+"""DDP fine-tuning of ResNet18 on Ray Train.
+
+``run_training(cfg)`` is the driver: it catalogs the archive, decodes both
+splits once into Ray's object store, and starts a ``TorchTrainer`` whose
+workers run ``train_loop_per_worker``. The best epoch (validation F1) is
+kept as a checkpoint (``RUN_DIR/model/``) in the format of
+``mura_ray.checkpoint``, and the per-epoch history as
+``RUN_DIR/metrics.{json,csv}``.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+import ray
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from mura_ray import __version__, cluster, storage
+from mura_ray.catalog import build_catalog, fingerprint
+from mura_ray.checkpoint import METADATA_FILE, WEIGHTS_FILE, save_checkpoint
+from mura_ray.config import TrainConfig
+from mura_ray.data import ExactValidationConfig, cached_training_split, eval_view, train_view
+from mura_ray.decode import cache_side
+from mura_ray.engine import evaluate, train_one_epoch
+from mura_ray.errors import UsageError
+from mura_ray.metrics import evaluation_metrics
+from mura_ray.model import (
+    ARCHITECTURE,
+    DEFAULT_TRAINABLE,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    NUM_CLASSES,
+    build_model,
+    load_starting_weights,
+    parse_trainable,
+    set_trainable,
+)
+
+log = logging.getLogger(__name__)
+
+MODEL_DIR = "model"
+CHECKPOINT_METRIC = "val_f1"
+
+
+def class_weights(labels: np.ndarray) -> list[float]:
+    """Inverse-frequency weights ``n / (2 * n_c)`` for classes 0 and 1."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=NUM_CLASSES)
+    if (counts == 0).any():
+        raise UsageError(f"the training split needs both classes; label counts are {counts.tolist()}")
+    return (counts.sum() / (NUM_CLASSES * counts)).tolist()
+
+
+# ---- distributed helpers (the only torch.distributed calls) ----
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_arrays(local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Concatenate each worker's arrays, in rank order, on every worker."""
+    rank, world = _world()
+    if world == 1:
+        return local
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, local)
+    return {k: np.concatenate([p[k] for p in parts]) if np.ndim(local[k]) else np.sum([p[k] for p in parts]) for k in local}
+
+
+def mean_over_workers(value: float, count: int) -> float:
+    """Count-weighted mean of a per-worker value."""
+    _, world = _world()
+    if world == 1:
+        return value
+    t = torch.tensor([value * count, float(count)], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t[0] / max(t[1], 1.0))
+
+
+# ---- the worker ----
+
+
+class EarlyStopping:
+    """Stop after ``patience`` epochs without a higher score."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.best = -math.inf
+        self.bad_epochs = 0
+
+    def step(self, score: float) -> bool:
+        """Record an epoch's score; returns whether it is the best so far."""
+        if score > self.best:
+            self.best, self.bad_epochs = score, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+
+def _worker_threads(cpus: float) -> int:
+    return max(1, int(cpus))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker: build the model, train, validate on all workers, report each epoch."""
+    cfg = TrainConfig(**config["cfg"])
+    torch.set_num_threads(_worker_threads(config["cpus_per_worker"]))
+    torch.manual_seed(cfg.seed)
+    ctx = ray.train.get_context()
+    is_rank0 = ctx.get_world_rank() == 0
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    model = build_model()
+    model.load_state_dict(ray.get(config["start_state"]))
+    set_trainable(model, parse_trainable(cfg.trainable))
+    model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)  # Ray: DDP wrap and device placement
+    device = ray.train.torch.get_device()
+    plain = model.module if hasattr(model, "module") else model
+
+    loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor(config["class_weights"], dtype=torch.float32, device=device))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience)
+    stopper = EarlyStopping(cfg.patience)
+
+    train_shard = ray.train.get_dataset_shard("train")  # Ray: this worker's data
+    valid_shard = ray.train.get_dataset_shard("valid")
+    history: list[dict[str, Any]] = []
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.monotonic()
+        batches = train_shard.iter_torch_batches(batch_size=cfg.batch_size, device=device, drop_last=False)
+        tr = train_one_epoch(model, batches, loss_fn, optimizer, device)
+        train_loss = mean_over_workers(tr["loss"], tr["images"])
+
+        local = evaluate(plain, valid_shard.iter_batches(batch_size=128, batch_format="numpy"), device, loss_fn, keep=("study_uri",))
+        allv = gather_arrays(local)
+        val_loss = float(allv["loss_sum"]) / max(len(allv["label"]), 1)
+        m = evaluation_metrics(allv["label"], allv["prob"], allv["study_uri"])
+        scheduler.step(val_loss)
+        improved = stopper.step(m["f1"])
+        metrics = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "val_f1": m["f1"],
+            "val_auroc": m["auroc"],
+            "val_kappa": m["kappa"],
+            "val_study_kappa": m["study_kappa"],
+            "val_study_f1": m["study_f1"],
+            "val_images": m["images"],
+            "lr": optimizer.param_groups[0]["lr"],
+            "epoch_seconds": time.monotonic() - t0,
+            "best": improved,
+        }
+        history.append(metrics)
+        if is_rank0:
+            log.info(
+                "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_f1 %.3f  val_auroc %.3f  study_kappa %.3f  lr %.2g  (%.1fs)%s",
+                epoch, cfg.epochs, train_loss, val_loss, m["f1"], m["auroc"], m["study_kappa"],
+                metrics["lr"], metrics["epoch_seconds"], "  *best*" if improved else "",
+            )
+            write_history(cfg.out, history)
+        if improved and is_rank0:
+            with tempfile.TemporaryDirectory() as tmp:
+                meta = checkpoint_metadata(cfg, config, metrics)
+                save_checkpoint(tmp, plain, meta)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))  # Ray: report + checkpoint
+        else:
+            ray.train.report(metrics)  # Ray: every worker reports each epoch
+        if stopper.should_stop:
+            if is_rank0:
+                log.info("early stop: no better validation F1 for %d epochs", cfg.patience)
+            break
+
+
+def checkpoint_metadata(cfg: TrainConfig, config: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """What rebuilds and uses the model, stored as ``metadata.json``."""
+    return {
+        "architecture": ARCHITECTURE,
+        "num_classes": NUM_CLASSES,
+        "classes": ["normal", "abnormal"],
+        "image_size": cfg.image_size,
+        "cache_side": cache_side(cfg.image_size),
+        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "gray_to_rgb": True},
+        "class_weights": config["class_weights"],
+        "threshold": 0.5,
+        "metrics": {k: v for k, v in metrics.items() if k != "best"},
+        "data_fingerprint": config["data_fingerprint"],
+        "train_config": cfg.to_dict(),
+        "package_version": __version__,
+        "torch_version": torch.__version__,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_history(run_dir: str, history: list[dict[str, Any]]) -> None:
+    """Per-epoch metrics as ``metrics.json`` and ``metrics.csv`` under the run directory."""
+    storage.write_text(storage.join(run_dir, "metrics.json"), json.dumps(history, indent=2))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    storage.write_text(storage.join(run_dir, "metrics.csv"), buf.getvalue())
+
+
+# ---- the driver ----
+
+
+def _scaling(cfg: TrainConfig) -> tuple[ScalingConfig, float]:
+    resources = ray.cluster_resources()
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else resources.get("GPU", 0) >= cfg.workers
+    if cfg.cpus_per_worker is not None:
+        cpus = cfg.cpus_per_worker
+    elif use_gpu:
+        cpus = 1.0
+    else:
+        # Leave at least one CPU to Ray Data's tasks, or ingest can starve and hang.
+        cpus = max(0.25, min(4.0, (resources.get("CPU", 1) - 1) / cfg.workers))
+    scaling = ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus})
+    return scaling, cpus
+
+
+def _storage_for(run_dir: str) -> tuple[str, Any]:
+    """(storage_path, pyarrow filesystem or None) for Ray Train's own checkpoint storage."""
+    if storage.is_remote(run_dir):
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        fs, path = storage.filesystem(run_dir)
+        return path, PyFileSystem(FSSpecHandler(fs))
+    return os.path.abspath(run_dir), None
+
+
+def run_training(cfg: TrainConfig) -> dict[str, Any]:
+    """Train and keep the best model under ``cfg.out``; returns its metrics and where it is."""
+    t_start = time.monotonic()
+    catalog = build_catalog(cfg.data)
+    for split in ("train", "valid"):
+        n = pc.sum(pc.and_(pc.equal(catalog["split"], split), pc.is_valid(catalog["label"]))).as_py() or 0
+        if n == 0:
+            raise UsageError(f"no labelled images in split {split!r} under {cfg.data!r}: training needs train and valid")
+    train_labels = catalog.filter(pc.equal(catalog["split"], "train"))["label"].drop_null().to_numpy()
+    if cfg.shuffle_labels:
+        train_labels = np.random.default_rng(cfg.seed).permutation(train_labels)
+    weights = class_weights(train_labels)
+    if cfg.trainable == "auto":
+        cfg.trainable = "all" if cfg.weights == "none" else ",".join(DEFAULT_TRAINABLE)
+    parse_trainable(cfg.trainable)
+    cluster.connect()
+
+    start = build_model()
+    skipped = load_starting_weights(start, cfg.weights)
+    log.info("starting weights: %s (%d tensors left at initial values)", cfg.weights, len(skipped))
+
+    fs, _ = storage.filesystem(cfg.data)
+    side = cache_side(cfg.image_size)
+    log.info("decoding %d images once to %dx%d ...", catalog.num_rows, side, side)
+    seed = cfg.seed if cfg.shuffle_labels else None
+    train_cached, bad_train = cached_training_split(catalog, split="train", side=side, fs=fs, shuffle_labels_seed=seed)
+    valid_cached, bad_valid = cached_training_split(catalog, split="valid", side=side, fs=fs)
+    if bad_train or bad_valid:
+        log.warning("skipping %d unreadable training and %d unreadable validation images", bad_train, bad_valid)
+
+    scaling, cpus = _scaling(cfg)
+    storage_path, storage_fs = _storage_for(cfg.out)
+    storage.write_text(storage.join(cfg.out, "train_config.json"), json.dumps(cfg.to_dict(), indent=2))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": cfg.to_dict(),
+            "start_state": ray.put(start.state_dict()),
+            "class_weights": weights,
+            "cpus_per_worker": cpus,
+            "data_fingerprint": fingerprint(catalog),
+        },
+        scaling_config=scaling,
+        datasets={"train": train_view(train_cached, size=cfg.image_size), "valid": eval_view(valid_cached, size=cfg.image_size)},
+        dataset_config=ExactValidationConfig(),
+        run_config=RunConfig(
+            name="ray_train",
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=CHECKPOINT_METRIC, checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=0),
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    best = result.get_best_checkpoint(metric=CHECKPOINT_METRIC, mode="max") or result.checkpoint
+    if best is None:
+        raise RuntimeError("training finished without a checkpoint")
+    model_dir = storage.join(cfg.out, MODEL_DIR)
+    with best.as_directory() as local:
+        out_fs, out_path = storage.filesystem(model_dir)
+        for name in (WEIGHTS_FILE, METADATA_FILE):
+            with open(os.path.join(local, name), "rb") as f:
+                storage.write_bytes(out_fs, storage.join(out_path, name), f.read())
+    meta = json.loads(storage.read_text(storage.join(model_dir, METADATA_FILE)))
+    return {
+        "model_dir": model_dir,
+        "metrics": meta["metrics"],
+        "model_id": meta["model_id"],
+        "wall_seconds": time.monotonic() - t_start,
+        "unreadable_images": bad_train + bad_valid,
+    }
