@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import ray
+from ray.data.expressions import col
 from ray.train import DataConfig
 
 from mura_ray import storage
@@ -87,7 +88,7 @@ def cached_training_split(
         part = part.set_column(part.schema.get_field_index("label"), "label", part["label"].take(perm))
     ds = decoded_images(part.select(["image_uri", "label", "study_uri"]), side=side, fs=fs)
     ds = ds.materialize()
-    clean = ds.filter(expr="error == ''").select_columns(["pixels", "label", "study_uri"]).materialize()
+    clean = ds.filter(expr=col("error") == "").select_columns(["pixels", "label", "study_uri"]).materialize()
     return clean, ds.count() - clean.count()
 
 

@@ -1,0 +1,118 @@
+"""Shared fixtures: one synthetic archive, one S3 server and one Ray cluster per test session.
+
+The S3 server (moto) and Ray are both bound to 127.0.0.1. The S3 settings
+are put in the environment before Ray starts, so Ray's workers inherit them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+import torch
+from safetensors.torch import save_file
+from torchvision.models import resnet18
+
+from mura_ray.config import TrainConfig
+from mura_ray.sample import write_sample
+
+SMALL_STUDIES = 40
+LEARN_STUDIES = 300
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def small_archive(tmp_path_factory):
+    """(root, plan) of a small archive: fast to decode, for plumbing tests."""
+    root = str(tmp_path_factory.mktemp("small"))
+    plan = write_sample(root, studies=SMALL_STUDIES, seed=1)
+    return root, plan
+
+
+@pytest.fixture(scope="session")
+def learn_archive(tmp_path_factory):
+    """(root, plan) of an archive large enough to learn from and to measure label leakage on."""
+    root = str(tmp_path_factory.mktemp("learn"))
+    plan = write_sample(root, studies=LEARN_STUDIES, seed=0)
+    return root, plan
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1 with test credentials in the environment; yields the endpoint."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    yield endpoint
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
+    """A local Ray cluster on 127.0.0.1, started once, sized as mura-ray sizes its own."""
+    import ray
+
+    from mura_ray import cluster
+
+    os.environ.pop("RAY_ADDRESS", None)
+    started = cluster.connect()
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh bucket on the moto server; yields its name."""
+    import boto3
+
+    name = "mura-" + request.node.name.lower().replace("_", "-")[:40]
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def start_weights(tmp_path_factory):
+    """A 1000-class ResNet18 state dict as safetensors, standing in for downloaded ImageNet weights."""
+    path = str(tmp_path_factory.mktemp("weights") / "resnet18.safetensors")
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in resnet18(num_classes=1000).state_dict().items()}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_run(ray_cluster, small_archive, start_weights, tmp_path_factory):
+    """Two epochs, two workers, small images, starting from a state dict file."""
+    root, _ = small_archive
+    out = str(tmp_path_factory.mktemp("run"))
+    cfg = TrainConfig(data=root, out=out, workers=2, epochs=2, image_size=48, batch_size=8, weights=start_weights, patience=5)
+    return cfg, _run_training(cfg)
+
+
+def _run_training(cfg):
+    from mura_ray.train import run_training
+
+    return run_training(cfg)

@@ -1,0 +1,65 @@
+"""Scoring on a real local Ray cluster, Parquet read back with DuckDB."""
+
+import os
+import shutil
+
+import duckdb
+import pytest
+
+from mura_ray.config import ScoreConfig
+from mura_ray.score import run_scoring
+
+IMAGE_TYPES = {
+    "image_uri": "VARCHAR", "study_uri": "VARCHAR", "patient_id": "VARCHAR", "body_part": "VARCHAR",
+    "label": "TINYINT", "prob_abnormal": "FLOAT", "predicted_abnormal": "BOOLEAN", "threshold": "FLOAT",
+    "model_id": "VARCHAR", "run_id": "VARCHAR", "scored_at": "TIMESTAMP WITH TIME ZONE",
+    "source_size": "BIGINT", "source_etag": "VARCHAR", "error": "VARCHAR",
+}
+STUDY_TYPES = {
+    "study_uri": "VARCHAR", "patient_id": "VARCHAR", "body_part": "VARCHAR", "n_images": "INTEGER",
+    "n_errors": "INTEGER", "prob_abnormal": "FLOAT", "predicted_abnormal": "BOOLEAN", "label": "TINYINT",
+    "model_id": "VARCHAR", "run_id": "VARCHAR",
+}
+
+
+@pytest.mark.timeout(600)
+def test_scores_every_file_and_study_with_contract_types(trained_run, small_archive, tmp_path):
+    _, trained = trained_run
+    root, plan = small_archive
+    archive = tmp_path / "archive"
+    shutil.copytree(os.path.join(root, "MURA-v1.1", "valid"), archive / "MURA-v1.1" / "valid")
+    bad_study = archive / "MURA-v1.1" / "valid" / "XR_HAND" / "patient99999" / "study1_positive"
+    bad_study.mkdir(parents=True)
+    (bad_study / "image1.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)  # corrupt PNG
+    shutil.copy(os.path.join(root, next(i.rel_path for i in plan if i.split == "valid")), bad_study / "image2.png")
+    out = str(tmp_path / "scores")
+
+    manifest = run_scoring(ScoreConfig(model=trained["model_dir"], input=str(archive), output=out))
+
+    n_files = sum(i.split == "valid" for i in plan) + 2
+    n_studies = len({i.study_rel for i in plan if i.split == "valid"}) + 1
+    con = duckdb.connect()
+    images = f"read_parquet('{out}/images/**/*.parquet', hive_partitioning=false)"
+    studies = f"read_parquet('{out}/studies/**/*.parquet', hive_partitioning=false)"
+    assert dict((r[0], r[1]) for r in con.execute(f"DESCRIBE SELECT * FROM {images}").fetchall()) == IMAGE_TYPES
+    assert dict((r[0], r[1]) for r in con.execute(f"DESCRIBE SELECT * FROM {studies}").fetchall()) == STUDY_TYPES
+    assert con.execute(f"SELECT count(*), count(DISTINCT image_uri) FROM {images}").fetchone() == (n_files, n_files)
+    assert con.execute(f"SELECT count(*) FROM {studies}").fetchone()[0] == n_studies
+    assert manifest["images"] == n_files and manifest["errors"] == 1
+
+    err = con.execute(f"SELECT image_uri, prob_abnormal, predicted_abnormal, error FROM {images} WHERE error IS NOT NULL").fetchall()
+    assert len(err) == 1 and err[0][0].endswith("patient99999/study1_positive/image1.png")
+    assert err[0][1] is None and err[0][2] is None and "decode" in err[0][3]
+    lo, hi, nulls = con.execute(f"SELECT min(prob_abnormal), max(prob_abnormal), count(*) - count(prob_abnormal) FROM {images}").fetchone()
+    assert 0.0 <= lo <= hi <= 1.0 and nulls == 1
+    assert con.execute(f"SELECT count(DISTINCT model_id), min(model_id) FROM {images}").fetchone() == (1, trained["model_id"])
+    row = con.execute(f"SELECT n_images, n_errors, prob_abnormal FROM {studies} WHERE study_uri LIKE '%patient99999%'").fetchone()
+    one = con.execute(f"SELECT prob_abnormal FROM {images} WHERE image_uri LIKE '%patient99999%image2.png'").fetchone()[0]
+    assert row[0] == 2 and row[1] == 1 and row[2] == pytest.approx(one)
+    # Study means equal the mean of their images' scores.
+    diff = con.execute(
+        f"SELECT max(abs(s.prob_abnormal - i.p)) FROM {studies} s JOIN "
+        f"(SELECT study_uri, avg(prob_abnormal) p FROM {images} GROUP BY study_uri) i USING (study_uri)"
+    ).fetchone()[0]
+    assert diff < 1e-5
+    assert not os.path.exists(os.path.join(out, "_staging"))

@@ -1,0 +1,48 @@
+"""DDP training on a real local Ray cluster with 2 CPU workers."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+from torchvision.models import resnet18
+
+from mura_ray.config import TrainConfig
+from mura_ray.train import class_weights, run_training
+
+
+@pytest.mark.timeout(600)
+def test_two_worker_ddp_trains_and_keeps_a_loadable_checkpoint(trained_run, small_archive):
+    cfg, result = trained_run
+    _, plan = small_archive
+    history = json.load(open(os.path.join(cfg.out, "metrics.json")))
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[1]["train_loss"] < history[0]["train_loss"]
+    # Validation covers every valid image exactly once across the two workers.
+    assert all(h["val_images"] == sum(i.split == "valid" for i in plan) for h in history)
+
+    model_dir = result["model_dir"]
+    model = resnet18(num_classes=2)
+    model.load_state_dict(load_file(os.path.join(model_dir, "model.safetensors")), strict=True)
+    meta = json.load(open(os.path.join(model_dir, "metadata.json")))
+    expected = class_weights(np.array([i.label for i in plan if i.split == "train"]))
+    assert meta["class_weights"] == pytest.approx(expected)
+    assert meta["architecture"] == "resnet18" and meta["image_size"] == 48
+    assert meta["train_config"]["trainable"] == "layer3,layer4,fc"
+    assert meta["model_id"] == result["model_id"]
+    assert meta["metrics"]["epoch"] in (1, 2)
+
+
+@pytest.mark.timeout(900)
+def test_true_labels_are_learnt_and_shuffled_labels_are_not(ray_cluster, learn_archive, tmp_path):
+    root, _ = learn_archive
+    kappas = {}
+    for shuffled in (False, True):
+        cfg = TrainConfig(
+            data=root, out=str(tmp_path / f"shuffled-{shuffled}"), workers=2, epochs=7, image_size=64,
+            batch_size=16, weights="none", patience=7, shuffle_labels=shuffled,
+        )
+        kappas[shuffled] = run_training(cfg)["metrics"]["val_study_kappa"]
+    assert kappas[False] >= 0.8, kappas
+    assert kappas[True] < 0.3, kappas
