@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from mura_ray import storage
+from mura_ray.errors import UsageError
 
 BODY_PARTS = ("ELBOW", "FINGER", "FOREARM", "HAND", "HUMERUS", "SHOULDER", "WRIST")
 ROOT_NAME = "MURA-v1.1"
@@ -58,7 +59,7 @@ def plan_sample(studies: int, seed: int, valid_fraction: float = 0.25) -> list[S
     patient is in both splits.
     """
     if studies < 4:
-        raise ValueError(f"--studies must be at least 4 (2 per split), got {studies}")
+        raise UsageError(f"--studies must be at least 4 (2 per split), got {studies}")
     rng = np.random.default_rng(seed)
     patients: list[int] = []  # studies per patient
     while sum(patients) < studies:

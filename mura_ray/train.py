@@ -253,6 +253,11 @@ def _storage_for(run_dir: str) -> tuple[str, Any]:
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
     """Train and keep the best model under ``cfg.out``; returns its metrics and where it is."""
     t_start = time.monotonic()
+    if cfg.trainable == "auto":
+        cfg.trainable = "all" if cfg.weights == "none" else ",".join(DEFAULT_TRAINABLE)
+    parse_trainable(cfg.trainable)
+    start = build_model()
+    skipped = load_starting_weights(start, cfg.weights)
     catalog = build_catalog(cfg.data)
     for split in ("train", "valid"):
         n = pc.sum(pc.and_(pc.equal(catalog["split"], split), pc.is_valid(catalog["label"]))).as_py() or 0
@@ -262,13 +267,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.shuffle_labels:
         train_labels = np.random.default_rng(cfg.seed).permutation(train_labels)
     weights = class_weights(train_labels)
-    if cfg.trainable == "auto":
-        cfg.trainable = "all" if cfg.weights == "none" else ",".join(DEFAULT_TRAINABLE)
-    parse_trainable(cfg.trainable)
     cluster.connect()
-
-    start = build_model()
-    skipped = load_starting_weights(start, cfg.weights)
     log.info("starting weights: %s (%d tensors left at initial values)", cfg.weights, len(skipped))
 
     fs, _ = storage.filesystem(cfg.data)

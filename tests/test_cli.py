@@ -1,0 +1,50 @@
+"""The command line as a user meets it: help, bad input (exit 2, one line), the sample verb."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+CLI = [sys.executable, "-m", "mura_ray.cli"]
+
+
+def run(*args, **kw):
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120, **kw)
+
+
+@pytest.mark.parametrize("verb", ["sample", "train", "score", "demo"])
+def test_help_explains_each_verb(verb):
+    r = run(verb, "--help")
+    assert r.returncode == 0
+    assert "usage: mura-ray " + verb in r.stdout and len(r.stdout.splitlines()) > 5
+
+
+def test_sample_verb_writes_an_archive(tmp_path):
+    r = run("sample", str(tmp_path), "--studies", "4", "--seed", "2")
+    assert r.returncode == 0, r.stderr
+    assert "MURA-v1.1" in r.stdout
+    assert os.path.exists(tmp_path / "MURA-v1.1" / "train_image_paths.csv")
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["train", "--data", "{tmp}/missing", "--out", "{tmp}/run", "--weights", "none"], "archive root not found"),
+        (["train", "--data", "{tmp}", "--out", "{tmp}/run", "--weights", "none"], "no images"),
+        (["score", "--model", "{tmp}/nomodel", "--input", "{tmp}", "--output", "{tmp}/o"], "not a mura-ray checkpoint"),
+        (["train", "--data", "{tmp}", "--out", "{tmp}/run", "--trainable", "layer9"], "--trainable"),
+        (["train", "--data", "{tmp}", "--out", "{tmp}/run", "--weights", "{tmp}/w.pt"], "weights"),
+        (["score", "--model", "ftp://x/y", "--input", "{tmp}", "--output", "{tmp}/o"], "unsupported storage scheme"),
+        (["sample", "{tmp}/s", "--studies", "2"], "at least 4"),
+        (["train", "--data", "{tmp}", "--out", "{tmp}/run", "--epochs", "0"], "must be >= 1"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, args, needle):
+    (tmp_path / "w.pt").write_bytes(b"\x80\x04not safetensors")
+    (tmp_path / "train_image_paths.csv").write_text("")
+    r = run(*[a.format(tmp=tmp_path) for a in args], env={**os.environ, "RAY_ADDRESS": ""})
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    assert needle in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(("mura-ray: error:", "usage:")) or "error:" in r.stderr
