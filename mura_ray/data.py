@@ -7,7 +7,6 @@ random augmentation on the cached squares.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
@@ -20,7 +19,6 @@ from mura_ray import storage
 from mura_ray.decode import DecodeError, load_square
 from mura_ray.transforms import EvalPreset, TrainPreset
 
-log = logging.getLogger(__name__)
 
 ROWS_PER_BLOCK = 64
 

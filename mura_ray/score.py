@@ -31,7 +31,6 @@ from mura_ray.checkpoint import load_checkpoint
 from mura_ray.config import ScoreConfig
 from mura_ray.data import catalog_dataset, read_and_decode
 from mura_ray.engine import score_step
-from mura_ray.errors import UsageError
 from mura_ray.model import build_model
 from mura_ray.transforms import EvalPreset
 
