@@ -104,11 +104,11 @@ def start_weights(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def trained_run(ray_cluster, small_archive, start_weights, tmp_path_factory):
+def trained_run(ray_cluster, learn_archive, start_weights, tmp_path_factory):
     """Two epochs, two workers, small images, starting from a state dict file."""
-    root, _ = small_archive
+    root, _ = learn_archive
     out = str(tmp_path_factory.mktemp("run"))
-    cfg = TrainConfig(data=root, out=out, workers=2, epochs=2, image_size=48, batch_size=8, weights=start_weights, patience=5)
+    cfg = TrainConfig(data=root, out=out, workers=2, epochs=2, image_size=48, batch_size=16, weights=start_weights, patience=5)
     return cfg, _run_training(cfg)
 
 

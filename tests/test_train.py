@@ -13,9 +13,9 @@ from mura_ray.train import class_weights, run_training
 
 
 @pytest.mark.timeout(600)
-def test_two_worker_ddp_trains_and_keeps_a_loadable_checkpoint(trained_run, small_archive):
+def test_two_worker_ddp_trains_and_keeps_a_loadable_checkpoint(trained_run, learn_archive):
     cfg, result = trained_run
-    _, plan = small_archive
+    _, plan = learn_archive
     history = json.load(open(os.path.join(cfg.out, "metrics.json")))
     assert [h["epoch"] for h in history] == [1, 2]
     assert history[1]["train_loss"] < history[0]["train_loss"]
