@@ -88,6 +88,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per model call (default 64)")
     p.add_argument("--actors", type=_positive_int, default=None, help="model actors (default: one per GPU, or sized from the CPUs)")
 
+    p = verbs.add_parser("bench", help="benchmarks: scoring and training throughput",
+                         description="Throughput benchmarks on synthetic images of MURA-like size. "
+                         "'score' measures the model alone, decoding alone, the machine's limit, the notebook's "
+                         "DataLoader way and the mura-ray pipeline side by side; 'train' measures the data "
+                         "pipeline's first and later epochs and training with 1 and 2 workers.")
+    kinds = p.add_subparsers(dest="bench", required=True, metavar="KIND")
+    b = kinds.add_parser("score", help="scoring throughput (a)-(e) and peak memory at N and 4N")
+    b.add_argument("--images", type=_positive_int, default=500, help="N, the images per measurement (default 500)")
+    b.add_argument("--image-size", type=_image_size, default=224, help="model input side (default 224)")
+    b.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (default 64)")
+    b.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
+    b.add_argument("--plot", default=None, metavar="PNG", help="also draw images/s per stage as PNG")
+    b = kinds.add_parser("train", help="data pipeline and training throughput")
+    b.add_argument("--studies", type=_positive_int, default=300, help="studies in the synthetic archive (default 300)")
+    b.add_argument("--image-size", type=_image_size, default=128, help="model input side (default 128)")
+    b.add_argument("--batch-size", type=_positive_int, default=16, help="images per worker per step (default 16)")
+    b.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
+
     p = verbs.add_parser("demo", help="sample -> train (2 workers) -> score, on this machine",
                          description="Write a synthetic archive, train with 2 DDP workers on CPU, score the "
                          "validation split, and print the metrics, wall time and where the outputs are.")
@@ -135,6 +153,20 @@ def _run(args: argparse.Namespace) -> int:
             f"scored {m['images']} images ({m['errors']} errors) in {m['studies']} studies, "
             f"{m['images_per_second']:.1f} images/s; run {m['run_id']} in {m['output']}"
         )
+        return 0
+    if args.verb == "bench":
+        from mura_ray import bench
+
+        if args.bench == "score":
+            result = bench.bench_score(args.images, image_size=args.image_size, batch_size=args.batch_size)
+            print(bench.score_table(result))
+            if args.plot:
+                bench.plot_score(result, args.plot)
+        else:
+            result = bench.bench_train(studies=args.studies, image_size=args.image_size, batch_size=args.batch_size)
+            print(bench.train_table(result))
+        if args.json:
+            bench.write_json(args.json, result)
         return 0
     if args.verb == "demo":
         from mura_ray.demo import run_demo

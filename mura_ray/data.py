@@ -15,42 +15,11 @@ import ray
 from ray.data.expressions import col
 from ray.train import DataConfig
 
-from mura_ray import storage
-from mura_ray.decode import DecodeError, load_square
+from mura_ray.decode import read_and_decode
 from mura_ray.transforms import EvalPreset, TrainPreset
 
 
 ROWS_PER_BLOCK = 64
-
-
-def read_and_decode(batch: dict[str, np.ndarray], *, side: int, fs: Any) -> dict[str, np.ndarray]:
-    """Read each ``image_uri`` through ``fs`` and decode it to a (side, side) uint8 square.
-
-    Adds ``pixels`` (zeros where unreadable), ``error`` (the reason, or ""
-    when fine: an all-empty string column keeps its type through Arrow,
-    where an all-null one would not) and ``read_size`` (bytes read; -1 when
-    the file could not be read). Other
-    columns pass through. A bad file never raises: it becomes a row with
-    ``error`` set.
-    """
-    uris = batch["image_uri"]
-    pixels = np.zeros((len(uris), side, side), dtype=np.uint8)
-    errors = np.full(len(uris), "", dtype=object)
-    sizes = np.full(len(uris), -1, dtype=np.int64)
-    for i, uri in enumerate(uris):
-        try:
-            data = storage.read_bytes(fs, storage.path_in(uri))
-        except Exception as exc:  # missing file, permission, network
-            errors[i] = f"cannot read file: {type(exc).__name__}: {exc}"
-            continue
-        sizes[i] = len(data)
-        try:
-            pixels[i] = load_square(data, side)
-        except DecodeError as exc:
-            errors[i] = str(exc)
-    out = dict(batch)
-    out.update(pixels=pixels, error=errors, read_size=sizes)
-    return out
 
 
 def catalog_dataset(catalog: pa.Table, rows_per_block: int = ROWS_PER_BLOCK) -> ray.data.Dataset:

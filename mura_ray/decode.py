@@ -8,9 +8,12 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from mura_ray import storage
 
 # Files the catalog and the scorer treat as images (compared lower-case).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -95,3 +98,33 @@ def resize_center_square(gray: np.ndarray, side: int) -> np.ndarray:
 def load_square(data: bytes, side: int) -> np.ndarray:
     """Bytes of one image -> (side, side) uint8 gray square (the cached form)."""
     return resize_center_square(decode_gray(data, target=side), side)
+
+
+def read_and_decode(batch: dict[str, np.ndarray], *, side: int, fs: Any) -> dict[str, np.ndarray]:
+    """Read each ``image_uri`` through ``fs`` and decode it to a (side, side) uint8 square.
+
+    Adds ``pixels`` (zeros where unreadable), ``error`` (the reason, or ""
+    when fine: an all-empty string column keeps its type through Arrow,
+    where an all-null one would not) and ``read_size`` (bytes read; -1 when
+    the file could not be read). Other
+    columns pass through. A bad file never raises: it becomes a row with
+    ``error`` set.
+    """
+    uris = batch["image_uri"]
+    pixels = np.zeros((len(uris), side, side), dtype=np.uint8)
+    errors = np.full(len(uris), "", dtype=object)
+    sizes = np.full(len(uris), -1, dtype=np.int64)
+    for i, uri in enumerate(uris):
+        try:
+            data = storage.read_bytes(fs, storage.path_in(uri))
+        except Exception as exc:  # missing file, permission, network
+            errors[i] = f"cannot read file: {type(exc).__name__}: {exc}"
+            continue
+        sizes[i] = len(data)
+        try:
+            pixels[i] = load_square(data, side)
+        except DecodeError as exc:
+            errors[i] = str(exc)
+    out = dict(batch)
+    out.update(pixels=pixels, error=errors, read_size=sizes)
+    return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -29,7 +30,8 @@ from mura_ray import cluster, storage
 from mura_ray.catalog import build_catalog
 from mura_ray.checkpoint import load_checkpoint
 from mura_ray.config import ScoreConfig
-from mura_ray.data import catalog_dataset, read_and_decode
+from mura_ray.data import catalog_dataset
+from mura_ray.decode import read_and_decode
 from mura_ray.engine import score_step
 from mura_ray.model import build_model
 from mura_ray.transforms import EvalPreset
@@ -147,10 +149,10 @@ class RunWriter:
         sizes = np.where(batch["read_size"] >= 0, batch["read_size"], batch["source_size"].astype(np.float64))
         table = pa.table(
             {
-                "image_uri": pa.array(batch["image_uri"].tolist(), pa.string()),
-                "study_uri": pa.array(batch["study_uri"].tolist(), pa.string()),
-                "patient_id": pa.array(batch["patient_id"].tolist(), pa.string()),
-                "body_part": pa.array(batch["body_part"].tolist(), pa.string()),
+                "image_uri": pa.array(_nullable_strings(batch["image_uri"]), pa.string()),
+                "study_uri": pa.array(_nullable_strings(batch["study_uri"]), pa.string()),
+                "patient_id": pa.array(_nullable_strings(batch["patient_id"]), pa.string()),
+                "body_part": pa.array(_nullable_strings(batch["body_part"]), pa.string()),
                 "label": pa.array(_nullable_ints(batch["label"]), pa.int8()),
                 "prob_abnormal": pa.array(probs, pa.float32(), mask=~valid),
                 "predicted_abnormal": pa.array(probs >= self.threshold, pa.bool_(), mask=~valid),
@@ -159,7 +161,7 @@ class RunWriter:
                 "run_id": pa.array([self.run_id] * n, pa.string()),
                 "scored_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
                 "source_size": pa.array(_nullable_ints(sizes), pa.int64()),
-                "source_etag": pa.array(batch["source_etag"].tolist(), pa.string()),
+                "source_etag": pa.array(_nullable_strings(batch["source_etag"]), pa.string()),
                 "error": pa.array([e or None for e in batch["error"].tolist()], pa.string()),
             },
             schema=IMAGES_SCHEMA,
@@ -238,14 +240,17 @@ class RunWriter:
         return manifest
 
 
+def _is_missing(v: Any) -> bool:
+    # Ray Data turns an all-null column into NaN floats on the way to numpy.
+    return v is None or (isinstance(v, float) and np.isnan(v))
+
+
+def _nullable_strings(values: np.ndarray) -> list[str | None]:
+    return [None if _is_missing(v) else str(v) for v in values.tolist()]
+
+
 def _nullable_ints(values: np.ndarray) -> list[int | None]:
-    out = []
-    for v in values.tolist():
-        if v is None or (isinstance(v, float) and np.isnan(v)):
-            out.append(None)
-        else:
-            out.append(int(v))
-    return out
+    return [None if _is_missing(v) else int(v) for v in values.tolist()]
 
 
 def resolve_model_dir(model: str) -> str:
@@ -256,17 +261,21 @@ def resolve_model_dir(model: str) -> str:
     return model
 
 
-def _actor_plan(cfg: ScoreConfig) -> tuple[int, float, bool]:
+def _actor_plan(cfg: ScoreConfig) -> tuple[int, float, int, bool]:
+    """(actors, CPUs per actor, torch threads per actor, use GPU)."""
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else gpus > 0
     if use_gpu:
-        return cfg.actors or max(1, gpus), cfg.cpus_per_actor or 1.0, True
-    cpus = resources.get("CPU", 1)
-    # One CPU is left to the read/decode tasks; the rest goes to model actors.
-    per_actor = cfg.cpus_per_actor or max(1.0, min(4.0, cpus - 1))
-    actors = cfg.actors or max(1, int((cpus - 1) // per_actor))
-    return actors, per_actor, False
+        cpus = cfg.cpus_per_actor or 1.0
+        return cfg.actors or max(1, gpus), cpus, max(1, math.ceil(cpus)), True
+    total = resources.get("CPU", 1)
+    # Decoding costs about a tenth of the forward pass on a CPU: keep that share
+    # (at least half a CPU) for the read/decode tasks, give the rest to model actors.
+    for_model = total - max(0.5, 0.1 * total)
+    per_actor = cfg.cpus_per_actor or min(4.0, for_model)
+    actors = cfg.actors or max(1, int(for_model // per_actor))
+    return actors, per_actor, max(1, math.ceil(per_actor)), False
 
 
 def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
@@ -282,7 +291,7 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     log.info("scoring %d images from %s with model %s (threshold %.3f)", catalog.num_rows, cfg.input, meta["model_id"][:12], threshold)
 
     cluster.connect()
-    actors, cpus, use_gpu = _actor_plan(cfg)
+    actors, cpus, threads, use_gpu = _actor_plan(cfg)
     fs, _ = storage.filesystem(cfg.input)
     build_model().load_state_dict(state)  # fail here, not in every actor, if the weights do not fit
     ds = catalog_dataset(catalog).map_batches(
@@ -293,7 +302,7 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
         fn_constructor_kwargs={
             "model_dir": model_dir,
             "image_size": int(meta["image_size"]),
-            "threads": max(1, int(cpus)),
+            "threads": threads,
             "use_gpu": use_gpu,
         },
         batch_size=cfg.batch_size,

@@ -83,14 +83,14 @@ def gather_arrays(local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) if np.ndim(local[k]) else np.sum([p[k] for p in parts]) for k in local}
 
 
-def mean_over_workers(value: float, count: int) -> float:
-    """Count-weighted mean of a per-worker value."""
+def mean_over_workers(value: float, count: int) -> tuple[float, int]:
+    """Count-weighted mean of a per-worker value, and the total count."""
     _, world = _world()
     if world == 1:
-        return value
+        return value, count
     t = torch.tensor([value * count, float(count)], dtype=torch.float64)
     dist.all_reduce(t)
-    return float(t[0] / max(t[1], 1.0))
+    return float(t[0] / max(t[1], 1.0)), int(t[1])
 
 
 # ---- the worker ----
@@ -150,7 +150,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t0 = time.monotonic()
         batches = train_shard.iter_torch_batches(batch_size=cfg.batch_size, device=device, drop_last=False)
         tr = train_one_epoch(model, batches, loss_fn, optimizer, device)
-        train_loss = mean_over_workers(tr["loss"], tr["images"])
+        train_loss, train_images = mean_over_workers(tr["loss"], tr["images"])
+        train_seconds = time.monotonic() - t0
 
         local = evaluate(plain, valid_shard.iter_batches(batch_size=128, batch_format="numpy"), device, loss_fn, keep=("study_uri",))
         allv = gather_arrays(local)
@@ -170,6 +171,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "val_images": m["images"],
             "lr": optimizer.param_groups[0]["lr"],
             "epoch_seconds": time.monotonic() - t0,
+            "train_seconds": train_seconds,
+            "train_images": train_images,
             "best": improved,
         }
         history.append(metrics)

@@ -1,0 +1,369 @@
+"""Benchmarks: scoring and training throughput, measured side by side in one run.
+
+``bench_score`` measures on the same N synthetic images of MURA-like size:
+(a) the model's forward pass alone on pre-decoded images, all cores;
+(b) decoding and preprocessing alone, all cores;
+(c) the machine's limit for the whole job: (a) and (b) sharing the cores,
+    1 / (1/a + 1/b);
+(d) the original notebook's way: one process, a torch DataLoader with
+    workers decoding, fp32 forward;
+(e) mura-ray's Ray pipeline end to end, Parquet written;
+and the job's peak memory (driver and every process it started) at N and 4N.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mura_ray import __version__, storage
+from mura_ray.checkpoint import save_checkpoint
+from mura_ray.decode import cache_side, load_square
+from mura_ray.model import ARCHITECTURE, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES, build_model, to_input
+from mura_ray.sample import encode_png, render_radiograph
+
+log = logging.getLogger(__name__)
+
+IMAGES_PER_STUDY = 3
+
+
+def _render(i: int) -> tuple[int, bytes]:
+    rng = np.random.default_rng(i)
+    return i, encode_png(render_radiograph(i, bool(rng.random() < 0.4)), rgb=bool(rng.random() < 0.2))
+
+
+def make_images(directory: str, n: int, start: int = 0) -> list[str]:
+    """Write images ``start .. start+n-1`` as PNGs (sides 150-512) in study folders; return their paths."""
+    paths = []
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        for i, data in pool.map(_render, range(start, start + n), chunksize=16):
+            path = os.path.join(directory, f"study{i // IMAGES_PER_STUDY:06d}", f"image{i % IMAGES_PER_STUDY + 1}.png")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+            paths.append(path)
+    return paths
+
+
+def write_bench_model(directory: str, image_size: int) -> str:
+    """A randomly initialised checkpoint: scoring speed does not depend on the weights' values."""
+    torch.manual_seed(0)
+    meta = {
+        "architecture": ARCHITECTURE,
+        "num_classes": NUM_CLASSES,
+        "image_size": image_size,
+        "cache_side": cache_side(image_size),
+        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "gray_to_rgb": True},
+        "threshold": 0.5,
+        "package_version": __version__,
+    }
+    save_checkpoint(directory, build_model(), meta)
+    return directory
+
+
+# ---- (a) model alone ----
+
+
+def model_ips(pixels: np.ndarray, n: int, batch_size: int, threads: int) -> float:
+    """Forward passes over ``n`` images cycled from ``pixels`` ((M, S, S) uint8), fp32, channels_last."""
+    torch.set_num_threads(threads)
+    model = build_model().to(memory_format=torch.channels_last).eval()
+    batch = torch.from_numpy(np.resize(pixels, (batch_size, *pixels.shape[1:])))
+    with torch.inference_mode():
+        model(to_input(batch))  # warm-up
+        done, t0 = 0, time.perf_counter()
+        while done < n:
+            model(to_input(batch))
+            done += batch_size
+    return done / (time.perf_counter() - t0)
+
+
+# ---- (b) decode alone ----
+
+
+def _decode_file(args: tuple[str, int, int]) -> int:
+    path, side, size = args
+    with open(path, "rb") as f:
+        square = load_square(f.read(), side)
+    off = (side - size) // 2
+    return int(square[off : off + size, off : off + size].shape[0])
+
+
+def decode_ips(paths: list[str], image_size: int, workers: int) -> float:
+    side = cache_side(image_size)
+    jobs = [(p, side, image_size) for p in paths]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(_decode_file, jobs[: workers * 4]))  # start the processes first
+        t0 = time.perf_counter()
+        list(pool.map(_decode_file, jobs, chunksize=32))
+    return len(paths) / (time.perf_counter() - t0)
+
+
+# ---- (d) the notebook's way ----
+
+
+class NotebookDataset(torch.utils.data.Dataset):
+    """As a notebook would: PIL open, torchvision Resize/CenterCrop/ToTensor/Normalize, gray to RGB."""
+
+    def __init__(self, paths: list[str], image_size: int) -> None:
+        from torchvision import transforms as T
+
+        self.paths = paths
+        self.transform = T.Compose(
+            [
+                T.Resize(cache_side(image_size)),
+                T.CenterCrop(image_size),
+                T.ToTensor(),
+                T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        )
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        with open(self.paths[i], "rb") as f:
+            image = Image.open(io.BytesIO(f.read())).convert("RGB")
+        return self.transform(image)
+
+
+def naive_ips(paths: list[str], image_size: int, batch_size: int, workers: int) -> float:
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = build_model().eval()
+    loader = torch.utils.data.DataLoader(NotebookDataset(paths, image_size), batch_size=batch_size, num_workers=workers)
+    t0 = time.perf_counter()
+    seen = 0
+    with torch.no_grad():
+        for x in loader:
+            model(x)
+            seen += len(x)
+    return seen / (time.perf_counter() - t0)
+
+
+# ---- (e) the pipeline, with the memory of every process it uses ----
+
+
+def _tree_rss(root_pid: int) -> int:
+    """Resident bytes of ``root_pid`` and all its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ppid, pages = int(fields[1]), int(fields[21])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+        rss[int(entry)] = pages * os.sysconf("SC_PAGE_SIZE")
+    total, stack = 0, [root_pid]
+    while stack:
+        pid = stack.pop()
+        total += rss.get(pid, 0)
+        stack.extend(children.get(pid, []))
+    return total
+
+
+class PeakMemory:
+    """Samples the resident memory of this process tree every 0.2 s while in use."""
+
+    def __enter__(self) -> PeakMemory:
+        self.peak = _tree_rss(os.getpid())
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            self.peak = max(self.peak, _tree_rss(os.getpid()))
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def pipeline_run(model_dir: str, input_dir: str, output_dir: str, batch_size: int) -> tuple[float, int, dict[str, Any]]:
+    """(images/s, peak bytes, manifest) of one ``run_scoring`` on a started cluster."""
+    from mura_ray.config import ScoreConfig
+    from mura_ray.score import run_scoring
+
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        manifest = run_scoring(ScoreConfig(model=model_dir, input=input_dir, output=output_dir, batch_size=batch_size))
+        seconds = time.perf_counter() - t0
+    return manifest["images"] / seconds, mem.peak, manifest
+
+
+def bench_score(images: int, *, image_size: int = 224, batch_size: int = 64, workdir: str | None = None) -> dict[str, Any]:
+    """Run (a)-(e) and the memory check; returns the figures (see the module docstring)."""
+    from mura_ray import cluster
+
+    cpus = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        log.info("writing %d + %d synthetic images", images, 3 * images)
+        first = os.path.join(tmp, "n")
+        paths = make_images(first, images)
+        model_dir = write_bench_model(os.path.join(tmp, "model"), image_size)
+
+        log.info("(b) decode alone on %d processes", cpus)
+        b = decode_ips(paths, image_size, cpus)
+        sample = np.stack([load_square(open(p, "rb").read(), cache_side(image_size)) for p in paths[:batch_size]])
+        off = (sample.shape[-1] - image_size) // 2
+        sample = sample[:, off : off + image_size, off : off + image_size]
+        log.info("(a) model alone, %d threads", cpus)
+        a = model_ips(sample, images, batch_size, cpus)
+        c = 1.0 / (1.0 / a + 1.0 / b)
+        log.info("(d) the notebook's way: DataLoader with %d workers", cpus)
+        d = naive_ips(paths, image_size, batch_size, cpus)
+
+        log.info("(e) mura-ray pipeline at N and 4N")
+        cluster.connect()
+        e, peak_n, _ = pipeline_run(model_dir, first, os.path.join(tmp, "out-n"), batch_size)
+        make_images(os.path.join(tmp, "n4"), 3 * images, start=images)
+        # 4N: the first N plus 3N more, in one input tree.
+        os.rename(first, os.path.join(tmp, "n4", "first"))
+        _, peak_4n, manifest = pipeline_run(model_dir, os.path.join(tmp, "n4"), os.path.join(tmp, "out-4n"), batch_size)
+        if manifest["images"] != 4 * images:
+            raise RuntimeError(f"4N run scored {manifest['images']} images, expected {4 * images}")
+    return {
+        "images": images,
+        "cpus": cpus,
+        "torch_threads": cpus,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "settings": {"image_size": image_size, "batch_size": batch_size, "dtype": "float32", "channels_last": True},
+        "model_ips": a,
+        "decode_ips": b,
+        "limit_ips": c,
+        "naive_ips": d,
+        "pipeline_ips": e,
+        "ratio_limit": e / c,
+        "ratio_naive": e / d,
+        "peak_rss_n_bytes": peak_n,
+        "peak_rss_4n_bytes": peak_4n,
+    }
+
+
+def score_table(r: dict[str, Any]) -> str:
+    """The figures as a Markdown table."""
+    rows = [
+        ("(a) model forward alone, pre-decoded", r["model_ips"]),
+        ("(b) decode + preprocess alone", r["decode_ips"]),
+        ("(c) machine limit, (a) and (b) sharing cores", r["limit_ips"]),
+        ("(d) notebook way: DataLoader + fp32 forward", r["naive_ips"]),
+        ("(e) mura-ray Ray pipeline, Parquet written", r["pipeline_ips"]),
+    ]
+    lines = [f"| stage ({r['images']} images, {r['cpus']} CPUs, {r['settings']['image_size']} px) | images/s |", "| --- | ---: |"]
+    lines += [f"| {name} | {value:.1f} |" for name, value in rows]
+    lines += [
+        f"| e / c | {r['ratio_limit']:.2f} |",
+        f"| e / d | {r['ratio_naive']:.2f} |",
+        f"| peak memory at N / 4N | {r['peak_rss_n_bytes'] / 2**20:.0f} MiB / {r['peak_rss_4n_bytes'] / 2**20:.0f} MiB |",
+    ]
+    return "\n".join(lines)
+
+
+def write_json(path: str, result: dict[str, Any]) -> None:
+    storage.write_text(path, json.dumps(result, indent=2))
+
+
+def bench_train(*, studies: int = 300, image_size: int = 128, batch_size: int = 16, epochs: int = 3, workdir: str | None = None) -> dict[str, Any]:
+    """Data-pipeline images/s for the first and later epochs, and training images/s with 1 and 2 workers."""
+    from mura_ray import cluster
+    from mura_ray.catalog import build_catalog
+    from mura_ray.config import TrainConfig
+    from mura_ray.data import cached_training_split, train_view
+    from mura_ray.sample import write_sample
+    from mura_ray.train import run_training
+
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        archive = os.path.join(tmp, "archive")
+        write_sample(archive, studies=studies, seed=0)
+        cluster.connect()
+        catalog = build_catalog(archive)
+        fs, _ = storage.filesystem(archive)
+
+        t0 = time.perf_counter()
+        cached, _ = cached_training_split(catalog, split="train", side=cache_side(image_size), fs=fs)
+        decode_seconds = time.perf_counter() - t0
+        n = cached.count()
+        epoch_seconds = []
+        for _ in range(epochs):
+            t0 = time.perf_counter()
+            for _batch in train_view(cached, size=image_size).iter_batches(batch_size=batch_size):
+                pass
+            epoch_seconds.append(time.perf_counter() - t0)
+        data = {
+            "train_images": n,
+            "decode_once_seconds": decode_seconds,
+            "first_epoch_ips": n / (decode_seconds + epoch_seconds[0]),
+            "later_epoch_ips": n * (epochs - 1) / sum(epoch_seconds[1:]) if epochs > 1 else None,
+        }
+        data["later_over_first"] = data["later_epoch_ips"] / data["first_epoch_ips"] if epochs > 1 else None
+
+        training = {}
+        for workers in (1, 2):
+            cfg = TrainConfig(
+                data=archive, out=os.path.join(tmp, f"run{workers}"), workers=workers, epochs=2,
+                image_size=image_size, batch_size=batch_size, weights="none", patience=5,
+            )
+            run_training(cfg)
+            history = json.loads(storage.read_text(os.path.join(cfg.out, "metrics.json")))
+            training[f"workers_{workers}"] = {
+                f"epoch_{h['epoch']}_ips": h["train_images"] / h["train_seconds"] for h in history
+            }
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+        "settings": {"studies": studies, "image_size": image_size, "batch_size": batch_size, "trainable": "all"},
+        "data_pipeline": data,
+        "training": training,
+    }
+
+
+def train_table(r: dict[str, Any]) -> str:
+    d = r["data_pipeline"]
+    lines = [
+        f"| training benchmark ({d['train_images']} images, {r['settings']['image_size']} px, {r['cpus']} CPUs) | images/s |",
+        "| --- | ---: |",
+        f"| data pipeline, epoch 1 (decode + cache + augment) | {d['first_epoch_ips']:.1f} |",
+        f"| data pipeline, later epochs (augment only) | {d['later_epoch_ips']:.1f} |",
+    ]
+    for key, epochs in r["training"].items():
+        for ek, v in epochs.items():
+            lines.append(f"| training, {key.replace('_', ' ')}, {ek.split('_ips')[0].replace('_', ' ')} | {v:.1f} |")
+    return "\n".join(lines)
+
+
+def plot_score(r: dict[str, Any], path: str) -> None:
+    """Bar chart of images/s per stage, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["(a) model\nalone", "(b) decode\nalone", "(c) machine\nlimit", "(d) notebook\nDataLoader", "(e) mura-ray\npipeline"]
+    values = [r["model_ips"], r["decode_ips"], r["limit_ips"], r["naive_ips"], r["pipeline_ips"]]
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    bars = ax.bar(names, values, color=["#8da0cb", "#8da0cb", "#66c2a5", "#fc8d62", "#e78ac3"])
+    ax.bar_label(bars, fmt="%.0f")
+    ax.set_yscale("log")
+    ax.set_ylabel("images / s (log scale)")
+    ax.set_title(f"Scoring throughput, {r['images']} images, {r['cpus']} CPUs, {r['settings']['image_size']} px ({r['date'][:10]})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
