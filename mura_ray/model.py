@@ -51,7 +51,13 @@ def load_starting_weights(model: nn.Module, weights: str) -> list[str]:
     if weights == "none":
         return list(model.state_dict())
     if weights == "imagenet":
-        state = ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
+        try:
+            state = ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
+        except OSError as exc:  # no network, proxy, full disk
+            raise UsageError(
+                f"could not download torchvision's ImageNet weights ({exc}); "
+                "pass --weights PATH (a safetensors state dict) or --weights none"
+            ) from None
     else:
         from mura_ray.checkpoint import read_state_dict
 
