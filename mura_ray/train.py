@@ -148,7 +148,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     history: list[dict[str, Any]] = []
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.monotonic()
-        batches = train_shard.iter_torch_batches(batch_size=cfg.batch_size, device=device, drop_last=False)
+        # drop_last: a final batch of one image would break BatchNorm, and DDP needs equal step counts.
+        batches = train_shard.iter_torch_batches(batch_size=cfg.batch_size, device=device, drop_last=True)
         tr = train_one_epoch(model, batches, loss_fn, optimizer, device)
         train_loss, train_images = mean_over_workers(tr["loss"], tr["images"])
         train_seconds = time.monotonic() - t0
@@ -270,6 +271,11 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.shuffle_labels:
         train_labels = np.random.default_rng(cfg.seed).permutation(train_labels)
     weights = class_weights(train_labels)
+    if len(train_labels) < cfg.workers * cfg.batch_size:
+        raise UsageError(
+            f"the training split has {len(train_labels)} labelled images, fewer than "
+            f"--workers x --batch-size = {cfg.workers * cfg.batch_size}: lower one of them"
+        )
     cluster.connect()
     log.info("starting weights: %s (%d tensors left at initial values)", cfg.weights, len(skipped))
 

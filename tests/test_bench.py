@@ -28,7 +28,7 @@ def test_bench_score_reports_every_field(ray_cluster, tmp_path):
 
 @pytest.mark.timeout(600)
 def test_bench_train_reports_epochs_and_workers(ray_cluster, tmp_path):
-    result = bench.bench_train(studies=8, image_size=32, batch_size=4, epochs=2, workdir=str(tmp_path))
+    result = bench.bench_train(studies=10, image_size=32, batch_size=2, epochs=2, workdir=str(tmp_path))
     data = result["data_pipeline"]
     assert data["first_epoch_ips"] > 0 and data["later_epoch_ips"] > 0
     assert set(result["training"]) == {"workers_1", "workers_2"}
