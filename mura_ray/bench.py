@@ -29,10 +29,11 @@ import torch
 from PIL import Image
 
 from mura_ray import __version__, storage
-from mura_ray.checkpoint import save_checkpoint
+from mura_ray.checkpoint import model_metadata, save_checkpoint
 from mura_ray.decode import cache_side, load_square
-from mura_ray.model import ARCHITECTURE, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES, build_model, to_input
+from mura_ray.model import IMAGENET_MEAN, IMAGENET_STD, build_model, to_input
 from mura_ray.sample import encode_png, render_radiograph
+from mura_ray.transforms import EvalPreset
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +61,7 @@ def make_images(directory: str, n: int, start: int = 0) -> list[str]:
 def write_bench_model(directory: str, image_size: int) -> str:
     """A randomly initialised checkpoint: scoring speed does not depend on the weights' values."""
     torch.manual_seed(0)
-    meta = {
-        "architecture": ARCHITECTURE,
-        "num_classes": NUM_CLASSES,
-        "image_size": image_size,
-        "cache_side": cache_side(image_size),
-        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "gray_to_rgb": True},
-        "threshold": 0.5,
-        "package_version": __version__,
-    }
+    meta = {**model_metadata(image_size), "threshold": 0.5, "package_version": __version__}
     save_checkpoint(directory, build_model(), meta)
     return directory
 
@@ -93,17 +86,22 @@ def model_ips(pixels: np.ndarray, n: int, batch_size: int, threads: int) -> floa
 # ---- (b) decode alone ----
 
 
-def _decode_file(args: tuple[str, int, int]) -> int:
-    path, side, size = args
-    with open(path, "rb") as f:
-        square = load_square(f.read(), side)
-    off = (side - size) // 2
-    return int(square[off : off + size, off : off + size].shape[0])
+def decode_and_crop(paths: list[str], image_size: int) -> np.ndarray:
+    """Files -> (N, S, S) uint8 model inputs, as the pipeline prepares them."""
+    squares = []
+    for path in paths:
+        with open(path, "rb") as f:
+            squares.append(load_square(f.read(), cache_side(image_size)))
+    return EvalPreset(size=image_size)({"pixels": np.stack(squares)})["pixels"]
+
+
+def _decode_file(args: tuple[str, int]) -> int:
+    path, image_size = args
+    return len(decode_and_crop([path], image_size))
 
 
 def decode_ips(paths: list[str], image_size: int, workers: int) -> float:
-    side = cache_side(image_size)
-    jobs = [(p, side, image_size) for p in paths]
+    jobs = [(p, image_size) for p in paths]
     with ProcessPoolExecutor(max_workers=workers) as pool:
         list(pool.map(_decode_file, jobs[: workers * 4]))  # start the processes first
         t0 = time.perf_counter()
@@ -222,9 +220,7 @@ def bench_score(images: int, *, image_size: int = 224, batch_size: int = 64, wor
 
         log.info("(b) decode alone on %d processes", cpus)
         b = decode_ips(paths, image_size, cpus)
-        sample = np.stack([load_square(open(p, "rb").read(), cache_side(image_size)) for p in paths[:batch_size]])
-        off = (sample.shape[-1] - image_size) // 2
-        sample = sample[:, off : off + image_size, off : off + image_size]
+        sample = decode_and_crop(paths[:batch_size], image_size)
         log.info("(a) model alone, %d threads", cpus)
         a = model_ips(sample, images, batch_size, cpus)
         c = 1.0 / (1.0 / a + 1.0 / b)

@@ -19,10 +19,24 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from mura_ray import storage
+from mura_ray.decode import cache_side
 from mura_ray.errors import UsageError
+from mura_ray.model import ARCHITECTURE, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES
 
 WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "metadata.json"
+
+
+def model_metadata(image_size: int) -> dict[str, Any]:
+    """The metadata every checkpoint carries to rebuild the model and prepare its input."""
+    return {
+        "architecture": ARCHITECTURE,
+        "num_classes": NUM_CLASSES,
+        "classes": ["normal", "abnormal"],
+        "image_size": image_size,
+        "cache_side": cache_side(image_size),
+        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "gray_to_rgb": True},
+    }
 
 
 def state_dict_bytes(model: nn.Module) -> bytes:

@@ -106,9 +106,8 @@ def read_and_decode(batch: dict[str, np.ndarray], *, side: int, fs: Any) -> dict
     Adds ``pixels`` (zeros where unreadable), ``error`` (the reason, or ""
     when fine: an all-empty string column keeps its type through Arrow,
     where an all-null one would not) and ``read_size`` (bytes read; -1 when
-    the file could not be read). Other
-    columns pass through. A bad file never raises: it becomes a row with
-    ``error`` set.
+    the file could not be read). Other columns pass through. A bad file
+    never raises: it becomes a row with ``error`` set.
     """
     uris = batch["image_uri"]
     pixels = np.zeros((len(uris), side, side), dtype=np.uint8)

@@ -31,7 +31,7 @@ from ray.train.torch import TorchTrainer
 
 from mura_ray import __version__, cluster, storage
 from mura_ray.catalog import build_catalog, fingerprint
-from mura_ray.checkpoint import METADATA_FILE, WEIGHTS_FILE, save_checkpoint
+from mura_ray.checkpoint import METADATA_FILE, WEIGHTS_FILE, model_metadata, save_checkpoint
 from mura_ray.config import TrainConfig
 from mura_ray.data import ExactValidationConfig, cached_training_split, eval_view, train_view
 from mura_ray.decode import cache_side
@@ -39,10 +39,7 @@ from mura_ray.engine import evaluate, train_one_epoch
 from mura_ray.errors import UsageError
 from mura_ray.metrics import evaluation_metrics
 from mura_ray.model import (
-    ARCHITECTURE,
     DEFAULT_TRAINABLE,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     NUM_CLASSES,
     build_model,
     load_starting_weights,
@@ -200,12 +197,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 def checkpoint_metadata(cfg: TrainConfig, config: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
     """What rebuilds and uses the model, stored as ``metadata.json``."""
     return {
-        "architecture": ARCHITECTURE,
-        "num_classes": NUM_CLASSES,
-        "classes": ["normal", "abnormal"],
-        "image_size": cfg.image_size,
-        "cache_side": cache_side(cfg.image_size),
-        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "gray_to_rgb": True},
+        **model_metadata(cfg.image_size),
         "class_weights": config["class_weights"],
         "threshold": 0.5,
         "metrics": {k: v for k, v in metrics.items() if k != "best"},
