@@ -284,7 +284,7 @@ def bench_train(*, studies: int = 300, image_size: int = 128, batch_size: int = 
     from mura_ray.config import TrainConfig
     from mura_ray.data import cached_training_split, train_view
     from mura_ray.sample import write_sample
-    from mura_ray.train import run_training
+    from mura_ray.train import SHUFFLE_BUFFER, run_training
 
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         archive = os.path.join(tmp, "archive")
@@ -300,7 +300,8 @@ def bench_train(*, studies: int = 300, image_size: int = 128, batch_size: int = 
         epoch_seconds = []
         for _ in range(epochs):
             t0 = time.perf_counter()
-            for _batch in train_view(cached, size=image_size).iter_batches(batch_size=batch_size):
+            view = train_view(cached, size=image_size)
+            for _batch in view.iter_batches(batch_size=batch_size, local_shuffle_buffer_size=SHUFFLE_BUFFER):
                 pass
             epoch_seconds.append(time.perf_counter() - t0)
         data = {

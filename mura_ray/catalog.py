@@ -9,6 +9,11 @@ Where labels come from, first match wins:
    in the root or in ``ROOT/MURA-v1.1``;
 2. folder names (``XR_<PART>/patientNNNNN/studyK_{positive,negative}/``);
 3. nothing: any tree of images is accepted, with null labels.
+
+Every image file under the root is in the catalog, also one the CSVs do not
+list (it gets its labels from its folders), so a scoring run misses nothing.
+Files that are not images (by extension: PNG, JPEG, DICOM, any case) are
+left out and counted.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mura_ray import storage
-from mura_ray.decode import is_image_name
+from mura_ray.decode import IMAGE_SUFFIXES, is_image_name
 from mura_ray.errors import UsageError
 
 CATALOG_SCHEMA = pa.schema(
@@ -128,7 +133,7 @@ def _csv_rows(fs, csv_dir: str, listing: Listing) -> list[dict[str, Any]]:
         for n, line in _read_lines(fs, paths_csv):
             if "," in line or not is_image_name(line):
                 raise UsageError(
-                    f"{storage.to_uri(fs, paths_csv)} line {n}: expected one image path (.png/.jpg), got {line[:120]!r}"
+                    f"{storage.to_uri(fs, paths_csv)} line {n}: expected one image path (.png/.jpg/.dcm), got {line[:120]!r}"
                 )
             path = resolve(line)
             study = posixpath.dirname(path)
@@ -169,12 +174,25 @@ def _tree_rows(fs, base: str, listing: Listing) -> list[dict[str, Any]]:
     return rows
 
 
+@dataclass
+class Scan:
+    """A catalog and the non-image files its listing skipped."""
+
+    table: pa.Table
+    ignored: list[str]
+
+
 def build_catalog(root: str, *, split: str | None = None) -> pa.Table:
     """Catalog of the archive at ``root`` (path or s3:// URI), sorted by ``image_uri``.
 
     ``split`` keeps only that split. Raises ``UsageError`` naming what was
     found when the root holds no usable images.
     """
+    return scan_archive(root, split=split).table
+
+
+def scan_archive(root: str, *, split: str | None = None) -> Scan:
+    """``build_catalog`` plus the URIs of the non-image files found (MURA's CSVs excepted)."""
     fs, base = storage.filesystem(root)
     if not fs.exists(base):
         raise UsageError(f"archive root not found: {root!r}")
@@ -182,17 +200,21 @@ def build_catalog(root: str, *, split: str | None = None) -> pa.Table:
         raise UsageError(f"archive root is a file, not a folder: {root!r}")
     listing = list_archive(fs, base)
     csv_dir = _csv_dir(fs, base)
-    rows = _csv_rows(fs, csv_dir, listing) if csv_dir else _tree_rows(fs, base, listing)
+    rows = _csv_rows(fs, csv_dir, listing) if csv_dir else []
+    listed = {r["image_uri"] for r in rows}
+    rows += [r for r in _tree_rows(fs, base, listing) if r["image_uri"] not in listed]
     if not rows:
         seen = ", ".join(posixpath.relpath(p, base) for p in listing.others[:5])
         what = f"{len(listing.others)} other file(s), e.g. {seen}" if listing.others else "nothing"
-        raise UsageError(f"no images (.png, .jpg, .jpeg) under {root!r}: found {what}")
+        raise UsageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root!r}: found {what}")
     table = pa.Table.from_pylist(rows, schema=CATALOG_SCHEMA).sort_by("image_uri")
     if split is not None:
         table = table.filter(pc.equal(table["split"], split))
         if table.num_rows == 0:
             raise UsageError(f"no images in split {split!r} under {root!r}")
-    return table
+    csvs = re.compile(r"(^|/)(%s)_(image_paths|labeled_studies)\.csv$" % "|".join(SPLITS))
+    ignored = [storage.to_uri(fs, p) for p in listing.others if not csvs.search(p)]
+    return Scan(table=table, ignored=ignored)
 
 
 def fingerprint(table: pa.Table) -> str:

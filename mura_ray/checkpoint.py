@@ -89,3 +89,69 @@ def load_checkpoint(directory: str) -> tuple[dict[str, torch.Tensor], dict[str, 
         raise UsageError(f"{directory!r}: weights do not match the model_id in {METADATA_FILE}")
     meta["model_id"] = actual
     return st_load(weights), meta
+
+
+# ---- the full training state, for resuming: tensors as safetensors, the rest as JSON ----
+
+STATE_TENSORS = "state.safetensors"
+STATE_JSON = "state.json"
+
+
+def save_training_state(
+    directory: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    progress: dict[str, Any],
+) -> None:
+    """Write everything a resumed run needs into a local ``directory``: weights, optimizer,
+    scheduler, RNG and ``progress`` (epoch, history, early-stopping state, ...). No pickle."""
+    import os
+
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, WEIGHTS_FILE), "wb") as f:
+        f.write(state_dict_bytes(model))
+    opt = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
+    opt_plain: dict[str, dict[str, Any]] = {}
+    for idx, slots in opt["state"].items():
+        opt_plain[str(idx)] = {}
+        for key, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{idx}.{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                opt_plain[str(idx)][key] = value
+    body = {
+        "progress": progress,
+        "optimizer": {"param_groups": opt["param_groups"], "state": opt_plain},
+        "scheduler": scheduler.state_dict(),
+    }
+    with open(os.path.join(directory, STATE_TENSORS), "wb") as f:
+        f.write(st_save(tensors))
+    with open(os.path.join(directory, STATE_JSON), "w") as f:
+        json.dump(body, f, indent=1)
+
+
+def load_training_state(
+    directory: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None
+) -> dict[str, Any]:
+    """Restore what ``save_training_state`` wrote (model now; optimizer and scheduler when given); returns ``progress``."""
+    import os
+
+    with open(os.path.join(directory, WEIGHTS_FILE), "rb") as f:
+        model.load_state_dict(st_load(f.read()))
+    with open(os.path.join(directory, STATE_JSON)) as f:
+        body = json.load(f)
+    with open(os.path.join(directory, STATE_TENSORS), "rb") as f:
+        tensors = st_load(f.read())
+    if optimizer is not None:
+        state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in body["optimizer"]["state"].items()}
+        for name, value in tensors.items():
+            if name.startswith("optimizer."):
+                _, idx, key = name.split(".", 2)
+                state.setdefault(int(idx), {})[key] = value
+        optimizer.load_state_dict({"state": state, "param_groups": body["optimizer"]["param_groups"]})
+    if scheduler is not None:
+        scheduler.load_state_dict(body["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    return body["progress"]

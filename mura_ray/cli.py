@@ -1,7 +1,8 @@
 """``mura-ray <verb>``: parse arguments, call one function, report.
 
 Exit status: 0 on success, 2 with one line on stderr for bad arguments or
-unusable input, 1 for anything unexpected (with its traceback).
+unusable input, 3 when scoring committed but too many images failed, 1 for
+anything unexpected (with its traceback).
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def _image_size(text: str) -> int:
     value = int(text)
     if value < 32:
@@ -56,8 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("train", help="fine-tune ResNet18 with DDP on Ray Train",
                          description="Fine-tune ResNet18 (normal/abnormal) with DDP on N Ray Train workers. "
                          "Uses GPUs when the cluster has one per worker, CPUs otherwise. The best epoch "
-                         "(validation F1) is kept in RUN_DIR/model/ (safetensors + metadata.json), with the "
-                         "per-epoch history in RUN_DIR/metrics.{csv,json}.")
+                         "(validation F1) is kept in RUN_DIR/model/ (safetensors, metadata.json with the decision "
+                         "threshold, model_card.md), with the per-epoch history in RUN_DIR/metrics.{csv,json} and "
+                         "RUN_DIR/training_curves.png. Every epoch is checkpointed: running the same command again "
+                         "with the same RUN_DIR resumes after the last completed epoch.")
     p.add_argument("--data", required=True, metavar="ROOT", help="archive root with train and valid splits (MURA layout)")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (path or s3://)")
     p.add_argument("--workers", type=_positive_int, default=2, help="DDP workers (default 2)")
@@ -74,19 +84,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=_positive_int, default=3, help="early stopping: epochs without a better validation F1 (default 3)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--cpus-per-worker", type=_positive_float, default=None, help="CPUs each worker reserves (default: sized from the cluster)")
+    p.add_argument("--max-failures", type=int, default=0, metavar="K",
+                   help="restart crashed workers up to K times from the latest epoch's checkpoint (default 0)")
+    p.add_argument("--target-sensitivity", type=_fraction, default=None, metavar="S",
+                   help="decision threshold: the highest whose study-level validation sensitivity is >= S "
+                   "(for triage); default: the one that maximises study-level kappa")
+    p.add_argument("--placement-strategy", default="PACK", choices=["PACK", "SPREAD", "STRICT_SPREAD"],
+                   help="where Ray places the workers: PACK fills a node first, STRICT_SPREAD one per node (default PACK)")
     p.add_argument("--shuffle-labels", action="store_true",
                    help="leakage check: train on randomly permuted training labels; validation metrics should stay at chance")
 
-    p = verbs.add_parser("score", help="score an archive to Parquet (per image and per study)",
-                         description="Score every image under ROOT with a trained model and write Parquet under OUT: "
-                         "images/ (one row per file, undecodable files with error set) and studies/ "
-                         "(one row per study), partitioned by run_date, visible only once the run completes.")
+    p = verbs.add_parser("score", help="score an archive to Parquet, incrementally (per image and per study)",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description="""Score the images under ROOT with a trained model and write Parquet under OUT.
+
+Run it every night: by default only images that no completed run of this
+model has scored with the same size and ETag/mtime are scored (--full
+rescores all). A run's files become visible only when it completes; a run
+that died is cleaned up or finished by the next one.
+
+  OUT/images/run_date=D/*.parquet   one row per image file; undecodable
+                                    files have error set and a null score
+  OUT/studies/run_date=D/*.parquet  one row per study touched by the run,
+                                    covering all its images so far
+  OUT/_runs/<run_id>.json           one manifest per run
+
+Exit status: 0; 2 for unusable arguments or input; 3 when more than
+--max-error-rate of the scored images failed (the run is still committed).""")
     p.add_argument("--model", required=True, metavar="CKPT", help="checkpoint directory (RUN_DIR/model) or a training RUN_DIR")
-    p.add_argument("--input", required=True, metavar="ROOT", help="archive root: MURA layout or any tree of PNG/JPEG files")
+    p.add_argument("--input", required=True, metavar="ROOT", help="archive root: MURA layout or any tree of PNG/JPEG/DICOM files")
     p.add_argument("--output", required=True, metavar="OUT", help="output root (path or s3://)")
     p.add_argument("--split", default=None, help="score only this split (train, valid)")
+    p.add_argument("--full", action="store_true", help="rescore every image, not only new and changed ones")
+    p.add_argument("--max-error-rate", type=_fraction, default=0.01, metavar="F",
+                   help="exit 3 when more than this fraction of the scored images fail (default 0.01)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per model call (default 64)")
     p.add_argument("--actors", type=_positive_int, default=None, help="model actors (default: one per GPU, or sized from the CPUs)")
+    p.add_argument("--run-id", default=None, help="name of this run (default: UTC time and a random suffix)")
+
+    p = verbs.add_parser("evaluate", help="MURA metrics with intervals, per body part, and plots",
+                         description="Score a labelled split with a checkpoint and write, under OUT: report.json and "
+                         "report.md (image- and study-level kappa, F1, precision, sensitivity, specificity, accuracy, "
+                         "AUROC; 95%% bootstrap intervals for kappa and AUROC; the same per body part), "
+                         "predictions.parquet, and PNGs: confusion matrices, ROC with the operating point, kappa per "
+                         "body part, and the most confident false positives and negatives.")
+    p.add_argument("--model", required=True, metavar="CKPT", help="checkpoint directory (RUN_DIR/model) or a training RUN_DIR")
+    p.add_argument("--data", required=True, metavar="ROOT", help="archive root with labels (MURA CSVs or folder names)")
+    p.add_argument("--split", default="valid", help="split to evaluate (default valid)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the report and plots (path or s3://)")
+    p.add_argument("--threshold", type=_fraction, default=None, help="decision threshold (default: the checkpoint's)")
+    p.add_argument("--resamples", type=_positive_int, default=1000, help="bootstrap resamples (default 1000)")
 
     p = verbs.add_parser("bench", help="benchmarks: scoring and training throughput",
                          description="Throughput benchmarks on synthetic images of MURA-like size. "
@@ -106,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=_positive_int, default=16, help="images per worker per step (default 16)")
     b.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
 
-    p = verbs.add_parser("demo", help="sample -> train (2 workers) -> score, on this machine",
-                         description="Write a synthetic archive, train with 2 DDP workers on CPU, score the "
+    p = verbs.add_parser("demo", help="sample -> train (2 workers) -> evaluate -> score, on this machine",
+                         description="Write a synthetic archive, train with 2 DDP workers on CPU, evaluate and score the "
                          "validation split, and print the metrics, wall time and where the outputs are.")
     p.add_argument("--out", default="demo-out", help="folder for everything the demo writes (default ./demo-out)")
     p.add_argument("--studies", type=_positive_int, default=400, help="studies in the synthetic archive (default 400)")
@@ -133,12 +180,15 @@ def _run(args: argparse.Namespace) -> int:
             data=args.data, out=args.out, workers=args.workers, epochs=args.epochs, image_size=args.image_size,
             batch_size=args.batch_size, lr=args.lr, weights=args.weights, trainable=args.trainable,
             patience=args.patience, seed=args.seed, cpus_per_worker=args.cpus_per_worker, shuffle_labels=args.shuffle_labels,
+            max_failures=args.max_failures, target_sensitivity=args.target_sensitivity,
+            placement_strategy=args.placement_strategy,
         )
         result = run_training(cfg)
-        m = result["metrics"]
+        m, v = result["metrics"], result["validation"]["study"]
         print(
-            f"best epoch {m['epoch']}: val_f1 {m['val_f1']:.3f}  val_auroc {m['val_auroc']:.3f}  "
-            f"study_kappa {m['val_study_kappa']:.3f}; model in {result['model_dir']} "
+            f"best epoch {m['epoch']}: val_f1 {m['val_f1']:.3f}  val_auroc {m['val_auroc']:.3f}; threshold "
+            f"{result['threshold']:.3f}: study kappa {v['kappa']:.3f} [{v['kappa_ci'][0]:.3f}, {v['kappa_ci'][1]:.3f}]  "
+            f"sensitivity {v['sensitivity']:.3f}  specificity {v['specificity']:.3f}; model in {result['model_dir']} "
             f"({result['wall_seconds']:.0f}s)"
         )
         return 0
@@ -147,12 +197,36 @@ def _run(args: argparse.Namespace) -> int:
         from mura_ray.score import run_scoring
 
         cfg = ScoreConfig(model=args.model, input=args.input, output=args.output, split=args.split,
-                          batch_size=args.batch_size, actors=args.actors)
+                          batch_size=args.batch_size, actors=args.actors, run_id=args.run_id, full=args.full,
+                          max_error_rate=args.max_error_rate)
         m = run_scoring(cfg)
         print(
-            f"scored {m['images']} images ({m['errors']} errors) in {m['studies']} studies, "
+            f"scored {m['images']}, skipped {m['skipped']} (already scored), errors {m['errors']}, "
+            f"ignored {m['ignored_files']} non-image files; {m['studies']} studies updated; "
             f"{m['images_per_second']:.1f} images/s; run {m['run_id']} in {m['output']}"
         )
+        if m["images"] and m["errors"] / m["images"] > cfg.max_error_rate:
+            print(
+                f"mura-ray: {m['errors']} of {m['images']} images could not be scored "
+                f"({m['errors'] / m['images']:.1%}, over --max-error-rate {cfg.max_error_rate:.1%}); "
+                f"the run is committed, see the error column",
+                file=sys.stderr,
+            )
+            return 3
+        return 0
+    if args.verb == "evaluate":
+        from mura_ray.evaluate import EvalConfig, run_evaluation
+
+        r = run_evaluation(EvalConfig(model=args.model, data=args.data, out=args.out, split=args.split,
+                                      threshold=args.threshold, resamples=args.resamples))
+        for level in ("image", "study"):
+            m = r[level]
+            print(
+                f"{level:5s} n={m['n']}  kappa {m['kappa']:.3f} [{m['kappa_ci'][0]:.3f}, {m['kappa_ci'][1]:.3f}]  "
+                f"AUROC {m['auroc']:.3f} [{m['auroc_ci'][0]:.3f}, {m['auroc_ci'][1]:.3f}]  F1 {m['f1']:.3f}  "
+                f"sensitivity {m['sensitivity']:.3f}  specificity {m['specificity']:.3f}"
+            )
+        print(f"threshold {r['threshold']:.3f}; report in {args.out}/report.md")
         return 0
     if args.verb == "bench":
         from mura_ray import bench

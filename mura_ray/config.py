@@ -25,6 +25,10 @@ class TrainConfig:
     use_gpu: bool | None = None  # None: use GPUs when the cluster has enough
     cpus_per_worker: float | None = None  # None: sized from the cluster
     shuffle_labels: bool = False  # leakage check: train on permuted labels
+    max_failures: int = 0  # worker-group restarts from the latest epoch's checkpoint
+    target_sensitivity: float | None = None  # None: threshold maximising study kappa
+    placement_strategy: str = "PACK"  # SPREAD / STRICT_SPREAD put workers on different nodes
+    fault: str | None = None  # test hook: "crash@E" kills the last worker once in epoch E
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -41,6 +45,8 @@ class ScoreConfig:
     cpus_per_actor: float | None = None
     use_gpu: bool | None = None
     run_id: str | None = None
+    full: bool = False  # rescore everything, not only new and changed files
+    max_error_rate: float = 0.01  # above it the run still commits, and the CLI exits 3
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

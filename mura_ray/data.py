@@ -53,19 +53,24 @@ def cached_training_split(
     if shuffle_labels_seed is not None:
         perm = np.random.default_rng(shuffle_labels_seed).permutation(part.num_rows)
         part = part.set_column(part.schema.get_field_index("label"), "label", part["label"].take(perm))
-    ds = decoded_images(part.select(["image_uri", "label", "study_uri"]), side=side, fs=fs)
+    ds = decoded_images(part.select(["image_uri", "label", "study_uri", "body_part"]), side=side, fs=fs)
     ds = ds.materialize()
-    clean = ds.filter(expr=col("error") == "").select_columns(["pixels", "label", "study_uri"]).materialize()
+    clean = ds.filter(expr=col("error") == "").select_columns(["pixels", "label", "study_uri", "body_part"]).materialize()
     return clean, ds.count() - clean.count()
 
 
 def train_view(cached: ray.data.Dataset, *, size: int) -> ray.data.Dataset:
-    """Per-epoch random augmentation over the cached squares (re-run on every iteration)."""
+    """Per-epoch random augmentation over the cached squares (re-run on every iteration).
+
+    Order is randomised cheaply: the blocks' order here, and rows within a
+    buffer where the worker iterates (``local_shuffle_buffer_size``); a full
+    ``random_shuffle`` would move every image through the object store each epoch.
+    """
 
     def augment(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return TrainPreset(size=size)(batch)
 
-    return cached.select_columns(["pixels", "label"]).random_shuffle().map_batches(augment, batch_size=64, num_cpus=0.5)
+    return cached.select_columns(["pixels", "label"]).randomize_block_order().map_batches(augment, batch_size=64, num_cpus=0.5)
 
 
 def eval_view(cached: ray.data.Dataset, *, size: int) -> ray.data.Dataset:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import cohen_kappa_score, confusion_matrix, f1_score, roc_auc_score
 
 
@@ -32,11 +35,15 @@ def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5
     labels = np.asarray(labels).astype(np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     pred = (probs >= threshold).astype(np.int64)
+    with warnings.catch_warnings():
+        # Kappa of a constant prediction is undefined: scikit-learn warns and gives NaN, which is reported as such.
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        kappa = float(cohen_kappa_score(labels, pred)) if len(labels) else float("nan")
     tn, fp, fn, tp = confusion_matrix(labels, pred, labels=[0, 1]).ravel()
     both = len(np.unique(labels)) == 2
     return {
         "n": int(len(labels)),
-        "kappa": float(cohen_kappa_score(labels, pred)) if len(labels) else float("nan"),
+        "kappa": kappa,
         "f1": float(f1_score(labels, pred, zero_division=0)),
         "precision": float(tp / (tp + fp)) if tp + fp else 0.0,
         "sensitivity": float(tp / (tp + fn)) if tp + fn else 0.0,
@@ -64,3 +71,109 @@ def evaluation_metrics(
         "images": image["n"],
         "studies": study["n"],
     }
+
+
+def bootstrap_ci(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    threshold: float,
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, list[float]]:
+    """Percentile bootstrap intervals of kappa and AUROC (resampling the rows given).
+
+    Resamples holding one class only are skipped for AUROC. Returns
+    ``{"kappa_ci": [lo, hi], "auroc_ci": [lo, hi]}`` (NaN when undefined).
+    """
+    labels = np.asarray(labels).astype(np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    n = len(labels)
+    if n == 0:
+        return {"kappa_ci": [float("nan")] * 2, "auroc_ci": [float("nan")] * 2}
+    rng = np.random.default_rng(seed)
+    pred = (probs >= threshold).astype(np.int64)
+    kappas, aurocs = [], []
+    for _ in range(resamples):
+        idx = rng.integers(0, n, n)
+        y, p = labels[idx], pred[idx]
+        kappas.append(_kappa(y, p))
+        if 0 < y.sum() < n:
+            aurocs.append(roc_auc_score(y, probs[idx]))
+    alpha = (1 - level) / 2
+
+    def interval(values: list[float]) -> list[float]:
+        values = [v for v in values if not np.isnan(v)]
+        if not values:
+            return [float("nan"), float("nan")]
+        return [float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))]
+
+    return {"kappa_ci": interval(kappas), "auroc_ci": interval(aurocs)}
+
+
+def _kappa(y: np.ndarray, p: np.ndarray) -> float:
+    """Cohen's kappa of two 0/1 vectors, as scikit-learn computes it, without its overhead."""
+    n = len(y)
+    po = float((y == p).mean())
+    pe = float(y.mean() * p.mean() + (1 - y.mean()) * (1 - p.mean()))
+    if pe == 1.0:
+        return float("nan") if po == 1.0 else 0.0
+    return (po - pe) / (1 - pe) if n else float("nan")
+
+
+def choose_threshold(labels: np.ndarray, probs: np.ndarray, target_sensitivity: float | None = None) -> float:
+    """A decision threshold on validation scores.
+
+    Default: the threshold that maximises Cohen's kappa. With
+    ``target_sensitivity``: the highest threshold whose sensitivity reaches it
+    (for triage, where a missed abnormal costs more than a false alarm).
+    Candidates are the observed scores; ties keep the one nearest 0.5.
+    """
+    labels = np.asarray(labels).astype(np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    candidates = np.unique(probs)
+    if len(candidates) == 0 or len(np.unique(labels)) < 2:
+        return 0.5
+    if target_sensitivity is not None:
+        positives = probs[labels == 1]
+        ok = [t for t in candidates if (positives >= t).mean() >= target_sensitivity]
+        return float(max(ok)) if ok else float(candidates.min())
+    best, best_t = -np.inf, 0.5
+    for t in candidates:
+        k = _kappa(labels, (probs >= t).astype(np.int64))
+        if not np.isnan(k) and (k > best + 1e-12 or (abs(k - best) <= 1e-12 and abs(t - 0.5) < abs(best_t - 0.5))):
+            best, best_t = k, float(t)
+    return best_t
+
+
+def full_report(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    study_ids: np.ndarray,
+    body_parts: np.ndarray,
+    threshold: float,
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, object]:
+    """``image`` and ``study`` metrics with 95% bootstrap intervals, and the same ``per_body_part``."""
+
+    def level(y: np.ndarray, p: np.ndarray, ids: np.ndarray) -> dict[str, dict[str, object]]:
+        image = binary_metrics(y, p, threshold) | bootstrap_ci(y, p, threshold, resamples=resamples, seed=seed)
+        _, s_probs, s_labels = study_scores(ids, p, y)
+        study = binary_metrics(s_labels, s_probs, threshold) | bootstrap_ci(
+            s_labels, s_probs, threshold, resamples=resamples, seed=seed
+        )
+        return {"image": image, "study": study}
+
+    labels = np.asarray(labels).astype(np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    study_ids = np.asarray(study_ids)
+    body_parts = np.asarray([b if b is not None else "UNKNOWN" for b in body_parts])
+    report: dict[str, object] = level(labels, probs, study_ids)
+    report["per_body_part"] = {
+        part: level(labels[body_parts == part], probs[body_parts == part], study_ids[body_parts == part])
+        for part in sorted(set(body_parts.tolist()))
+    }
+    return report

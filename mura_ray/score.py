@@ -1,18 +1,23 @@
-"""Batch scoring of whole archives to Parquet.
+"""Batch scoring of whole archives to Parquet, incremental and exactly once.
 
-Ray Data reads and decodes the files in tasks, a pool of model-holding
-actors (``Scorer``) scores them, and the driver streams the small result
-rows into Parquet: ``OUTPUT/images/`` (one row per input file, errors
-included) and ``OUTPUT/studies/`` (one row per study). A run's files are
-written under ``OUTPUT/_staging/<run_id>/`` and moved into place, partitioned
-by ``run_date=YYYY-MM-DD``, only once the run has completed; a manifest
-``OUTPUT/_runs/<run_id>.json`` records it.
+A run lists the archive, and skips every image that a committed run of the
+same model already scored with the same source fingerprint (size and ETag
+or mtime); ``full=True`` skips nothing. Listing and skipping decode nothing,
+and when nothing is left the run commits without starting Ray.
+
+Ray Data reads and decodes the remaining files in tasks, a pool of
+model-holding actors (``Scorer``) scores them, and the driver streams the
+small result rows into staged Parquet: one row per image file, errors
+included. Each study with a new or changed image gets a fresh row that
+covers all its images, tonight's and those scored before, so the latest
+row of a study is its current one. ``mura_ray.ledger`` commits the run's
+files into ``images/`` and ``studies/`` (partitioned by ``run_date``) only
+once all of them are written.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import math
 import secrets
@@ -22,17 +27,19 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 import torch
 
-from mura_ray import cluster, storage
-from mura_ray.catalog import build_catalog
+from mura_ray import cluster, faults, storage
+from mura_ray.catalog import scan_archive
 from mura_ray.checkpoint import load_checkpoint
 from mura_ray.config import ScoreConfig
 from mura_ray.data import catalog_dataset
-from mura_ray.decode import read_and_decode
+from mura_ray.decode import READ_ERROR, read_and_decode
 from mura_ray.engine import score_step
+from mura_ray.ledger import Lease, Ledger
 from mura_ray.model import build_model
 from mura_ray.transforms import EvalPreset
 
@@ -68,6 +75,7 @@ STUDIES_SCHEMA = pa.schema(
         ("label", pa.int8()),
         ("model_id", pa.string()),
         ("run_id", pa.string()),
+        ("scored_at", pa.timestamp("us", tz="UTC")),
     ]
 )
 ROWS_PER_FILE = 500_000
@@ -105,34 +113,40 @@ class StudyTotals:
     n_errors: int = 0
     prob_sum: float = 0.0
 
+    def add(self, prob: float | None) -> None:
+        self.n_images += 1
+        if prob is None:
+            self.n_errors += 1
+        else:
+            self.prob_sum += prob
+
 
 @dataclass
 class RunWriter:
     """Streams image rows to staged Parquet files and keeps per-study totals."""
 
-    output: str
+    ledger: Ledger
     run_id: str
     model_id: str
     threshold: float
-    fs: Any = None
-    base: str = ""
-    staged: list[str] = field(default_factory=list)
+    staged: list[str] = field(default_factory=list)  # relative to the output root
     studies: dict[str, StudyTotals] = field(default_factory=dict)
     rows: int = 0
     errors: int = 0
+    scored_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
     _writer: pq.ParquetWriter | None = None
     _file_rows: int = 0
 
-    def __post_init__(self) -> None:
-        self.fs, self.base = storage.filesystem(self.output)
-        self.staging = storage.join(self.base, "_staging", self.run_id)
+    @property
+    def fs(self):
+        return self.ledger.fs
 
     def _open(self) -> None:
-        path = storage.join(self.staging, "images", f"part-{len(self.staged):05d}.parquet")
-        self.fs.makedirs(storage.join(self.staging, "images"), exist_ok=True)
-        self._sink = self.fs.open(path, "wb")
+        rel = storage.join("_staging", self.run_id, "images", f"part-{len(self.staged):05d}.parquet")
+        self.fs.makedirs(self.ledger.path("_staging", self.run_id, "images"), exist_ok=True)
+        self._sink = self.fs.open(self.ledger.path(rel), "wb")
         self._writer = pq.ParquetWriter(self._sink, IMAGES_SCHEMA)
-        self.staged.append(path)
+        self.staged.append(rel)
         self._file_rows = 0
 
     def _close(self) -> None:
@@ -146,7 +160,6 @@ class RunWriter:
         probs = batch["prob_abnormal"].astype(np.float32)
         valid = ~np.isnan(probs)
         now = dt.datetime.now(dt.timezone.utc)
-        sizes = np.where(batch["read_size"] >= 0, batch["read_size"], batch["source_size"].astype(np.float64))
         table = pa.table(
             {
                 "image_uri": pa.array(_nullable_strings(batch["image_uri"]), pa.string()),
@@ -160,7 +173,8 @@ class RunWriter:
                 "model_id": pa.array([self.model_id] * n, pa.string()),
                 "run_id": pa.array([self.run_id] * n, pa.string()),
                 "scored_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
-                "source_size": pa.array(_nullable_ints(sizes), pa.int64()),
+                # The listing's fingerprint, so that the next run can tell whether the file changed.
+                "source_size": pa.array(_nullable_ints(batch["source_size"]), pa.int64()),
                 "source_etag": pa.array(_nullable_strings(batch["source_etag"]), pa.string()),
                 "error": pa.array([e or None for e in batch["error"].tolist()], pa.string()),
             },
@@ -174,14 +188,20 @@ class RunWriter:
         self.rows += n
         self.errors += int((~valid).sum())
         for row in table.select(["study_uri", "patient_id", "body_part", "label", "prob_abnormal"]).to_pylist():
-            st = self.studies.get(row["study_uri"])
-            if st is None:
-                st = self.studies[row["study_uri"]] = StudyTotals(row["patient_id"], row["body_part"], row["label"])
-            st.n_images += 1
-            if row["prob_abnormal"] is None:
-                st.n_errors += 1
-            else:
-                st.prob_sum += row["prob_abnormal"]
+            self._study(row).add(row["prob_abnormal"])
+        faults.maybe_kill("score")
+
+    def _study(self, row: dict[str, Any]) -> StudyTotals:
+        st = self.studies.get(row["study_uri"])
+        if st is None:
+            st = self.studies[row["study_uri"]] = StudyTotals(row["patient_id"], row["body_part"], row["label"])
+        return st
+
+    def add_earlier(self, rows: list[dict[str, Any]]) -> None:
+        """Earlier runs' current rows of skipped images, counted into the studies this run touches."""
+        for row in rows:
+            if row["study_uri"] in self.studies:
+                self.studies[row["study_uri"]].add(row["prob_abnormal"])
 
     def studies_table(self) -> pa.Table:
         rows = []
@@ -201,27 +221,26 @@ class RunWriter:
                     "label": st.label,
                     "model_id": self.model_id,
                     "run_id": self.run_id,
+                    "scored_at": self.scored_at,
                 }
             )
         return pa.Table.from_pylist(rows, schema=STUDIES_SCHEMA)
 
-    def commit(self, run_date: str, extra: dict[str, Any]) -> dict[str, Any]:
-        """Write the studies file, move the staged files into place, record the manifest."""
+    def commit(self, run_date: str, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Stage the studies file, then commit every staged file through the ledger."""
         self._close()
-        studies_staged = storage.join(self.staging, "studies", "part-00000.parquet")
-        self.fs.makedirs(storage.join(self.staging, "studies"), exist_ok=True)
-        with self.fs.open(studies_staged, "wb") as f:
-            pq.write_table(self.studies_table(), f)
         moves = [
-            (p, storage.join(self.base, "images", f"run_date={run_date}", f"{self.run_id}-{i:05d}.parquet"))
-            for i, p in enumerate(self.staged)
+            (rel, storage.join("images", f"run_date={run_date}", f"{self.run_id}-{i:05d}.parquet"))
+            for i, rel in enumerate(self.staged)
         ]
-        moves.append((studies_staged, storage.join(self.base, "studies", f"run_date={run_date}", f"{self.run_id}.parquet")))
-        for src, dst in moves:
-            self.fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
-            self.fs.mv(src, dst)
+        if self.studies:
+            rel = storage.join("_staging", self.run_id, "studies", "part-00000.parquet")
+            self.fs.makedirs(self.ledger.path("_staging", self.run_id, "studies"), exist_ok=True)
+            with self.fs.open(self.ledger.path(rel), "wb") as f:
+                pq.write_table(self.studies_table(), f)
+            moves.append((rel, storage.join("studies", f"run_date={run_date}", f"{self.run_id}.parquet")))
         manifest = dict(
-            extra,
+            manifest,
             run_id=self.run_id,
             model_id=self.model_id,
             run_date=run_date,
@@ -229,15 +248,8 @@ class RunWriter:
             images=self.rows,
             errors=self.errors,
             studies=len(self.studies),
-            files=[storage.to_uri(self.fs, d) for _, d in moves],
         )
-        storage.write_bytes(self.fs, storage.join(self.base, "_runs", f"{self.run_id}.json"), json.dumps(manifest, indent=2).encode())
-        if self.fs.exists(self.staging):
-            self.fs.rm(self.staging, recursive=True)
-        staging_root = storage.join(self.base, "_staging")
-        if self.fs.exists(staging_root) and not self.fs.ls(staging_root):
-            self.fs.rmdir(staging_root)
-        return manifest
+        return self.ledger.commit(manifest, moves)
 
 
 def _is_missing(v: Any) -> bool:
@@ -270,34 +282,102 @@ def _actor_plan(cfg: ScoreConfig) -> tuple[int, float, int, bool]:
         cpus = cfg.cpus_per_actor or 1.0
         return cfg.actors or max(1, gpus), cpus, max(1, math.ceil(cpus)), True
     total = resources.get("CPU", 1)
+    # An actor must fit on one node.
+    largest_node = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=total)
     # Decoding costs about a tenth of the forward pass on a CPU: keep that share
     # (at least half a CPU) for the read/decode tasks, give the rest to model actors.
     for_model = total - max(0.5, 0.1 * total)
-    per_actor = cfg.cpus_per_actor or min(4.0, for_model)
+    per_actor = cfg.cpus_per_actor or min(4.0, for_model, largest_node)
     actors = cfg.actors or max(1, int(for_model // per_actor))
     return actors, per_actor, max(1, math.ceil(per_actor)), False
 
 
+def plan_run(catalog: pa.Table, earlier: pa.Table, *, full: bool) -> tuple[pa.Table, pa.Table]:
+    """Split the catalog into (to score, skipped) against the earlier current rows of this model.
+
+    An image is skipped when an earlier row has the same size and tag, unless
+    that row failed to read the file (which may work tonight) or ``full``.
+    """
+    if full or earlier.num_rows == 0:
+        return catalog, catalog.slice(0, 0)
+    prior = earlier.select(["image_uri", "source_size", "source_etag", "error"]).rename_columns(
+        ["image_uri", "prior_size", "prior_etag", "prior_error"]
+    )
+    joined = catalog.join(prior, keys="image_uri", join_type="left outer")
+    same_size = pc.fill_null(pc.equal(joined["source_size"], joined["prior_size"]), False)
+    same_tag = pc.or_(
+        pc.fill_null(pc.equal(joined["source_etag"], joined["prior_etag"]), False),
+        pc.and_(pc.is_null(joined["source_etag"]), pc.and_(pc.is_null(joined["prior_etag"]), pc.is_valid(joined["prior_size"]))),
+    )
+    retry = pc.fill_null(pc.starts_with(joined["prior_error"], READ_ERROR), False)
+    skip = pc.and_(pc.and_(same_size, same_tag), pc.invert(retry))
+    columns = catalog.column_names
+    todo = joined.filter(pc.invert(skip)).select(columns).sort_by("image_uri")
+    skipped = joined.filter(skip).select(columns).sort_by("image_uri")
+    return todo, skipped
+
+
 def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
-    """Score every image under ``cfg.input`` and commit the run's Parquet under ``cfg.output``."""
+    """Score what is new under ``cfg.input`` and commit the run's Parquet under ``cfg.output``."""
     t0 = time.monotonic()
+    started_at = dt.datetime.now(dt.timezone.utc)
     model_dir = resolve_model_dir(cfg.model)
     state, meta = load_checkpoint(model_dir)
-    catalog = build_catalog(cfg.input, split=cfg.split)
+    scan = scan_archive(cfg.input, split=cfg.split)
+    catalog = scan.table
     threshold = float(meta.get("threshold", 0.5))
-    run_id = cfg.run_id or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + secrets.token_hex(3)
-    run_date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
-    writer = RunWriter(cfg.output, run_id, meta["model_id"], threshold)
-    log.info("scoring %d images from %s with model %s (threshold %.3f)", catalog.num_rows, cfg.input, meta["model_id"][:12], threshold)
+    run_id = cfg.run_id or started_at.strftime("%Y%m%dT%H%M%SZ-") + secrets.token_hex(3)
+    run_date = started_at.strftime("%Y-%m-%d")
+    ledger = Ledger(cfg.output)
+    lease = Lease(ledger.fs, ledger.base, run_id)
+    lease.acquire()
+    try:
+        recovered = ledger.recover(active_run_id=run_id)
+        earlier = ledger.scored(meta["model_id"])
+        todo, skipped = plan_run(catalog, earlier, full=cfg.full)
+        log.info(
+            "%d images under %s (%d other files ignored): %d to score, %d already scored by model %s",
+            catalog.num_rows, cfg.input, len(scan.ignored), todo.num_rows, skipped.num_rows, meta["model_id"][:12],
+        )
+        writer = RunWriter(ledger, run_id, meta["model_id"], threshold)
+        if todo.num_rows:
+            _score_into(writer, todo, state, meta, model_dir, cfg, lease, t0)
+        touched = set(writer.studies)
+        if touched and skipped.num_rows:
+            kept = earlier.filter(pc.is_in(earlier["image_uri"], skipped["image_uri"]))
+            kept = kept.filter(pc.is_in(kept["study_uri"], pa.array(sorted(touched), pa.string())))
+            writer.add_earlier(kept.select(["study_uri", "prob_abnormal"]).to_pylist())
+        seconds = time.monotonic() - t0
+        manifest = writer.commit(
+            run_date,
+            {
+                "input": cfg.input,
+                "split": cfg.split,
+                "full": cfg.full,
+                "started_at": started_at.isoformat(),
+                "skipped": skipped.num_rows,
+                "ignored_files": len(scan.ignored),
+                "seconds": round(seconds, 3),
+                "images_per_second": round(writer.rows / seconds, 3) if seconds else 0.0,
+                "recovered": recovered,
+            },
+        )
+    finally:
+        lease.release()
+    manifest["output"] = cfg.output
+    manifest["ignored_examples"] = scan.ignored[:5]
+    return manifest
 
+
+def scored_dataset(table: pa.Table, model_dir: str, meta: dict[str, Any], cfg: ScoreConfig) -> ray.data.Dataset:
+    """Catalog rows -> rows with ``prob_abnormal`` (NaN where ``error`` is set): decode tasks, then model actors."""
     cluster.connect()
     actors, cpus, threads, use_gpu = _actor_plan(cfg)
     fs, _ = storage.filesystem(cfg.input)
-    build_model().load_state_dict(state)  # fail here, not in every actor, if the weights do not fit
-    ds = catalog_dataset(catalog).map_batches(
+    ds = catalog_dataset(table).map_batches(
         read_and_decode, fn_kwargs={"side": int(meta["cache_side"]), "fs": fs}, batch_size=16, num_cpus=0.5
     )
-    ds = ds.map_batches(
+    return ds.map_batches(
         Scorer,
         fn_constructor_kwargs={
             "model_dir": model_dir,
@@ -310,17 +390,19 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
         num_cpus=cpus,
         num_gpus=1 if use_gpu else 0,
     )
+
+
+def _score_into(writer: RunWriter, todo: pa.Table, state, meta: dict[str, Any], model_dir: str, cfg: ScoreConfig, lease: Lease, t0: float) -> None:
+    """Run the Ray pipeline over ``todo`` and stream every row into ``writer``."""
+    build_model().load_state_dict(state)  # fail here, not in every actor, if the weights do not fit
+    ds = scored_dataset(todo, model_dir, meta, cfg)
     last_log = time.monotonic()
     for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
         writer.add(batch)
+        lease.refresh()
         if time.monotonic() - last_log > 10:
             rate = writer.rows / (time.monotonic() - t0)
-            log.info("scored %d/%d images (%.0f/s), %d errors", writer.rows, catalog.num_rows, rate, writer.errors)
+            log.info("scored %d/%d images (%.0f/s), %d errors", writer.rows, todo.num_rows, rate, writer.errors)
             last_log = time.monotonic()
-    if writer.rows != catalog.num_rows:
-        raise RuntimeError(f"scored {writer.rows} rows for {catalog.num_rows} catalog images; nothing committed")
-    seconds = time.monotonic() - t0
-    manifest = writer.commit(run_date, {"input": cfg.input, "split": cfg.split, "seconds": round(seconds, 3)})
-    manifest["images_per_second"] = writer.rows / seconds if seconds else 0.0
-    manifest["output"] = cfg.output
-    return manifest
+    if writer.rows != todo.num_rows:
+        raise RuntimeError(f"scored {writer.rows} rows for {todo.num_rows} images; nothing committed")

@@ -29,9 +29,9 @@ import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from mura_ray import __version__, cluster, storage
+from mura_ray import __version__, cluster, faults, plots, storage
 from mura_ray.catalog import build_catalog, fingerprint
-from mura_ray.checkpoint import METADATA_FILE, WEIGHTS_FILE, model_metadata, save_checkpoint
+from mura_ray.checkpoint import METADATA_FILE, load_training_state, model_metadata, save_checkpoint, save_training_state
 from mura_ray.config import TrainConfig
 from mura_ray.data import ExactValidationConfig, cached_training_split, eval_view, train_view
 from mura_ray.decode import cache_side
@@ -51,6 +51,13 @@ log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
 CHECKPOINT_METRIC = "val_f1"
+VALID_PREDICTIONS = "valid_predictions.parquet"
+SHUFFLE_BUFFER = 256  # rows mixed across blocks each epoch, on top of a random block order
+PROGRESS_SECONDS = 20
+CURVES = "training_curves.png"
+EVENTS = "events.jsonl"
+# Settings a resumed run may change; any other difference means a different run.
+RESUMABLE_CHANGES = {"epochs", "patience", "max_failures", "cpus_per_worker", "target_sensitivity", "use_gpu", "placement_strategy", "fault"}
 
 
 def class_weights(labels: np.ndarray) -> list[float]:
@@ -119,12 +126,20 @@ def _worker_threads(cpus: float) -> int:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker: build the model, train, validate on all workers, report each epoch."""
+    """Ray Train worker: build the model, train, validate on all workers, report each epoch.
+
+    Every epoch ends with a full training-state checkpoint (weights,
+    optimizer, scheduler, RNG, history, early-stopping state). A restarted
+    worker group, or a rerun of the same RUN_DIR, continues after the latest
+    one. The best epoch's weights also go to ``RUN_DIR/model/`` with the
+    validation predictions they made.
+    """
     cfg = TrainConfig(**config["cfg"])
     torch.set_num_threads(_worker_threads(config["cpus_per_worker"]))
     torch.manual_seed(cfg.seed)
     ctx = ray.train.get_context()
-    is_rank0 = ctx.get_world_rank() == 0
+    rank = ctx.get_world_rank()
+    is_rank0 = rank == 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     model = build_model()
@@ -139,19 +154,48 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience)
     stopper = EarlyStopping(cfg.patience)
+    history: list[dict[str, Any]] = []
+    first_epoch, resumed_from = 1, 0
 
+    restored = ray.train.get_checkpoint()  # Ray: the latest epoch's state after a restart or a rerun
+    if restored is not None:
+        with restored.as_directory() as d:
+            progress = load_training_state(d, plain, optimizer, scheduler)
+        history = progress["history"]
+        stopper.best, stopper.bad_epochs = progress["best"], progress["bad_epochs"]
+        resumed_from = progress["epoch"]
+        first_epoch = resumed_from + 1
+        if is_rank0:
+            log.info("resuming after epoch %d (best validation F1 so far %.3f)", resumed_from, stopper.best)
+            log_event(cfg.out, event="resumed", after_epoch=resumed_from)
+    if stopper.should_stop and history:
+        first_epoch = cfg.epochs + 1  # the run had already stopped early
+
+    nodes = gather_arrays({"node": np.array([ray.get_runtime_context().get_node_id()], dtype=object)})["node"]
+    if is_rank0:
+        log_event(cfg.out, event="started", workers=ctx.get_world_size(), nodes=len(set(nodes.tolist())), after_epoch=resumed_from)
     train_shard = ray.train.get_dataset_shard("train")  # Ray: this worker's data
     valid_shard = ray.train.get_dataset_shard("valid")
-    history: list[dict[str, Any]] = []
-    for epoch in range(1, cfg.epochs + 1):
+    steps = config["train_images"] // (cfg.batch_size * ctx.get_world_size())
+    for epoch in range(first_epoch, cfg.epochs + 1):
         t0 = time.monotonic()
+        progress_line = _ProgressLine(epoch, cfg.epochs, steps, cfg.batch_size * ctx.get_world_size(), enabled=is_rank0)
+
+        def on_batch(i: int, loss: float) -> None:
+            progress_line(i, loss)
+            if cfg.fault == f"crash@{epoch}" and rank == ctx.get_world_size() - 1 and resumed_from == 0 and i == 1:
+                faults.kill_now()  # test hook: this worker dies in the middle of the epoch
+
         # drop_last: a final batch of one image would break BatchNorm, and DDP needs equal step counts.
-        batches = train_shard.iter_torch_batches(batch_size=cfg.batch_size, device=device, drop_last=True)
-        tr = train_one_epoch(model, batches, loss_fn, optimizer, device)
+        batches = train_shard.iter_torch_batches(
+            batch_size=cfg.batch_size, device=device, drop_last=True, local_shuffle_buffer_size=SHUFFLE_BUFFER,
+            pin_memory=device.type == "cuda", prefetch_batches=2,
+        )
+        tr = train_one_epoch(model, batches, loss_fn, optimizer, device, on_batch=on_batch)
         train_loss, train_images = mean_over_workers(tr["loss"], tr["images"])
         train_seconds = time.monotonic() - t0
 
-        local = evaluate(plain, valid_shard.iter_batches(batch_size=128, batch_format="numpy"), device, loss_fn, keep=("study_uri",))
+        local = evaluate(plain, valid_shard.iter_batches(batch_size=128, batch_format="numpy"), device, loss_fn, keep=("study_uri", "body_part"))
         allv = gather_arrays(local)
         val_loss = float(allv["loss_sum"]) / max(len(allv["label"]), 1)
         m = evaluation_metrics(allv["label"], allv["prob"], allv["study_uri"])
@@ -171,6 +215,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "epoch_seconds": time.monotonic() - t0,
             "train_seconds": train_seconds,
             "train_images": train_images,
+            "resumed_from": resumed_from,
             "best": improved,
         }
         history.append(metrics)
@@ -180,18 +225,74 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 epoch, cfg.epochs, train_loss, val_loss, m["f1"], m["auroc"], m["study_kappa"],
                 metrics["lr"], metrics["epoch_seconds"], "  *best*" if improved else "",
             )
+            if improved:
+                model_dir = storage.join(cfg.out, MODEL_DIR)
+                save_checkpoint(model_dir, plain, checkpoint_metadata(cfg, config, metrics))
+                write_predictions(storage.join(model_dir, VALID_PREDICTIONS), allv)
             write_history(cfg.out, history)
-        if improved and is_rank0:
-            with tempfile.TemporaryDirectory() as tmp:
-                meta = checkpoint_metadata(cfg, config, metrics)
-                save_checkpoint(tmp, plain, meta)
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))  # Ray: report + checkpoint
-        else:
-            ray.train.report(metrics)  # Ray: every worker reports each epoch
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if is_rank0:
+                progress = {"epoch": epoch, "history": history, "best": stopper.best, "bad_epochs": stopper.bad_epochs, "seed": cfg.seed}
+                save_training_state(tmp, plain, optimizer, scheduler, progress)
+                checkpoint = Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)  # Ray: every worker reports; rank 0 checkpoints
+        if is_rank0:
+            log_event(cfg.out, event="epoch_done", epoch=epoch, resumed_from=resumed_from)
         if stopper.should_stop:
             if is_rank0:
                 log.info("early stop: no better validation F1 for %d epochs", cfg.patience)
             break
+
+
+class _ProgressLine:
+    """Rank 0's progress inside an epoch: a log line every ``PROGRESS_SECONDS``."""
+
+    def __init__(self, epoch: int, epochs: int, steps: int, images_per_step: int, enabled: bool) -> None:
+        self.epoch, self.epochs, self.steps, self.per_step, self.enabled = epoch, epochs, steps, images_per_step, enabled
+        self.t0 = self.last = time.monotonic()
+
+    def __call__(self, i: int, loss: float) -> None:
+        now = time.monotonic()
+        if self.enabled and now - self.last >= PROGRESS_SECONDS:
+            done = (i + 1) * self.per_step
+            log.info(
+                "epoch %d/%d  step %d/%d  loss %.4f  %.1f images/s",
+                self.epoch, self.epochs, i + 1, self.steps, loss, done / (now - self.t0),
+            )
+            self.last = now
+
+
+def log_event(run_dir: str, **event: Any) -> None:
+    """Append one line to ``RUN_DIR/events.jsonl``: what happened when (epochs done, resumes)."""
+    path = storage.join(run_dir, EVENTS)
+    before = storage.read_text(path) if storage.exists(path) else ""
+    event = {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **event}
+    storage.write_text(path, before + json.dumps(event) + "\n")
+
+
+def read_events(run_dir: str) -> list[dict[str, Any]]:
+    path = storage.join(run_dir, EVENTS)
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()] if storage.exists(path) else []
+
+
+def write_predictions(uri: str, allv: dict[str, np.ndarray]) -> None:
+    """The validation predictions of the kept epoch: study_uri, body_part, label, prob."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(
+        {
+            "study_uri": pa.array([str(x) for x in allv["study_uri"]], pa.string()),
+            "body_part": pa.array([None if x is None or x != x else str(x) for x in allv["body_part"]], pa.string()),
+            "label": pa.array(allv["label"].astype(np.int8)),
+            "prob_abnormal": pa.array(allv["prob"].astype(np.float32)),
+        }
+    )
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    fs, path = storage.filesystem(uri)
+    storage.write_bytes(fs, path, buf.getvalue())
 
 
 def checkpoint_metadata(cfg: TrainConfig, config: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
@@ -217,6 +318,7 @@ def write_history(run_dir: str, history: list[dict[str, Any]]) -> None:
     writer.writeheader()
     writer.writerows(history)
     storage.write_text(storage.join(run_dir, "metrics.csv"), buf.getvalue())
+    plots.training_curves(history, storage.join(run_dir, CURVES))
 
 
 # ---- the driver ----
@@ -232,7 +334,13 @@ def _scaling(cfg: TrainConfig) -> tuple[ScalingConfig, float]:
     else:
         # Leave at least one CPU to Ray Data's tasks, or ingest can starve and hang.
         cpus = max(0.25, min(4.0, (resources.get("CPU", 1) - 1) / cfg.workers))
-    scaling = ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus})
+        # A worker must fit on one node and leave that node a whole CPU for Ray Data's tasks
+        # (some of them ask for one CPU, and with one worker per node none could run anywhere).
+        largest_node = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=cpus)
+        cpus = max(0.25, min(cpus, largest_node - 1))
+    scaling = ScalingConfig(
+        num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}, placement_strategy=cfg.placement_strategy
+    )
     return scaling, cpus
 
 
@@ -252,6 +360,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.trainable == "auto":
         cfg.trainable = "all" if cfg.weights == "none" else ",".join(DEFAULT_TRAINABLE)
     parse_trainable(cfg.trainable)
+    _check_same_run(cfg)
     start = build_model()
     skipped = load_starting_weights(start, cfg.weights)
     catalog = build_catalog(cfg.data)
@@ -282,6 +391,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 
     scaling, cpus = _scaling(cfg)
     storage_path, storage_fs = _storage_for(cfg.out)
+    _check_same_run(cfg)
     storage.write_text(storage.join(cfg.out, "train_config.json"), json.dumps(cfg.to_dict(), indent=2))
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -291,6 +401,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             "class_weights": weights,
             "cpus_per_worker": cpus,
             "data_fingerprint": fingerprint(catalog),
+            "train_images": train_cached.count(),
         },
         scaling_config=scaling,
         datasets={"train": train_view(train_cached, size=cfg.image_size), "valid": eval_view(valid_cached, size=cfg.image_size)},
@@ -299,27 +410,81 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             name="ray_train",
             storage_path=storage_path,
             storage_filesystem=storage_fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=CHECKPOINT_METRIC, checkpoint_score_order="max"),
-            failure_config=FailureConfig(max_failures=0),
+            # The latest epochs' full state, for restarts and reruns; the best weights live in RUN_DIR/model.
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
     )
     result = trainer.fit()
     if result.error:
         raise result.error
-    best = result.get_best_checkpoint(metric=CHECKPOINT_METRIC, mode="max") or result.checkpoint
-    if best is None:
-        raise RuntimeError("training finished without a checkpoint")
     model_dir = storage.join(cfg.out, MODEL_DIR)
-    with best.as_directory() as local:
-        out_fs, out_path = storage.filesystem(model_dir)
-        for name in (WEIGHTS_FILE, METADATA_FILE):
-            with open(os.path.join(local, name), "rb") as f:
-                storage.write_bytes(out_fs, storage.join(out_path, name), f.read())
-    meta = json.loads(storage.read_text(storage.join(model_dir, METADATA_FILE)))
+    if not storage.exists(storage.join(model_dir, METADATA_FILE)):
+        raise RuntimeError("training finished without a kept model")
+    meta = finalize_model(cfg, model_dir)
     return {
         "model_dir": model_dir,
         "metrics": meta["metrics"],
         "model_id": meta["model_id"],
+        "threshold": meta["threshold"],
+        "validation": meta["validation"],
         "wall_seconds": time.monotonic() - t_start,
         "unreadable_images": bad_train + bad_valid,
     }
+
+
+def _check_same_run(cfg: TrainConfig) -> None:
+    """A RUN_DIR holds one run: rerunning it resumes, so its settings must match (epochs and a few others aside)."""
+    path = storage.join(cfg.out, "train_config.json")
+    if not storage.exists(path):
+        return
+    before = json.loads(storage.read_text(path))
+    now = cfg.to_dict()
+    changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and before.get(k, now[k]) != now[k])
+    if changed:
+        raise UsageError(
+            f"{cfg.out!r} holds a run with other settings ({', '.join(f'{k}: {before.get(k)!r} -> {now[k]!r}' for k in changed)}); "
+            f"rerunning a RUN_DIR resumes it: use a new --out for a new run"
+        )
+
+
+def finalize_model(cfg: TrainConfig, model_dir: str) -> dict[str, Any]:
+    """Choose the threshold on the kept epoch's validation predictions, add the report and write the model card."""
+    import pyarrow.parquet as pq
+
+    from mura_ray.metrics import choose_threshold, full_report, study_scores
+    from mura_ray.modelcard import render_model_card
+
+    fs, path = storage.filesystem(model_dir)
+    table = pq.read_table(io.BytesIO(storage.read_bytes(fs, storage.join(path, VALID_PREDICTIONS))))
+    labels = table["label"].to_numpy().astype(np.int64)
+    probs = table["prob_abnormal"].to_numpy().astype(np.float64)
+    studies = np.asarray(table["study_uri"].to_pylist(), dtype=object)
+    parts = np.asarray(table["body_part"].to_pylist(), dtype=object)
+    _, s_probs, s_labels = study_scores(studies, probs, labels)
+    threshold = choose_threshold(s_labels, s_probs, cfg.target_sensitivity)
+    rule = (
+        f"highest threshold with study-level sensitivity >= {cfg.target_sensitivity} on validation"
+        if cfg.target_sensitivity is not None
+        else "maximises study-level Cohen's kappa on validation"
+    )
+    report = full_report(labels, probs, studies, parts, threshold, seed=cfg.seed)
+    meta_path = storage.join(path, METADATA_FILE)
+    meta = json.loads(storage.read_bytes(fs, meta_path))
+    meta.update(threshold=threshold, threshold_rule=rule, validation=report, package_versions=package_versions())
+    storage.write_bytes(fs, meta_path, json.dumps(meta, indent=2, sort_keys=True).encode())
+    storage.write_bytes(fs, storage.join(path, "model_card.md"), render_model_card(meta).encode())
+    log.info("threshold %.3f (%s); study kappa %.3f [%.3f, %.3f]", threshold, rule, report["study"]["kappa"], *report["study"]["kappa_ci"])
+    return meta
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("mura-ray", "ray", "torch", "torchvision", "numpy", "pyarrow", "scikit-learn", "pillow", "pydicom", "safetensors"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out

@@ -9,6 +9,11 @@ from __future__ import annotations
 import os
 import socket
 
+# Ray replaces 127.0.0.1 with the machine's network address unless this is off; it is read
+# when ray is first imported, so it is set before anything imports ray.
+LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+os.environ[LOOPBACK_ONLY] = "0"
+
 import pytest
 
 import torch
@@ -105,10 +110,17 @@ def start_weights(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained_run(ray_cluster, learn_archive, start_weights, tmp_path_factory):
-    """Two epochs, two workers, small images, starting from a state dict file."""
+    """Two epochs, two workers, small images, starting from a state dict file.
+
+    One worker is killed (SIGKILL) in the middle of epoch 2, once: the run has
+    to restart the worker group from epoch 1's checkpoint and finish.
+    """
     root, _ = learn_archive
     out = str(tmp_path_factory.mktemp("run"))
-    cfg = TrainConfig(data=root, out=out, workers=2, epochs=2, image_size=48, batch_size=16, weights=start_weights, patience=5)
+    cfg = TrainConfig(
+        data=root, out=out, workers=2, epochs=2, image_size=48, batch_size=16, weights=start_weights, patience=5,
+        max_failures=1, fault="crash@2",
+    )
     return cfg, _run_training(cfg)
 
 
@@ -116,3 +128,25 @@ def _run_training(cfg):
     from mura_ray.train import run_training
 
     return run_training(cfg)
+
+
+def write_untrained_model(directory: str, seed: int, image_size: int = 48) -> str:
+    """A checkpoint with seeded random weights: scoring plumbing needs a model, not a good one."""
+    from mura_ray.checkpoint import model_metadata, save_checkpoint
+    from mura_ray.model import build_model
+
+    torch.manual_seed(seed)
+    return save_checkpoint(directory, build_model().eval(), dict(model_metadata(image_size), threshold=0.5))
+
+
+@pytest.fixture(scope="session")
+def untrained_models(tmp_path_factory):
+    """Two checkpoints (different weights, so different model ids): [(dir, model_id), ...]."""
+    base = tmp_path_factory.mktemp("models")
+    return [(str(base / f"m{i}"), write_untrained_model(str(base / f"m{i}"), seed=i)) for i in range(2)]
+
+
+@pytest.fixture(scope="session")
+def ray_address(ray_cluster):
+    """The address a separate driver process uses to join the test cluster."""
+    return ray_cluster.get_runtime_context().gcs_address

@@ -2,16 +2,19 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pyarrow.dataset as pads
 import pytest
 import s3fs
 
 from mura_ray.catalog import build_catalog
-from mura_ray.config import ScoreConfig, TrainConfig
+from mura_ray.config import ScoreConfig
 from mura_ray.sample import write_sample
 from mura_ray.score import run_scoring
-from mura_ray.train import run_training
 
 
 def _scores(fs, path):
@@ -56,16 +59,43 @@ def test_s3_archive_and_outputs_match_local(ray_cluster, s3_server, s3_bucket, t
     assert not fs.exists(f"{s3_bucket}/scores/_staging/{m['run_id']}")
 
 
-@pytest.mark.timeout(600)
-def test_training_reads_and_writes_s3(ray_cluster, s3_bucket, start_weights):
+@pytest.mark.timeout(900)
+def test_training_on_s3_resumes_after_the_driver_is_killed(ray_address, s3_server, s3_bucket, start_weights, tmp_path):
     data = f"s3://{s3_bucket}/archive"
-    write_sample(data, studies=10, seed=6)
+    write_sample(data, studies=12, seed=6)
     out = f"s3://{s3_bucket}/runs/r1"
-    cfg = TrainConfig(data=data, out=out, workers=2, epochs=1, image_size=32, batch_size=8, weights=start_weights)
-    result = run_training(cfg)
-    fs = s3fs.S3FileSystem()
     base = f"{s3_bucket}/runs/r1"
-    assert fs.exists(f"{base}/model/model.safetensors")
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server)
+    cmd = [sys.executable, "-m", "mura_ray.cli", "train", "--data", data, "--out", out, "--workers", "2", "--epochs", "4",
+           "--image-size", "32", "--batch-size", "8", "--weights", start_weights, "--patience", "4"]
+    env = dict(os.environ, RAY_ADDRESS=ray_address)
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 400
+    events = []
+    while time.monotonic() < deadline and first.poll() is None:
+        fs.invalidate_cache()
+        if fs.exists(f"{base}/events.jsonl"):
+            events = [json.loads(x) for x in fs.cat(f"{base}/events.jsonl").decode().splitlines()]
+            # Epoch 1 done, and Ray Train has recorded its checkpoint (what a rerun resumes from).
+            if any(e["event"] == "epoch_done" for e in events) and fs.exists(f"{base}/ray_train/checkpoint_manager_snapshot.json"):
+                break
+        time.sleep(0.5)
+    assert first.poll() is None, open(tmp_path / "first.log").read()[-3000:]
+    first.send_signal(signal.SIGKILL)  # the driver dies during epoch 2
+    first.wait()
+    done_before = [e["epoch"] for e in events if e["event"] == "epoch_done"]
+    assert done_before and done_before[-1] < 4
+
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    fs.invalidate_cache()
+    events = [json.loads(x) for x in fs.cat(f"{base}/events.jsonl").decode().splitlines()]
+    resumed = [e["after_epoch"] for e in events if e["event"] == "resumed"]
+    assert resumed and resumed[0] >= 1  # continued from a completed epoch, not from epoch 0
+    done = [e["epoch"] for e in events if e["event"] == "epoch_done"]
+    assert sorted(done) == [1, 2, 3, 4] and len(set(done)) == len(done)
     meta = json.loads(fs.cat(f"{base}/model/metadata.json"))
-    assert meta["model_id"] == result["model_id"]
-    assert len(json.loads(fs.cat(f"{base}/metrics.json"))) == 1
+    assert fs.exists(f"{base}/model/model.safetensors") and fs.exists(f"{base}/model/model_card.md")
+    assert [h["epoch"] for h in json.loads(fs.cat(f"{base}/metrics.json"))] == [1, 2, 3, 4]
+    assert meta["metrics"]["epoch"] in (1, 2, 3, 4) and "threshold" in meta

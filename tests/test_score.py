@@ -18,7 +18,7 @@ IMAGE_TYPES = {
 STUDY_TYPES = {
     "study_uri": "VARCHAR", "patient_id": "VARCHAR", "body_part": "VARCHAR", "n_images": "INTEGER",
     "n_errors": "INTEGER", "prob_abnormal": "FLOAT", "predicted_abnormal": "BOOLEAN", "label": "TINYINT",
-    "model_id": "VARCHAR", "run_id": "VARCHAR",
+    "model_id": "VARCHAR", "run_id": "VARCHAR", "scored_at": "TIMESTAMP WITH TIME ZONE",
 }
 
 

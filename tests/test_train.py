@@ -8,8 +8,12 @@ import pytest
 from safetensors.torch import load_file
 from torchvision.models import resnet18
 
+import pyarrow.parquet as pq
+from sklearn.metrics import cohen_kappa_score
+
 from mura_ray.config import TrainConfig
-from mura_ray.train import class_weights, run_training
+from mura_ray.metrics import choose_threshold, study_scores
+from mura_ray.train import class_weights, read_events, run_training
 
 
 @pytest.mark.timeout(600)
@@ -32,6 +36,41 @@ def test_two_worker_ddp_trains_and_keeps_a_loadable_checkpoint(trained_run, lear
     assert meta["train_config"]["trainable"] == "layer3,layer4,fc"
     assert meta["model_id"] == result["model_id"]
     assert meta["metrics"]["epoch"] in (1, 2)
+
+
+@pytest.mark.timeout(600)
+def test_a_worker_killed_mid_epoch_restarts_from_the_last_checkpoint(trained_run):
+    cfg, _ = trained_run
+    events = read_events(cfg.out)
+    done = [e["epoch"] for e in events if e["event"] == "epoch_done"]
+    assert done == [1, 2]  # the planned epochs, none trained twice past the restored one
+    assert [e["after_epoch"] for e in events if e["event"] == "resumed"] == [1]
+    history = json.load(open(os.path.join(cfg.out, "metrics.json")))
+    assert [h["resumed_from"] for h in history] == [0, 1]
+
+
+@pytest.mark.timeout(600)
+def test_threshold_model_card_and_curves_are_kept_with_the_model(trained_run):
+    cfg, result = trained_run
+    model_dir = result["model_dir"]
+    meta = json.load(open(os.path.join(model_dir, "metadata.json")))
+    preds = pq.read_table(os.path.join(model_dir, "valid_predictions.parquet"))
+    ids, s_probs, s_labels = study_scores(
+        np.asarray(preds["study_uri"].to_pylist(), dtype=object), preds["prob_abnormal"].to_numpy(), preds["label"].to_numpy()
+    )
+    assert meta["threshold"] == pytest.approx(choose_threshold(s_labels, s_probs))
+    best = cohen_kappa_score(s_labels, (s_probs >= meta["threshold"]).astype(int))
+    for t in np.unique(s_probs):
+        assert cohen_kappa_score(s_labels, (s_probs >= t).astype(int)) <= best + 1e-9
+    assert meta["validation"]["study"]["kappa"] == pytest.approx(best)
+    lo, hi = meta["validation"]["study"]["kappa_ci"]
+    assert lo <= hi
+    card = open(os.path.join(model_dir, "model_card.md")).read()
+    for needle in (meta["model_id"], meta["data_fingerprint"], f"{meta['threshold']:.3f}", "Not for clinical diagnosis",
+                   "torch", "## Intended use", "## Limitations"):
+        assert needle in card, needle
+    with open(os.path.join(cfg.out, "training_curves.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.timeout(900)

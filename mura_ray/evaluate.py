@@ -1,0 +1,185 @@
+"""``mura-ray evaluate``: MURA's metrics for a checkpoint on a labelled split, with intervals and plots.
+
+Predictions come from the scoring pipeline (Ray Data decode tasks, model
+actors). Image-level and study-level metrics (a study's score is the mean of
+its images', as in the MURA paper) with 95% bootstrap intervals, overall and
+per body part, go to ``report.json`` and ``report.md``; the predictions
+themselves to ``predictions.parquet``; and four PNGs: the confusion
+matrices, the ROC curves with the operating point, kappa per body part, and
+a gallery of the most confident false positives and false negatives.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mura_ray import plots, storage
+from mura_ray.catalog import build_catalog
+from mura_ray.checkpoint import load_checkpoint
+from mura_ray.config import ScoreConfig
+from mura_ray.decode import load_square
+from mura_ray.errors import UsageError
+from mura_ray.metrics import full_report, study_scores
+from mura_ray.score import resolve_model_dir, scored_dataset
+
+log = logging.getLogger(__name__)
+
+GALLERY_SIZE = 6
+PLOTS = {
+    "confusion": "confusion_matrix.png",
+    "roc": "roc.png",
+    "body_part_kappa": "body_part_kappa.png",
+    "gallery": "errors_gallery.png",
+}
+
+
+@dataclass
+class EvalConfig:
+    model: str
+    data: str
+    out: str
+    split: str = "valid"
+    threshold: float | None = None  # None: the checkpoint's
+    batch_size: int = 64
+    resamples: int = 1000
+    seed: int = 0
+
+
+def predict(model_dir: str, meta: dict[str, Any], data: str, split: str, batch_size: int) -> pa.Table:
+    """Labelled images of ``split`` with ``prob_abnormal`` (null where unreadable) and ``error``."""
+    catalog = build_catalog(data, split=split)
+    labelled = catalog.filter(pc.is_valid(catalog["label"]))
+    if labelled.num_rows == 0:
+        raise UsageError(f"no labelled images in split {split!r} under {data!r}: evaluation needs labels")
+    cfg = ScoreConfig(model=model_dir, input=data, output="", batch_size=batch_size)
+    columns: dict[str, list] = {k: [] for k in ("image_uri", "study_uri", "body_part", "label", "prob_abnormal", "error")}
+    for batch in scored_dataset(labelled, model_dir, meta, cfg).iter_batches(batch_size=512, batch_format="numpy"):
+        for k in columns:
+            columns[k].extend(batch[k].tolist())
+    table = pa.table(
+        {
+            "image_uri": pa.array(columns["image_uri"], pa.string()),
+            "study_uri": pa.array(columns["study_uri"], pa.string()),
+            "body_part": pa.array([None if _missing(b) else b for b in columns["body_part"]], pa.string()),
+            "label": pa.array(columns["label"], pa.int8()),
+            "prob_abnormal": pa.array([None if math.isnan(p) else p for p in columns["prob_abnormal"]], pa.float32()),
+            "error": pa.array([e or None for e in columns["error"]], pa.string()),
+        }
+    )
+    return table.sort_by("image_uri")
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
+    """Predict, compute the report, write report.json/.md, predictions.parquet and the plots under ``cfg.out``."""
+    t0 = time.monotonic()
+    model_dir = resolve_model_dir(cfg.model)
+    _, meta = load_checkpoint(model_dir)
+    threshold = float(cfg.threshold if cfg.threshold is not None else meta.get("threshold", 0.5))
+    table = predict(model_dir, meta, cfg.data, cfg.split, cfg.batch_size)
+    fs, out = storage.filesystem(cfg.out)
+    fs.makedirs(out, exist_ok=True)
+    with fs.open(storage.join(out, "predictions.parquet"), "wb") as f:
+        pq.write_table(table, f)
+    scored = table.filter(pc.is_valid(table["prob_abnormal"]))
+    unreadable = table.num_rows - scored.num_rows
+    labels = scored["label"].to_numpy().astype(np.int64)
+    probs = scored["prob_abnormal"].to_numpy().astype(np.float64)
+    studies = np.asarray(scored["study_uri"].to_pylist(), dtype=object)
+    parts = np.asarray(scored["body_part"].to_pylist(), dtype=object)
+    report = full_report(labels, probs, studies, parts, threshold, resamples=cfg.resamples, seed=cfg.seed)
+    report.update(
+        model_id=meta["model_id"],
+        model=model_dir,
+        data=cfg.data,
+        split=cfg.split,
+        threshold=threshold,
+        threshold_source="--threshold" if cfg.threshold is not None else meta.get("threshold_rule", "checkpoint"),
+        unreadable_images=unreadable,
+        bootstrap_resamples=cfg.resamples,
+    )
+    storage.write_bytes(fs, storage.join(out, "report.json"), json.dumps(report, indent=2).encode())
+    storage.write_bytes(fs, storage.join(out, "report.md"), render_markdown(report).encode())
+
+    _, s_probs, s_labels = study_scores(studies, probs, labels)
+    levels = {"image": (labels, probs), "study": (s_labels, s_probs)}
+    plots.confusion(levels, threshold, cfg.out.rstrip("/") + "/" + PLOTS["confusion"])
+    plots.roc(levels, threshold, cfg.out.rstrip("/") + "/" + PLOTS["roc"])
+    plots.body_part_kappa(report, cfg.out.rstrip("/") + "/" + PLOTS["body_part_kappa"])
+    plots.gallery(*_gallery_items(scored, threshold, cfg.data), cfg.out.rstrip("/") + "/" + PLOTS["gallery"])
+    report["seconds"] = time.monotonic() - t0
+    report["out"] = cfg.out
+    return report
+
+
+def _gallery_items(scored: pa.Table, threshold: float, data: str) -> tuple[list[tuple[str, np.ndarray, float, str]], list[str]]:
+    """The most confident false positives (highest scores) and false negatives (lowest)."""
+    fs, _ = storage.filesystem(data)
+    rows = scored.to_pylist()
+    fp = sorted((r for r in rows if r["label"] == 0 and r["prob_abnormal"] >= threshold), key=lambda r: -r["prob_abnormal"])
+    fn = sorted((r for r in rows if r["label"] == 1 and r["prob_abnormal"] < threshold), key=lambda r: r["prob_abnormal"])
+    items = []
+    titles = ["false positives", "false negatives"]
+    for title, chosen in zip(titles, (fp[:GALLERY_SIZE], fn[:GALLERY_SIZE])):
+        for r in chosen:
+            image = load_square(storage.read_bytes(fs, storage.path_in(r["image_uri"])), 160)
+            caption = "/".join(r["image_uri"].split("/")[-3:])  # patient/study/image
+            items.append((title, image, r["prob_abnormal"], caption))
+    return items, [f"{t} (none)" if not any(i[0] == t for i in items) else t for t in titles]
+
+
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def _ci(v: list[float]) -> str:
+    return f"[{_fmt(v[0])}, {_fmt(v[1])}]"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The report as a readable page."""
+    lines = [
+        f"# Evaluation of model {report['model_id'][:12]}",
+        "",
+        f"Data: `{report['data']}`, split `{report['split']}`. Threshold {report['threshold']:.3f} "
+        f"({report['threshold_source']}). Intervals: 95% percentile bootstrap, {report['bootstrap_resamples']} resamples.",
+        "",
+        "| level | n | kappa (95% CI) | AUROC (95% CI) | F1 | precision | sensitivity | specificity | accuracy |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for level in ("image", "study"):
+        m = report[level]
+        lines.append(
+            f"| {level} | {m['n']} | {_fmt(m['kappa'])} {_ci(m['kappa_ci'])} | {_fmt(m['auroc'])} {_ci(m['auroc_ci'])} | "
+            f"{_fmt(m['f1'])} | {_fmt(m['precision'])} | {_fmt(m['sensitivity'])} | {_fmt(m['specificity'])} | {_fmt(m['accuracy'])} |"
+        )
+    lines += [
+        "",
+        "## Per body part (study level)",
+        "",
+        "| body part | studies | kappa (95% CI) | AUROC (95% CI) | sensitivity | specificity |",
+        "|---|---|---|---|---|---|",
+    ]
+    for part, levels in report["per_body_part"].items():
+        m = levels["study"]
+        lines.append(
+            f"| {part} | {m['n']} | {_fmt(m['kappa'])} {_ci(m['kappa_ci'])} | {_fmt(m['auroc'])} {_ci(m['auroc_ci'])} | "
+            f"{_fmt(m['sensitivity'])} | {_fmt(m['specificity'])} |"
+        )
+    if report.get("unreadable_images"):
+        lines += ["", f"{report['unreadable_images']} unreadable images were left out."]
+    lines += ["", "## Plots", ""] + [f"![{name}]({file})" for name, file in PLOTS.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,92 @@
+"""``model_card.md``: what a kept checkpoint is, how it was made, how well it did, and what it is not for."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def _f(v: Any) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def render_model_card(meta: dict[str, Any]) -> str:
+    cfg = meta.get("train_config", {})
+    val = meta.get("validation", {})
+    m = meta.get("metrics", {})
+    lines = [
+        f"# Model card: mura-ray ResNet18 {meta['model_id'][:12]}",
+        "",
+        "## What it is",
+        "",
+        f"- Binary classifier (normal / abnormal) of musculoskeletal radiographs, {meta['architecture']} with a "
+        f"{meta['num_classes']}-class head, input {meta['image_size']}x{meta['image_size']} grayscale repeated to 3 channels, "
+        "ImageNet normalisation.",
+        f"- Model id (sha256 of `model.safetensors`): `{meta['model_id']}`",
+        f"- Created {meta.get('created_at', 'n/a')} by mura-ray {meta.get('package_version', 'n/a')}.",
+        f"- Kept epoch: {m.get('epoch', 'n/a')} of at most {cfg.get('epochs', 'n/a')} (best validation F1 at threshold 0.5).",
+        "",
+        "## Data",
+        "",
+        f"- Training data: `{cfg.get('data', 'n/a')}`; catalog fingerprint (sha256 of paths, labels, sizes, tags): "
+        f"`{meta.get('data_fingerprint', 'n/a')}`.",
+        f"- Class weights (normal, abnormal): {', '.join(f'{w:.3f}' for w in meta.get('class_weights', []))}.",
+        "",
+        "## Configuration",
+        "",
+        "| setting | value |",
+        "|---|---|",
+    ]
+    for key in sorted(cfg):
+        if key != "fault":
+            lines.append(f"| {key} | `{cfg[key]}` |")
+    lines += [
+        "",
+        "## Decision threshold",
+        "",
+        f"{_f(meta.get('threshold'))}: {meta.get('threshold_rule', 'default')}. `mura-ray score` and "
+        "`mura-ray evaluate` use it unless told otherwise.",
+        "",
+        "## Validation metrics at that threshold",
+        "",
+        "95% percentile bootstrap intervals. A study's score is the mean of its images' scores (as in the MURA paper).",
+        "",
+        "| level | n | kappa (95% CI) | AUROC (95% CI) | F1 | sensitivity | specificity | accuracy |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for level in ("image", "study"):
+        r = val.get(level)
+        if r:
+            lines.append(
+                f"| {level} | {r['n']} | {_f(r['kappa'])} [{_f(r['kappa_ci'][0])}, {_f(r['kappa_ci'][1])}] | "
+                f"{_f(r['auroc'])} [{_f(r['auroc_ci'][0])}, {_f(r['auroc_ci'][1])}] | {_f(r['f1'])} | "
+                f"{_f(r['sensitivity'])} | {_f(r['specificity'])} | {_f(r['accuracy'])} |"
+            )
+    if val.get("per_body_part"):
+        lines += ["", "| body part | studies | study kappa (95% CI) |", "|---|---|---|"]
+        for part, levels in val["per_body_part"].items():
+            r = levels["study"]
+            lines.append(f"| {part} | {r['n']} | {_f(r['kappa'])} [{_f(r['kappa_ci'][0])}, {_f(r['kappa_ci'][1])}] |")
+    versions = meta.get("package_versions", {})
+    lines += [
+        "",
+        "## Software",
+        "",
+        ", ".join(f"{k} {v}" for k, v in versions.items()) or "n/a",
+        "",
+        "## Intended use",
+        "",
+        "Research and operational triage support: ranking or flagging musculoskeletal radiographs for review by a "
+        "radiologist, and measuring how a model behaves on an institution's archive.",
+        "",
+        "## Limitations",
+        "",
+        "- Not for clinical diagnosis. It has not been validated prospectively or cleared by any regulator; a "
+        "radiologist must read every study.",
+        "- The metrics above come from the validation split of the training data. They say little about other "
+        "hospitals, scanners, populations or body parts, nor about images unlike MURA's (children, implants, casts, "
+        "other projections). Validate on local data with `mura-ray evaluate` before use.",
+        "- A study's label is shared by its images; the model sees one image at a time and does not localise findings.",
+        "- The threshold trades sensitivity for specificity on the validation split only; revisit it for each use.",
+    ]
+    return "\n".join(lines) + "\n"

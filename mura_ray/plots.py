@@ -1,0 +1,121 @@
+"""PNG plots for evaluation reports and training runs (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import confusion_matrix, roc_curve  # noqa: E402
+
+from mura_ray import storage  # noqa: E402
+
+
+def save(fig, uri: str) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    fs, path = storage.filesystem(uri)
+    storage.write_bytes(fs, path, buf.getvalue())
+
+
+def confusion(levels: dict[str, tuple[np.ndarray, np.ndarray]], threshold: float, uri: str) -> None:
+    """Confusion matrices side by side: {title: (labels, probs)}."""
+    fig, axes = plt.subplots(1, len(levels), figsize=(4.2 * len(levels), 3.8))
+    for ax, (title, (y, p)) in zip(np.atleast_1d(axes), levels.items()):
+        cm = confusion_matrix(y, (p >= threshold).astype(int), labels=[0, 1])
+        ax.imshow(cm, cmap="Blues")
+        for (i, j), v in np.ndenumerate(cm):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=14, color="white" if v > cm.max() / 2 else "black")
+        ax.set_xticks([0, 1], ["normal", "abnormal"])
+        ax.set_yticks([0, 1], ["normal", "abnormal"])
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{title} (threshold {threshold:.3f})")
+    save(fig, uri)
+
+
+def roc(levels: dict[str, tuple[np.ndarray, np.ndarray]], threshold: float, uri: str) -> None:
+    """ROC curves with the operating point (the threshold's sensitivity and 1 - specificity) marked."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for title, (y, p) in levels.items():
+        if len(np.unique(y)) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(y, p)
+        pred = p >= threshold
+        op = (float((pred & (y == 0)).sum() / max((y == 0).sum(), 1)), float((pred & (y == 1)).sum() / max((y == 1).sum(), 1)))
+        (line,) = ax.plot(fpr, tpr, label=title)
+        ax.plot(*op, "o", color=line.get_color(), markersize=8)
+        ax.annotate(f"{title} operating point", op, textcoords="offset points", xytext=(8, -12), fontsize=8)
+    ax.plot([0, 1], [0, 1], ":", color="gray")
+    ax.set_xlabel("1 - specificity (false positive rate)")
+    ax.set_ylabel("sensitivity (true positive rate)")
+    ax.set_title("ROC")
+    ax.legend(loc="lower right")
+    save(fig, uri)
+
+
+def body_part_kappa(report: dict[str, Any], uri: str) -> None:
+    """Kappa per body part, image and study level, with 95% bootstrap intervals."""
+    parts = list(report["per_body_part"])
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(parts) + 2), 4))
+    x = np.arange(len(parts))
+    for offset, level in ((-0.2, "image"), (0.2, "study")):
+        vals = np.array([report["per_body_part"][b][level]["kappa"] for b in parts], dtype=float)
+        ci = np.array([report["per_body_part"][b][level]["kappa_ci"] for b in parts], dtype=float)
+        err = np.abs(np.vstack([vals - ci[:, 0], ci[:, 1] - vals]))
+        ax.bar(x + offset, np.nan_to_num(vals), width=0.4, yerr=np.nan_to_num(err), capsize=3, label=level)
+    ax.axhline(report["study"]["kappa"], color="gray", linestyle="--", linewidth=1, label="all studies")
+    ax.set_xticks(x, parts, rotation=30)
+    ax.set_ylabel("Cohen's kappa")
+    ax.set_ylim(min(-0.2, ax.get_ylim()[0]), 1.05)
+    ax.set_title("Kappa by body part (95% bootstrap CI)")
+    ax.legend()
+    save(fig, uri)
+
+
+def gallery(items: list[tuple[str, np.ndarray, float, str]], rows: list[str], uri: str) -> None:
+    """A grid of images, one row per title in ``rows``; items are (row title, gray image, score, caption)."""
+    cols = max([sum(1 for it in items if it[0] == row) for row in rows] + [1])
+    fig, axes = plt.subplots(len(rows), cols, figsize=(2.4 * cols, 2.9 * len(rows)), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i, row in enumerate(rows):
+        mine = [it[1:] for it in items if it[0] == row]
+        axes[i, 0].set_title(row if not mine else "", fontsize=9, loc="left")
+        for j, (img, score, caption) in enumerate(mine):
+            axes[i, j].imshow(img, cmap="gray", vmin=0, vmax=255)
+            head = f"{row}\n" if j == 0 else ""
+            axes[i, j].set_title(f"{head}p(abnormal) {score:.3f}", fontsize=8)
+            axes[i, j].text(0.5, -0.04, caption, transform=axes[i, j].transAxes, ha="center", va="top", fontsize=6)
+    save(fig, uri)
+
+
+def training_curves(history: list[dict[str, Any]], uri: str) -> None:
+    """Loss, F1, kappa and learning rate by epoch."""
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    axes[0].plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    axes[0].plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
+    axes[0].set_title("loss")
+    axes[1].plot(epochs, [h["val_f1"] for h in history], "o-", label="image F1")
+    axes[1].plot(epochs, [h["val_study_f1"] for h in history], "o-", label="study F1")
+    axes[1].set_title("validation F1")
+    axes[2].plot(epochs, [h["val_kappa"] for h in history], "o-", label="image kappa")
+    axes[2].plot(epochs, [h["val_study_kappa"] for h in history], "o-", label="study kappa")
+    axes[2].set_title("validation Cohen's kappa")
+    axes[3].plot(epochs, [h["lr"] for h in history], "o-")
+    axes[3].set_yscale("log")
+    axes[3].set_title("learning rate")
+    best = [h["epoch"] for h in history if h.get("best")]
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        if best:
+            ax.axvline(best[-1], color="gray", linestyle=":", linewidth=1)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    save(fig, uri)

@@ -1,0 +1,101 @@
+"""`mura-ray evaluate` on a real local Ray cluster: every figure equals scikit-learn's on the same predictions."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score, precision_score, recall_score, roc_auc_score
+
+from mura_ray import cli
+from mura_ray.metrics import choose_threshold, study_scores
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _sklearn(labels, probs, threshold):
+    pred = (probs >= threshold).astype(int)
+    return {
+        "n": len(labels),
+        "kappa": cohen_kappa_score(labels, pred),
+        "f1": f1_score(labels, pred, zero_division=0),
+        "precision": precision_score(labels, pred, zero_division=0),
+        "sensitivity": recall_score(labels, pred, zero_division=0),
+        "specificity": recall_score(labels, pred, pos_label=0, zero_division=0),
+        "accuracy": accuracy_score(labels, pred),
+        "auroc": roc_auc_score(labels, probs) if len(set(labels)) == 2 else float("nan"),
+    }
+
+
+def _check(report_level, expected):
+    for key, value in expected.items():
+        if isinstance(value, float) and np.isnan(value):
+            assert np.isnan(report_level[key]), key
+        else:
+            assert report_level[key] == pytest.approx(value, abs=1e-9), key
+
+
+@pytest.mark.timeout(600)
+def test_report_matches_sklearn_overall_and_per_body_part(trained_run, learn_archive, tmp_path, capsys):
+    _, trained = trained_run
+    root, plan = learn_archive
+    out = tmp_path / "eval"
+    rc = cli.main(["-q", "evaluate", "--model", trained["model_dir"], "--data", root, "--out", str(out), "--resamples", "200"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    report = json.load(open(out / "report.json"))
+    meta = json.load(open(os.path.join(trained["model_dir"], "metadata.json")))
+    assert report["threshold"] == pytest.approx(meta["threshold"])
+    assert f"threshold {meta['threshold']:.3f}" in printed
+
+    preds = pq.read_table(out / "predictions.parquet")
+    assert preds.num_rows == sum(i.split == "valid" for i in plan)
+    labels = preds["label"].to_numpy().astype(int)
+    probs = preds["prob_abnormal"].to_numpy().astype(float)
+    studies = np.asarray(preds["study_uri"].to_pylist(), dtype=object)
+    parts = np.asarray(preds["body_part"].to_pylist(), dtype=object)
+    t = report["threshold"]
+
+    _check(report["image"], _sklearn(labels, probs, t))
+    _, s_probs, s_labels = study_scores(studies, probs, labels)
+    _check(report["study"], _sklearn(s_labels, s_probs, t))
+    assert report["study"]["n"] == len({i.study_rel for i in plan if i.split == "valid"})
+    assert sorted(report["per_body_part"]) == sorted(set(parts))
+    for part, levels in report["per_body_part"].items():
+        m = parts == part
+        _check(levels["image"], _sklearn(labels[m], probs[m], t))
+        _, sp, sl = study_scores(studies[m], probs[m], labels[m])
+        _check(levels["study"], _sklearn(sl, sp, t))
+    for level in ("image", "study"):
+        for ci in ("kappa_ci", "auroc_ci"):
+            lo, hi = report[level][ci]
+            assert lo <= hi
+        assert report[level]["kappa_ci"][0] <= report[level]["kappa"] + 0.05  # the point sits near its interval
+
+    md = open(out / "report.md").read()
+    assert "| study |" in md and "Per body part" in md
+    for name in ("confusion_matrix.png", "roc.png", "body_part_kappa.png", "errors_gallery.png"):
+        with open(out / name, "rb") as f:
+            assert f.read(8) == PNG, name
+
+    # An explicit threshold overrides the checkpoint's.
+    rc = cli.main(["-q", "evaluate", "--model", trained["model_dir"], "--data", root, "--out", str(tmp_path / "e2"),
+                   "--threshold", "0.9", "--resamples", "50"])
+    assert rc == 0
+    again = json.load(open(tmp_path / "e2" / "report.json"))
+    _check(again["image"], _sklearn(labels, probs, 0.9))
+
+
+def test_target_sensitivity_picks_the_highest_threshold_that_reaches_it():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 300)
+    probs = np.clip(labels * 0.3 + rng.normal(0.35, 0.2, 300), 0, 1)
+    for target in (0.8, 0.9, 0.95):
+        t = choose_threshold(labels, probs, target_sensitivity=target)
+        assert recall_score(labels, (probs >= t).astype(int)) >= target
+        higher = np.unique(probs)[np.unique(probs) > t]
+        assert recall_score(labels, (probs >= higher[0]).astype(int)) < target
+    best = choose_threshold(labels, probs)
+    kappa = cohen_kappa_score(labels, (probs >= best).astype(int))
+    assert all(cohen_kappa_score(labels, (probs >= c).astype(int)) <= kappa + 1e-12 for c in np.unique(probs))
