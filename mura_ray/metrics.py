@@ -84,32 +84,42 @@ def bootstrap_ci(
 ) -> dict[str, list[float]]:
     """Percentile bootstrap intervals of kappa and AUROC (resampling the rows given).
 
-    Resamples holding one class only are skipped for AUROC. Returns
-    ``{"kappa_ci": [lo, hi], "auroc_ci": [lo, hi]}`` (NaN when undefined).
+    All resamples are computed at once: kappa from the 2x2 counts, AUROC from
+    average ranks (the Mann-Whitney statistic, equal to scikit-learn's
+    ``roc_auc_score``). Resamples holding one class only are left out of the
+    AUROC interval. Returns ``{"kappa_ci": [lo, hi], "auroc_ci": [lo, hi]}``
+    (NaN when undefined).
     """
+    from scipy.stats import rankdata
+
     labels = np.asarray(labels).astype(np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     n = len(labels)
+    nan = [float("nan"), float("nan")]
     if n == 0:
-        return {"kappa_ci": [float("nan")] * 2, "auroc_ci": [float("nan")] * 2}
-    rng = np.random.default_rng(seed)
-    pred = (probs >= threshold).astype(np.int64)
-    kappas, aurocs = [], []
-    for _ in range(resamples):
-        idx = rng.integers(0, n, n)
-        y, p = labels[idx], pred[idx]
-        kappas.append(_kappa(y, p))
-        if 0 < y.sum() < n:
-            aurocs.append(roc_auc_score(y, probs[idx]))
+        return {"kappa_ci": nan, "auroc_ci": nan}
+    idx = np.random.default_rng(seed).integers(0, n, (resamples, n))
+    y = labels[idx].astype(np.float64)
+    p = probs[idx]
+    pred = (p >= threshold).astype(np.float64)
+    po = (y == pred).mean(axis=1)
+    pe = y.mean(axis=1) * pred.mean(axis=1) + (1 - y.mean(axis=1)) * (1 - pred.mean(axis=1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kappa = np.where(pe < 1.0, (po - pe) / (1 - pe), np.nan)
+        n1 = y.sum(axis=1)
+        n0 = n - n1
+        ranks = rankdata(p, axis=1)
+        auroc = ((ranks * y).sum(axis=1) - n1 * (n1 + 1) / 2) / (n1 * n0)
+    auroc = auroc[(n1 > 0) & (n0 > 0)]
     alpha = (1 - level) / 2
 
-    def interval(values: list[float]) -> list[float]:
-        values = [v for v in values if not np.isnan(v)]
-        if not values:
-            return [float("nan"), float("nan")]
+    def interval(values: np.ndarray) -> list[float]:
+        values = values[~np.isnan(values)]
+        if not len(values):
+            return nan
         return [float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))]
 
-    return {"kappa_ci": interval(kappas), "auroc_ci": interval(aurocs)}
+    return {"kappa_ci": interval(kappa), "auroc_ci": interval(auroc)}
 
 
 def _kappa(y: np.ndarray, p: np.ndarray) -> float:

@@ -99,3 +99,17 @@ def test_target_sensitivity_picks_the_highest_threshold_that_reaches_it():
     best = choose_threshold(labels, probs)
     kappa = cohen_kappa_score(labels, (probs >= best).astype(int))
     assert all(cohen_kappa_score(labels, (probs >= c).astype(int)) <= kappa + 1e-12 for c in np.unique(probs))
+
+
+def test_bootstrap_intervals_equal_sklearn_on_the_same_resamples():
+    from mura_ray.metrics import bootstrap_ci
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 120)
+    probs = np.round(np.clip(labels * 0.25 + rng.normal(0.4, 0.2, 120), 0, 1), 2)  # ties on purpose
+    got = bootstrap_ci(labels, probs, 0.5, resamples=200, seed=7)
+    idx = np.random.default_rng(7).integers(0, 120, (200, 120))
+    kappas = [cohen_kappa_score(labels[i], (probs[i] >= 0.5).astype(int)) for i in idx]
+    aurocs = [roc_auc_score(labels[i], probs[i]) for i in idx if 0 < labels[i].sum() < 120]
+    assert got["kappa_ci"] == pytest.approx(list(np.quantile(kappas, [0.025, 0.975])), abs=1e-12)
+    assert got["auroc_ci"] == pytest.approx(list(np.quantile(aurocs, [0.025, 0.975])), abs=1e-12)
