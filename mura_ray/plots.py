@@ -25,7 +25,8 @@ def save(fig, uri: str) -> None:
 
 def confusion(levels: dict[str, tuple[np.ndarray, np.ndarray]], threshold: float, uri: str) -> None:
     """Confusion matrices side by side: {title: (labels, probs)}."""
-    fig, axes = plt.subplots(1, len(levels), figsize=(4.2 * len(levels), 3.8))
+    fig, axes = plt.subplots(1, len(levels), figsize=(4.6 * len(levels), 3.8))
+    fig.subplots_adjust(wspace=0.45)
     for ax, (title, (y, p)) in zip(np.atleast_1d(axes), levels.items()):
         cm = confusion_matrix(y, (p >= threshold).astype(int), labels=[0, 1])
         ax.imshow(cm, cmap="Blues")
@@ -69,6 +70,9 @@ def body_part_kappa(report: dict[str, Any], uri: str) -> None:
         ci = np.array([report["per_body_part"][b][level]["kappa_ci"] for b in parts], dtype=float)
         err = np.abs(np.vstack([vals - ci[:, 0], ci[:, 1] - vals]))
         ax.bar(x + offset, np.nan_to_num(vals), width=0.4, yerr=np.nan_to_num(err), capsize=3, label=level)
+        for xi, v in zip(x + offset, vals):
+            if np.isnan(v):  # undefined, e.g. one class only or a constant prediction
+                ax.text(xi, 0.02, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
     ax.axhline(report["study"]["kappa"], color="gray", linestyle="--", linewidth=1, label="all studies")
     ax.set_xticks(x, parts, rotation=30)
     ax.set_ylabel("Cohen's kappa")
