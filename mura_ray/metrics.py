@@ -138,7 +138,10 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, target_sensitivity: 
     Default: the threshold that maximises Cohen's kappa. With
     ``target_sensitivity``: the highest threshold whose sensitivity reaches it
     (for triage, where a missed abnormal costs more than a false alarm).
-    Candidates are the observed scores; ties keep the one nearest 0.5.
+    The split is found among the observed scores; the threshold returned lies
+    halfway between the lowest score called abnormal and the next lower
+    score, so that rounding (float32 Parquet, another machine) cannot move a
+    case across it. Ties in kappa keep the split nearest 0.5.
     """
     labels = np.asarray(labels).astype(np.int64)
     probs = np.asarray(probs, dtype=np.float64)
@@ -148,13 +151,15 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, target_sensitivity: 
     if target_sensitivity is not None:
         positives = probs[labels == 1]
         ok = [t for t in candidates if (positives >= t).mean() >= target_sensitivity]
-        return float(max(ok)) if ok else float(candidates.min())
-    best, best_t = -np.inf, 0.5
-    for t in candidates:
-        k = _kappa(labels, (probs >= t).astype(np.int64))
-        if not np.isnan(k) and (k > best + 1e-12 or (abs(k - best) <= 1e-12 and abs(t - 0.5) < abs(best_t - 0.5))):
-            best, best_t = k, float(t)
-    return best_t
+        split = float(max(ok)) if ok else float(candidates.min())
+    else:
+        best, split = -np.inf, 0.5
+        for t in candidates:
+            k = _kappa(labels, (probs >= t).astype(np.int64))
+            if not np.isnan(k) and (k > best + 1e-12 or (abs(k - best) <= 1e-12 and abs(t - 0.5) < abs(split - 0.5))):
+                best, split = k, float(t)
+    below = candidates[candidates < split]
+    return float((split + below.max()) / 2) if len(below) else float(split / 2)
 
 
 def full_report(
