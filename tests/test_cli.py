@@ -13,7 +13,7 @@ def run(*args, **kw):
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120, **kw)
 
 
-@pytest.mark.parametrize("verb", ["sample", "train", "score", "demo"])
+@pytest.mark.parametrize("verb", ["sample", "train", "evaluate", "score", "demo"])
 def test_help_explains_each_verb(verb):
     r = run(verb, "--help")
     assert r.returncode == 0
@@ -38,6 +38,8 @@ def test_sample_verb_writes_an_archive(tmp_path):
         (["score", "--model", "ftp://x/y", "--input", "{tmp}", "--output", "{tmp}/o"], "unsupported storage scheme"),
         (["sample", "{tmp}/s", "--studies", "2"], "at least 4"),
         (["train", "--data", "{tmp}", "--out", "{tmp}/run", "--epochs", "0"], "must be >= 1"),
+        (["score", "--model", "{tmp}", "--input", "{tmp}", "--output", "{tmp}/o", "--max-error-rate", "1.5"], "between 0 and 1"),
+        (["evaluate", "--model", "{tmp}/nomodel", "--data", "{tmp}", "--out", "{tmp}/e"], "not a mura-ray checkpoint"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, args, needle):
