@@ -10,6 +10,11 @@ import ray
 log = logging.getLogger(__name__)
 
 
+def largest_node_cpus(default: float) -> float:
+    """CPUs of the biggest live node: an actor or a worker must fit on one node."""
+    return max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=default)
+
+
 def connect(num_cpus: int | None = None) -> bool:
     """Make sure this process is connected to Ray; returns whether it started a local cluster.
 

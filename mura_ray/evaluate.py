@@ -30,7 +30,7 @@ from mura_ray.config import ScoreConfig
 from mura_ray.decode import load_square
 from mura_ray.errors import UsageError
 from mura_ray.metrics import full_report, study_scores
-from mura_ray.score import resolve_model_dir, scored_dataset
+from mura_ray.score import nullable_strings, resolve_model_dir, scored_dataset
 
 log = logging.getLogger(__name__)
 
@@ -70,17 +70,13 @@ def predict(model_dir: str, meta: dict[str, Any], data: str, split: str, batch_s
         {
             "image_uri": pa.array(columns["image_uri"], pa.string()),
             "study_uri": pa.array(columns["study_uri"], pa.string()),
-            "body_part": pa.array([None if _missing(b) else b for b in columns["body_part"]], pa.string()),
+            "body_part": pa.array(nullable_strings(np.asarray(columns["body_part"], dtype=object)), pa.string()),
             "label": pa.array(columns["label"], pa.int8()),
             "prob_abnormal": pa.array([None if math.isnan(p) else p for p in columns["prob_abnormal"]], pa.float32()),
             "error": pa.array([e or None for e in columns["error"]], pa.string()),
         }
     )
     return table.sort_by("image_uri")
-
-
-def _missing(v: Any) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v))
 
 
 def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:

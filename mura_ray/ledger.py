@@ -56,8 +56,7 @@ def _now() -> dt.datetime:
 
 
 def _is_local(fs) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
+    return storage.protocol(fs) in ("file", "local")
 
 
 def write_atomic(fs, path: str, data: bytes) -> None:

@@ -162,11 +162,11 @@ class RunWriter:
         now = dt.datetime.now(dt.timezone.utc)
         table = pa.table(
             {
-                "image_uri": pa.array(_nullable_strings(batch["image_uri"]), pa.string()),
-                "study_uri": pa.array(_nullable_strings(batch["study_uri"]), pa.string()),
-                "patient_id": pa.array(_nullable_strings(batch["patient_id"]), pa.string()),
-                "body_part": pa.array(_nullable_strings(batch["body_part"]), pa.string()),
-                "label": pa.array(_nullable_ints(batch["label"]), pa.int8()),
+                "image_uri": pa.array(nullable_strings(batch["image_uri"]), pa.string()),
+                "study_uri": pa.array(nullable_strings(batch["study_uri"]), pa.string()),
+                "patient_id": pa.array(nullable_strings(batch["patient_id"]), pa.string()),
+                "body_part": pa.array(nullable_strings(batch["body_part"]), pa.string()),
+                "label": pa.array(nullable_ints(batch["label"]), pa.int8()),
                 "prob_abnormal": pa.array(probs, pa.float32(), mask=~valid),
                 "predicted_abnormal": pa.array(probs >= self.threshold, pa.bool_(), mask=~valid),
                 "threshold": pa.array(np.full(n, self.threshold, np.float32)),
@@ -174,8 +174,8 @@ class RunWriter:
                 "run_id": pa.array([self.run_id] * n, pa.string()),
                 "scored_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
                 # The listing's fingerprint, so that the next run can tell whether the file changed.
-                "source_size": pa.array(_nullable_ints(batch["source_size"]), pa.int64()),
-                "source_etag": pa.array(_nullable_strings(batch["source_etag"]), pa.string()),
+                "source_size": pa.array(nullable_ints(batch["source_size"]), pa.int64()),
+                "source_etag": pa.array(nullable_strings(batch["source_etag"]), pa.string()),
                 "error": pa.array([e or None for e in batch["error"].tolist()], pa.string()),
             },
             schema=IMAGES_SCHEMA,
@@ -257,11 +257,11 @@ def _is_missing(v: Any) -> bool:
     return v is None or (isinstance(v, float) and np.isnan(v))
 
 
-def _nullable_strings(values: np.ndarray) -> list[str | None]:
+def nullable_strings(values: np.ndarray) -> list[str | None]:
     return [None if _is_missing(v) else str(v) for v in values.tolist()]
 
 
-def _nullable_ints(values: np.ndarray) -> list[int | None]:
+def nullable_ints(values: np.ndarray) -> list[int | None]:
     return [None if _is_missing(v) else int(v) for v in values.tolist()]
 
 
@@ -282,8 +282,7 @@ def _actor_plan(cfg: ScoreConfig) -> tuple[int, float, int, bool]:
         cpus = cfg.cpus_per_actor or 1.0
         return cfg.actors or max(1, gpus), cpus, max(1, math.ceil(cpus)), True
     total = resources.get("CPU", 1)
-    # An actor must fit on one node.
-    largest_node = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=total)
+    largest_node = cluster.largest_node_cpus(default=total)
     # Decoding costs about a tenth of the forward pass on a CPU: keep that share
     # (at least half a CPU) for the read/decode tasks, give the rest to model actors.
     for_model = total - max(0.5, 0.1 * total)

@@ -48,10 +48,13 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, os.path.abspath(os.path.expanduser(uri))
 
 
+def protocol(fs: fsspec.AbstractFileSystem) -> str:
+    return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+
+
 def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """The user-facing URI of ``path`` inside ``fs`` (the inverse of ``filesystem``)."""
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if protocol in ("s3", "s3a"):
+    if protocol(fs) in ("s3", "s3a"):
         return "s3://" + path
     return path
 

@@ -50,7 +50,6 @@ from mura_ray.model import (
 log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
-CHECKPOINT_METRIC = "val_f1"
 VALID_PREDICTIONS = "valid_predictions.parquet"
 SHUFFLE_BUFFER = 256  # rows mixed across blocks each epoch, on top of a random block order
 PROGRESS_SECONDS = 20
@@ -281,10 +280,12 @@ def write_predictions(uri: str, allv: dict[str, np.ndarray]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from mura_ray.score import nullable_strings
+
     table = pa.table(
         {
             "study_uri": pa.array([str(x) for x in allv["study_uri"]], pa.string()),
-            "body_part": pa.array([None if x is None or x != x else str(x) for x in allv["body_part"]], pa.string()),
+            "body_part": pa.array(nullable_strings(np.asarray(allv["body_part"], dtype=object)), pa.string()),
             "label": pa.array(allv["label"].astype(np.int8)),
             "prob_abnormal": pa.array(allv["prob"].astype(np.float32)),
         }
@@ -336,7 +337,7 @@ def _scaling(cfg: TrainConfig) -> tuple[ScalingConfig, float]:
         cpus = max(0.25, min(4.0, (resources.get("CPU", 1) - 1) / cfg.workers))
         # A worker must fit on one node and leave that node a whole CPU for Ray Data's tasks
         # (some of them ask for one CPU, and with one worker per node none could run anywhere).
-        largest_node = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=cpus)
+        largest_node = cluster.largest_node_cpus(default=cpus)
         cpus = max(0.25, min(cpus, largest_node - 1))
     scaling = ScalingConfig(
         num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}, placement_strategy=cfg.placement_strategy

@@ -14,7 +14,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import urllib.request
 import duckdb
 import pytest
 
-from conftest import LOOPBACK_ONLY
+from conftest import LOOPBACK_ONLY, _free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -41,12 +40,6 @@ RAY_START = [
     "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; main()",
     "start",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _node_ports() -> list[str]:
