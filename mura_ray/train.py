@@ -55,6 +55,7 @@ SHUFFLE_BUFFER = 256  # rows mixed across blocks each epoch, on top of a random 
 PROGRESS_SECONDS = 20
 CURVES = "training_curves.png"
 EVENTS = "events.jsonl"
+TRAIN_RUN_NAME = "ray_train"  # Ray Train's own folder in RUN_DIR: per-epoch state for restarts and reruns
 # Settings a resumed run may change; any other difference means a different run.
 RESUMABLE_CHANGES = {"epochs", "patience", "max_failures", "cpus_per_worker", "target_sensitivity", "use_gpu", "placement_strategy", "fault"}
 
@@ -183,7 +184,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         def on_batch(i: int, loss: float) -> None:
             progress_line(i, loss)
             if cfg.fault == f"crash@{epoch}" and rank == ctx.get_world_size() - 1 and resumed_from == 0 and i == 1:
-                faults.kill_now()  # test hook: this worker dies in the middle of the epoch
+                # Test hook: this worker dies in the middle of the epoch, once Ray Train has recorded the
+                # previous epoch's checkpoint (a report still in flight would be lost with the worker).
+                _wait_for_recorded_epoch(cfg.out, epoch - 1)
+                faults.kill_now()
 
         # drop_last: a final batch of one image would break BatchNorm, and DDP needs equal step counts.
         batches = train_shard.iter_torch_batches(
@@ -345,6 +349,22 @@ def _scaling(cfg: TrainConfig) -> tuple[ScalingConfig, float]:
     return scaling, cpus
 
 
+def recorded_epoch(run_dir: str) -> int:
+    """The epoch of the latest checkpoint Ray Train has recorded for the run in ``run_dir`` (0: none yet)."""
+    try:
+        state = json.loads(storage.read_text(storage.join(run_dir, TRAIN_RUN_NAME, "checkpoint_manager_snapshot.json")))
+    except (FileNotFoundError, ValueError):
+        return 0
+    latest = state.get("latest_checkpoint_result") or {}
+    return int((latest.get("metrics") or {}).get("epoch", 0))
+
+
+def _wait_for_recorded_epoch(run_dir: str, epoch: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while recorded_epoch(run_dir) < epoch and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def _storage_for(run_dir: str) -> tuple[str, Any]:
     """(storage_path, pyarrow filesystem or None) for Ray Train's own checkpoint storage."""
     if storage.is_remote(run_dir):
@@ -408,7 +428,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         datasets={"train": train_view(train_cached, size=cfg.image_size), "valid": eval_view(valid_cached, size=cfg.image_size)},
         dataset_config=ExactValidationConfig(),
         run_config=RunConfig(
-            name="ray_train",
+            name=TRAIN_RUN_NAME,
             storage_path=storage_path,
             storage_filesystem=storage_fs,
             # The latest epochs' full state, for restarts and reruns; the best weights live in RUN_DIR/model.
