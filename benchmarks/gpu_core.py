@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mura_ray.decode import cache_side, load_square  # noqa: E402
 from mura_ray.engine import score_step, train_step  # noqa: E402
-from mura_ray.model import DEFAULT_TRAINABLE, BLOCKS, build_model, set_trainable  # noqa: E402
+from mura_ray.model import DEFAULT_TRAINABLE, BLOCKS, build_model, for_inference, set_trainable  # noqa: E402
 from mura_ray.sample import encode_png, render_radiograph  # noqa: E402
 
 
@@ -38,7 +38,7 @@ def _timed(fn, steps: int, device: torch.device) -> float:
 
 
 def forward_ips(device: torch.device, size: int, batch: int, steps: int) -> float:
-    model = build_model().to(device, memory_format=torch.channels_last).eval()
+    model = for_inference(build_model(), device)
     x = torch.randint(0, 255, (batch, size, size), dtype=torch.uint8, device=device)
     return batch * steps / _timed(lambda: score_step(model, x), steps, device)
 

@@ -24,6 +24,17 @@ def build_model(num_classes: int = NUM_CLASSES) -> nn.Module:
     return resnet18(num_classes=num_classes)
 
 
+def for_inference(model: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
+    """``model`` made ready for scoring: eval mode, batch norms folded into their convolutions, channels_last.
+
+    Folding gives the same probabilities up to float rounding and saves a
+    pass over every activation map (about 10% on a CPU). Returns a new module.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    return fuse(model.eval()).to(device, memory_format=torch.channels_last)
+
+
 def parse_trainable(spec: str) -> tuple[str, ...]:
     """``"layer3,layer4,fc"`` or ``"all"`` -> the block names to train."""
     if spec.strip() == "all":

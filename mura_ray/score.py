@@ -40,7 +40,7 @@ from mura_ray.data import catalog_dataset
 from mura_ray.decode import READ_ERROR, read_and_decode
 from mura_ray.engine import score_step
 from mura_ray.ledger import Lease, Ledger
-from mura_ray.model import build_model
+from mura_ray.model import build_model, for_inference
 from mura_ray.transforms import EvalPreset
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class Scorer:
         state, _ = load_checkpoint(model_dir)
         model = build_model()
         model.load_state_dict(state)
-        self.model = model.to(self.device, memory_format=torch.channels_last).eval()
+        self.model = for_inference(model, self.device)
         self.crop = EvalPreset(size=image_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -11,7 +11,7 @@ from sklearn.metrics import cohen_kappa_score, f1_score, roc_auc_score
 from mura_ray.decode import DecodeError, decode_gray, load_square
 from mura_ray.engine import score_step, train_one_epoch
 from mura_ray.metrics import binary_metrics, study_scores
-from mura_ray.model import IMAGENET_MEAN, IMAGENET_STD, build_model, parse_trainable, set_trainable, to_input
+from mura_ray.model import IMAGENET_MEAN, IMAGENET_STD, build_model, for_inference, parse_trainable, set_trainable, to_input
 from mura_ray.train import EarlyStopping, class_weights
 from mura_ray.transforms import EvalPreset, TrainPreset
 
@@ -70,6 +70,25 @@ def test_to_input_repeats_gray_and_normalises():
     assert x.shape == (2, 3, 8, 8)
     expected = [(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]
     assert torch.allclose(x[0, :, 0, 0], torch.tensor(expected))
+
+
+def test_inference_model_folds_batch_norm_without_changing_scores():
+    torch.manual_seed(3)
+    model = build_model()
+    for m in model.modules():  # batch-norm statistics far from the identity, as after training
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    model.eval()
+    fast = for_inference(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    pixels = torch.randint(0, 256, (6, 64, 64), dtype=torch.uint8)
+    with torch.inference_mode():
+        plain, folded = score_step(model, pixels), score_step(fast, pixels)
+    assert torch.allclose(plain, folded, atol=1e-5), (plain, folded)
+    assert not model.training and any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # original untouched
 
 
 def test_metrics_equal_sklearn():
