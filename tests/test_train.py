@@ -79,9 +79,10 @@ def test_true_labels_are_learnt_and_shuffled_labels_are_not(ray_cluster, learn_a
     kappas = {}
     for shuffled in (False, True):
         cfg = TrainConfig(
-            data=root, out=str(tmp_path / f"shuffled-{shuffled}"), workers=2, epochs=10, image_size=64,
+            data=root, out=str(tmp_path / f"shuffled-{shuffled}"), workers=2, epochs=10, image_size=48,
             batch_size=16, weights="none", patience=3, shuffle_labels=shuffled,
         )
         kappas[shuffled] = run_training(cfg)["metrics"]["val_study_kappa"]
+    print("study kappas", kappas)
     assert kappas[False] >= 0.8, kappas
     assert kappas[True] < 0.3, kappas
