@@ -79,7 +79,7 @@ def test_true_labels_are_learnt_and_shuffled_labels_are_not(ray_cluster, learn_a
     kappas = {}
     for shuffled in (False, True):
         cfg = TrainConfig(
-            data=root, out=str(tmp_path / f"shuffled-{shuffled}"), workers=2, epochs=10, image_size=48,
+            data=root, out=str(tmp_path / f"shuffled-{shuffled}"), workers=2, epochs=10, image_size=64,
             batch_size=16, weights="none", patience=3, shuffle_labels=shuffled,
         )
         kappas[shuffled] = run_training(cfg)["metrics"]["val_study_kappa"]
