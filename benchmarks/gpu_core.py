@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mura_ray.decode import cache_side, load_square  # noqa: E402
 from mura_ray.engine import score_step, train_step  # noqa: E402
-from mura_ray.model import DEFAULT_TRAINABLE, BLOCKS, build_model, for_inference, set_trainable  # noqa: E402
+from mura_ray.model import BLOCKS, DEFAULT_TRAINABLE, build_model, for_inference, set_trainable  # noqa: E402
 from mura_ray.sample import encode_png, render_radiograph  # noqa: E402
 
 

@@ -12,4 +12,4 @@ import sys
 from mura_ray.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(main(["train", *sys.argv[1:]], own_process=True))

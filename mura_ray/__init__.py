@@ -1,3 +1,3 @@
 """mura-ray: abnormality screening of musculoskeletal radiographs on Ray."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -31,6 +31,7 @@ from PIL import Image
 from mura_ray import __version__, storage
 from mura_ray.checkpoint import model_metadata, save_checkpoint
 from mura_ray.decode import cache_side, load_square
+from mura_ray.doctor import cpu_info
 from mura_ray.model import IMAGENET_MEAN, IMAGENET_STD, build_model, for_inference, to_input
 from mura_ray.sample import encode_png, render_radiograph
 from mura_ray.transforms import EvalPreset
@@ -202,7 +203,7 @@ def pipeline_run(model_dir: str, input_dir: str, output_dir: str, batch_size: in
 
     with PeakMemory() as mem:
         t0 = time.perf_counter()
-        manifest = run_scoring(ScoreConfig(model=model_dir, input=input_dir, output=output_dir, batch_size=batch_size))
+        manifest = run_scoring(ScoreConfig(model=model_dir, data=input_dir, out=output_dir, batch_size=batch_size))
         seconds = time.perf_counter() - t0
     return manifest["images"] / seconds, mem.peak, manifest
 
@@ -239,6 +240,7 @@ def bench_score(images: int, *, image_size: int = 224, batch_size: int = 64, wor
     return {
         "images": images,
         "cpus": cpus,
+        "cpu": cpu_info(),
         "torch_threads": cpus,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "settings": {"image_size": image_size, "batch_size": batch_size, "dtype": "float32", "channels_last": True, "batch_norm_folded": True},
@@ -270,7 +272,7 @@ def score_table(r: dict[str, Any]) -> str:
         f"| e / d | {r['ratio_naive']:.2f} |",
         f"| peak memory at N / 4N | {r['peak_rss_n_bytes'] / 2**20:.0f} MiB / {r['peak_rss_4n_bytes'] / 2**20:.0f} MiB |",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + _cpu_text(r)
 
 
 def write_json(path: str, result: dict[str, Any]) -> None:
@@ -326,6 +328,7 @@ def bench_train(*, studies: int = 300, image_size: int = 128, batch_size: int = 
     return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "cpus": os.cpu_count(),
+        "cpu": cpu_info(),
         "settings": {"studies": studies, "image_size": image_size, "batch_size": batch_size, "trainable": "all"},
         "data_pipeline": data,
         "training": training,
@@ -343,7 +346,12 @@ def train_table(r: dict[str, Any]) -> str:
     for key, epochs in r["training"].items():
         for ek, v in epochs.items():
             lines.append(f"| training, {key.replace('_', ' ')}, {ek.split('_ips')[0].replace('_', ' ')} | {v:.1f} |")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + _cpu_text(r)
+
+
+def _cpu_text(r: dict[str, Any]) -> str:
+    cpu = r.get("cpu") or {}
+    return f"CPU: {cpu.get('model', '?')}; features: {', '.join(cpu.get('flags', [])) or 'none of the speed-relevant ones'}"
 
 
 def plot_score(r: dict[str, Any], path: str) -> None:

@@ -212,7 +212,7 @@ def scan_archive(root: str, *, split: str | None = None) -> Scan:
         table = table.filter(pc.equal(table["split"], split))
         if table.num_rows == 0:
             raise UsageError(f"no images in split {split!r} under {root!r}")
-    csvs = re.compile(r"(^|/)(%s)_(image_paths|labeled_studies)\.csv$" % "|".join(SPLITS))
+    csvs = re.compile(rf"(^|/)({'|'.join(SPLITS)})_(image_paths|labeled_studies)\.csv$")
     ignored = [storage.to_uri(fs, p) for p in listing.others if not csvs.search(p)]
     return Scan(table=table, ignored=ignored)
 

@@ -1,102 +1,132 @@
 """``mura-ray <verb>``: parse arguments, call one function, report.
 
+The options of each verb are the fields of its config dataclass
+(``mura_ray.config``): defaults, checks and help are written there once.
+The same flag means the same thing in every verb: ``--data`` the archive
+read, ``--out`` the folder written, ``--model`` the model used.
+
 Exit status: 0 on success, 2 with one line on stderr for bad arguments or
 unusable input, 3 when scoring committed but too many images failed, 1 for
-anything unexpected (with its traceback).
+anything unexpected (with its traceback), 130 when interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
+import dataclasses
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
+from mura_ray import config as C
 from mura_ray.errors import UsageError
 
 DESCRIPTION = """Abnormality screening of musculoskeletal radiographs (MURA) on Ray.
 
-Every path takes a local path or an s3://bucket/prefix URI. Commands start a
-local Ray cluster unless RAY_ADDRESS names one (as inside a Ray Job)."""
+Every path is a local path (relative to where you run the command), ~, file://
+or s3://bucket/prefix. Commands start a local Ray cluster unless RAY_ADDRESS
+names one (as inside a Ray Job). mura-ray prints its own progress; Ray's own
+output goes to a log file that the command names (--verbose shows it)."""
+
+EXAMPLES = {
+    "sample": "mura-ray sample --out archive --studies 100",
+    "train": "mura-ray train --data archive --out runs/r1 --weights none --epochs 5 --image-size 64",
+    "evaluate": "mura-ray evaluate --model runs/r1/model --data archive --out eval",
+    "score": "mura-ray score --model runs/r1/model --data /mnt/xrays --out scores",
+    "demo": "mura-ray demo --out demo-out",
+    "doctor": "mura-ray doctor --check s3://bucket/archive",
+    "bench": "mura-ray bench score --images 500 --json bench.json --plot bench.png",
+}
+# Flags of earlier releases, still accepted: (verb, old) -> new.
+RENAMED = {("score", "--input"): "--data", ("score", "--output"): "--out"}
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (and exit 2), not the usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"mura-ray: error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
+def _version() -> str:
+    def v(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"mura-ray {v('mura-ray')} (ray {v('ray')}, torch {v('torch')}, torchvision {v('torchvision')})"
 
 
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
+def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One option per CLI field of the dataclass ``cls``."""
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        required = f.default is dataclasses.MISSING
+        help_text = meta["help"]
+        if not required and f.default not in (None, False):
+            help_text += f" (default {f.default})"
+        if f.default is False:
+            parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
+            continue
+        kwargs: dict[str, Any] = {"dest": f.name, "help": help_text, "required": required}
+        if meta.get("check"):
+            kwargs["type"] = meta["check"]
+        if meta.get("choices"):
+            kwargs["choices"] = meta["choices"]
+        if meta.get("metavar"):
+            kwargs["metavar"] = meta["metavar"]
+        if not required:
+            kwargs["default"] = f.default
+        parser.add_argument(flag, **kwargs)
 
 
-def _image_size(text: str) -> int:
-    value = int(text)
-    if value < 32:
-        raise argparse.ArgumentTypeError(f"must be >= 32 pixels, got {text}")
-    return value
+def _verb(verbs: Any, name: str, common: argparse.ArgumentParser, help: str, description: str) -> argparse.ArgumentParser:
+    return verbs.add_parser(
+        name, help=help, description=description, parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"example:\n  {EXAMPLES[name]}",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mura-ray", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final summary")
+    parser = _Parser(prog="mura-ray", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=_version())
+    # -q and -v go before or after the verb; SUPPRESS keeps a verb's parser from resetting the global value.
+    common = argparse.ArgumentParser(add_help=False)
+    for p in (parser, common):
+        default = False if p is parser else argparse.SUPPRESS
+        p.add_argument("-q", "--quiet", action="store_true", default=default, help="only warnings, errors and the result")
+        p.add_argument("-v", "--verbose", action="store_true", default=default,
+                       help="show Ray's own output here too, not only in its log file")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    p = verbs.add_parser("sample", help="write a synthetic archive in the MURA-v1.1 layout",
-                         description="Write a deterministic synthetic archive in the MURA-v1.1 layout "
-                         "(images, *_image_paths.csv, *_labeled_studies.csv) under OUT.")
-    p.add_argument("out", metavar="OUT", help="folder or s3:// prefix to write MURA-v1.1/ into")
-    p.add_argument("--studies", type=_positive_int, default=400, help="number of studies (default 400, about 1,060 images)")
-    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same bytes (default 0)")
+    p = _verb(verbs, "sample", common, "write a synthetic archive in the MURA-v1.1 layout",
+              "Write a deterministic synthetic archive in the MURA-v1.1 layout (images, *_image_paths.csv,\n"
+              "*_labeled_studies.csv) under --out: MURA's class imbalance, PNGs of varied sizes, and an\n"
+              "abnormality (a displaced fracture) that a small network can learn.")
+    add_config_options(p, C.SampleConfig)
 
-    p = verbs.add_parser("train", help="fine-tune ResNet18 with DDP on Ray Train",
-                         description="Fine-tune ResNet18 (normal/abnormal) with DDP on N Ray Train workers. "
-                         "Uses GPUs when the cluster has one per worker, CPUs otherwise. The best epoch "
-                         "(validation F1) is kept in RUN_DIR/model/ (safetensors, metadata.json with the decision "
-                         "threshold, model_card.md), with the per-epoch history in RUN_DIR/metrics.{csv,json} and "
-                         "RUN_DIR/training_curves.png. Every epoch is checkpointed: running the same command again "
-                         "with the same RUN_DIR resumes after the last completed epoch.")
-    p.add_argument("--data", required=True, metavar="ROOT", help="archive root with train and valid splits (MURA layout)")
-    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (path or s3://)")
-    p.add_argument("--workers", type=_positive_int, default=2, help="DDP workers (default 2)")
-    p.add_argument("--epochs", type=_positive_int, default=10, help="maximum epochs (default 10)")
-    p.add_argument("--image-size", type=_image_size, default=224, help="model input side in pixels (default 224)")
-    p.add_argument("--batch-size", type=_positive_int, default=32, help="images per worker per step (default 32)")
-    p.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    p.add_argument("--weights", default="imagenet", metavar="imagenet|PATH|none",
-                   help="starting weights: torchvision's ImageNet download, a safetensors state dict "
-                   "(path or s3://), or none (default imagenet)")
-    p.add_argument("--trainable", default="auto", metavar="BLOCKS",
-                   help="blocks to train: a comma list of conv1,bn1,layer1..layer4,fc, or all; "
-                   "auto = layer3,layer4,fc from pretrained weights, all with --weights none (default auto)")
-    p.add_argument("--patience", type=_positive_int, default=3, help="early stopping: epochs without a better validation F1 (default 3)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--cpus-per-worker", type=_positive_float, default=None, help="CPUs each worker reserves (default: sized from the cluster)")
-    p.add_argument("--max-failures", type=int, default=0, metavar="K",
-                   help="restart crashed workers up to K times from the latest epoch's checkpoint (default 0)")
-    p.add_argument("--target-sensitivity", type=_fraction, default=None, metavar="S",
-                   help="decision threshold: the highest whose study-level validation sensitivity is >= S "
-                   "(for triage); default: the one that maximises study-level kappa")
-    p.add_argument("--placement-strategy", default="PACK", choices=["PACK", "SPREAD", "STRICT_SPREAD"],
-                   help="where Ray places the workers: PACK fills a node first, STRICT_SPREAD one per node (default PACK)")
-    p.add_argument("--shuffle-labels", action="store_true",
-                   help="leakage check: train on randomly permuted training labels; validation metrics should stay at chance")
+    p = _verb(verbs, "train", common, "fine-tune ResNet18 with DDP on Ray Train",
+              "Fine-tune ResNet18 (normal/abnormal) with DDP on N Ray Train workers: GPUs when the cluster has\n"
+              "one per worker, CPUs otherwise. The best epoch (validation F1) is kept in RUN_DIR/model/\n"
+              "(safetensors, metadata.json with the decision threshold, model_card.md), with the per-epoch\n"
+              "history in RUN_DIR/metrics.{csv,json} and RUN_DIR/training_curves.png. Every epoch is\n"
+              "checkpointed: the same command with the same RUN_DIR resumes after the last completed epoch.")
+    add_config_options(p, C.TrainConfig)
 
-    p = verbs.add_parser("score", help="score an archive to Parquet, incrementally (per image and per study)",
-                         formatter_class=argparse.RawDescriptionHelpFormatter,
-                         description="""Score the images under ROOT with a trained model and write Parquet under OUT.
+    p = _verb(verbs, "evaluate", common, "MURA metrics with intervals, per body part, and plots",
+              "Score a labelled split with a model and write, under --out: report.json and report.md (image-\n"
+              "and study-level kappa, F1, precision, sensitivity, specificity, accuracy, AUROC; 95% bootstrap\n"
+              "intervals; the same per body part), predictions.parquet, and PNGs: confusion matrices, ROC with\n"
+              "the operating point, kappa per body part, the most confident false positives and negatives.")
+    add_config_options(p, C.EvalConfig)
+
+    p = _verb(verbs, "score", common, "score an archive to Parquet, incrementally (per image and per study)",
+              """Score the images under --data with a model and write Parquet under --out.
 
 Run it every night: by default only images that no completed run of this
 model has scored with the same size and ETag/mtime are scored (--full
@@ -111,144 +141,136 @@ that died is cleaned up or finished by the next one.
 
 Exit status: 0; 2 for unusable arguments or input; 3 when more than
 --max-error-rate of the scored images failed (the run is still committed).""")
-    p.add_argument("--model", required=True, metavar="CKPT", help="checkpoint directory (RUN_DIR/model) or a training RUN_DIR")
-    p.add_argument("--input", required=True, metavar="ROOT", help="archive root: MURA layout or any tree of PNG/JPEG/DICOM files")
-    p.add_argument("--output", required=True, metavar="OUT", help="output root (path or s3://)")
-    p.add_argument("--split", default=None, help="score only this split (train, valid)")
-    p.add_argument("--full", action="store_true", help="rescore every image, not only new and changed ones")
-    p.add_argument("--max-error-rate", type=_fraction, default=0.01, metavar="F",
-                   help="exit 3 when more than this fraction of the scored images fail (default 0.01)")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per model call (default 64)")
-    p.add_argument("--actors", type=_positive_int, default=None, help="model actors (default: one per GPU, or sized from the CPUs)")
-    p.add_argument("--run-id", default=None, help="name of this run (default: UTC time and a random suffix)")
+    add_config_options(p, C.ScoreConfig)
 
-    p = verbs.add_parser("evaluate", help="MURA metrics with intervals, per body part, and plots",
-                         description="Score a labelled split with a checkpoint and write, under OUT: report.json and "
-                         "report.md (image- and study-level kappa, F1, precision, sensitivity, specificity, accuracy, "
-                         "AUROC; 95%% bootstrap intervals for kappa and AUROC; the same per body part), "
-                         "predictions.parquet, and PNGs: confusion matrices, ROC with the operating point, kappa per "
-                         "body part, and the most confident false positives and negatives.")
-    p.add_argument("--model", required=True, metavar="CKPT", help="checkpoint directory (RUN_DIR/model) or a training RUN_DIR")
-    p.add_argument("--data", required=True, metavar="ROOT", help="archive root with labels (MURA CSVs or folder names)")
-    p.add_argument("--split", default="valid", help="split to evaluate (default valid)")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for the report and plots (path or s3://)")
-    p.add_argument("--threshold", type=_fraction, default=None, help="decision threshold (default: the checkpoint's)")
-    p.add_argument("--resamples", type=_positive_int, default=1000, help="bootstrap resamples (default 1000)")
+    p = _verb(verbs, "demo", common, "sample -> train (2 workers) -> evaluate -> score, on this machine",
+              "Write a synthetic archive, train with 2 DDP workers on CPU, evaluate and score the validation\n"
+              "split, and print the metrics, the wall time of each step and where the outputs are.\n"
+              "Running it again starts over.")
+    add_config_options(p, C.DemoConfig)
 
-    p = verbs.add_parser("bench", help="benchmarks: scoring and training throughput",
-                         description="Throughput benchmarks on synthetic images of MURA-like size. "
-                         "'score' measures the model alone, decoding alone, the machine's limit, the notebook's "
-                         "DataLoader way and the mura-ray pipeline side by side; 'train' measures the data "
-                         "pipeline's first and later epochs and training with 1 and 2 workers.")
+    p = _verb(verbs, "doctor", common, "versions, CPU features, GPUs, the Ray cluster and storage access",
+              "Print what mura-ray runs on: versions of mura-ray, Ray, torch, torchvision and pydicom; the\n"
+              "CPU and the features that matter for speed (AVX2, AVX512, AVX512-BF16, AMX); the GPUs torch\n"
+              "sees; the Ray cluster a command would use (RAY_ADDRESS, or a local one) and its resources;\n"
+              "and, with --check, whether a path or s3:// prefix can be listed with the current credentials.\n"
+              "Exit 0 when all is usable, 1 with the reason otherwise.")
+    p.add_argument("--check", action="append", default=[], metavar="URI",
+                   help="a local path or s3://bucket/prefix that must be listable (repeatable)")
+
+    p = _verb(verbs, "bench", common, "benchmarks: scoring and training throughput",
+              "Throughput benchmarks on synthetic images of MURA-like size. 'score' measures the model alone,\n"
+              "decoding alone, the machine's limit, the notebook's DataLoader way and the mura-ray pipeline\n"
+              "side by side; 'train' measures the data pipeline's first and later epochs and training with 1\n"
+              "and 2 workers. Each prints the CPU's model and flags beside its figures.")
     kinds = p.add_subparsers(dest="bench", required=True, metavar="KIND")
-    b = kinds.add_parser("score", help="scoring throughput (a)-(e) and peak memory at N and 4N")
-    b.add_argument("--images", type=_positive_int, default=500, help="N, the images per measurement (default 500)")
-    b.add_argument("--image-size", type=_image_size, default=224, help="model input side (default 224)")
-    b.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (default 64)")
-    b.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
-    b.add_argument("--plot", default=None, metavar="PNG", help="also draw images/s per stage as PNG")
-    b = kinds.add_parser("train", help="data pipeline and training throughput")
-    b.add_argument("--studies", type=_positive_int, default=300, help="studies in the synthetic archive (default 300)")
-    b.add_argument("--image-size", type=_image_size, default=128, help="model input side (default 128)")
-    b.add_argument("--batch-size", type=_positive_int, default=16, help="images per worker per step (default 16)")
-    b.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
-
-    p = verbs.add_parser("demo", help="sample -> train (2 workers) -> evaluate -> score, on this machine",
-                         description="Write a synthetic archive, train with 2 DDP workers on CPU, evaluate and score the "
-                         "validation split, and print the metrics, wall time and where the outputs are.")
-    p.add_argument("--out", default="demo-out", help="folder for everything the demo writes (default ./demo-out)")
-    p.add_argument("--studies", type=_positive_int, default=400, help="studies in the synthetic archive (default 400)")
-    p.add_argument("--epochs", type=_positive_int, default=10, help="maximum epochs (default 10)")
-    p.add_argument("--image-size", type=_image_size, default=64, help="model input side (default 64, for a laptop CPU)")
-    p.add_argument("--workers", type=_positive_int, default=2, help="DDP workers (default 2)")
+    b = kinds.add_parser("score", help="scoring throughput (a)-(e) and peak memory at N and 4N", parents=[common])
+    add_config_options(b, C.BenchScoreConfig)
+    b = kinds.add_parser("train", help="data pipeline and training throughput", parents=[common])
+    add_config_options(b, C.BenchTrainConfig)
     return parser
 
 
-def _run(args: argparse.Namespace) -> int:
-    if args.verb == "sample":
-        from mura_ray.sample import write_sample
+def _config(cls: type, args: argparse.Namespace) -> Any:
+    names = {f.name for f in dataclasses.fields(cls) if f.metadata.get("cli", True)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names})
 
-        plan = write_sample(args.out, studies=args.studies, seed=args.seed)
-        studies = {i.study_rel for i in plan}
-        print(f"wrote {len(plan)} images in {len(studies)} studies to {args.out}/MURA-v1.1")
-        return 0
-    if args.verb == "train":
-        from mura_ray.config import TrainConfig
-        from mura_ray.train import run_training
 
-        cfg = TrainConfig(
-            data=args.data, out=args.out, workers=args.workers, epochs=args.epochs, image_size=args.image_size,
-            batch_size=args.batch_size, lr=args.lr, weights=args.weights, trainable=args.trainable,
-            patience=args.patience, seed=args.seed, cpus_per_worker=args.cpus_per_worker, shuffle_labels=args.shuffle_labels,
-            max_failures=args.max_failures, target_sensitivity=args.target_sensitivity,
-            placement_strategy=args.placement_strategy,
-        )
-        result = run_training(cfg)
-        m, v = result["metrics"], result["validation"]["study"]
+def _sample(args: argparse.Namespace) -> int:
+    from mura_ray.sample import write_sample
+
+    cfg = _config(C.SampleConfig, args)
+    plan = write_sample(cfg.out, studies=cfg.studies, seed=cfg.seed)
+    print(f"wrote {len(plan)} images in {len({i.study_rel for i in plan})} studies to {cfg.out}/MURA-v1.1")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from mura_ray.train import run_training
+
+    result = run_training(_config(C.TrainConfig, args))
+    m, v = result["metrics"], result["validation"]["study"]
+    print(
+        f"best epoch {m['epoch']}: val F1 {m['val_f1']:.3f}, AUROC {m['val_auroc']:.3f}; threshold "
+        f"{result['threshold']:.3f}: study kappa {v['kappa']:.3f} [{v['kappa_ci'][0]:.3f}, {v['kappa_ci'][1]:.3f}], "
+        f"sensitivity {v['sensitivity']:.3f}, specificity {v['specificity']:.3f}; model in {result['model_dir']} "
+        f"({result['wall_seconds']:.0f}s)"
+    )
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from mura_ray.evaluate import run_evaluation
+
+    cfg = _config(C.EvalConfig, args)
+    r = run_evaluation(cfg)
+    for level in ("image", "study"):
+        m = r[level]
         print(
-            f"best epoch {m['epoch']}: val_f1 {m['val_f1']:.3f}  val_auroc {m['val_auroc']:.3f}; threshold "
-            f"{result['threshold']:.3f}: study kappa {v['kappa']:.3f} [{v['kappa_ci'][0]:.3f}, {v['kappa_ci'][1]:.3f}]  "
-            f"sensitivity {v['sensitivity']:.3f}  specificity {v['specificity']:.3f}; model in {result['model_dir']} "
-            f"({result['wall_seconds']:.0f}s)"
+            f"{level:5s} n={m['n']}  kappa {m['kappa']:.3f} [{m['kappa_ci'][0]:.3f}, {m['kappa_ci'][1]:.3f}]  "
+            f"AUROC {m['auroc']:.3f} [{m['auroc_ci'][0]:.3f}, {m['auroc_ci'][1]:.3f}]  F1 {m['f1']:.3f}  "
+            f"sensitivity {m['sensitivity']:.3f}  specificity {m['specificity']:.3f}"
         )
-        return 0
-    if args.verb == "score":
-        from mura_ray.config import ScoreConfig
-        from mura_ray.score import run_scoring
+    print(f"threshold {r['threshold']:.3f}; report in {cfg.out}/report.md")
+    return 0
 
-        cfg = ScoreConfig(model=args.model, input=args.input, output=args.output, split=args.split,
-                          batch_size=args.batch_size, actors=args.actors, run_id=args.run_id, full=args.full,
-                          max_error_rate=args.max_error_rate)
-        m = run_scoring(cfg)
+
+def _score(args: argparse.Namespace) -> int:
+    from mura_ray.score import run_scoring
+
+    cfg = _config(C.ScoreConfig, args)
+    m = run_scoring(cfg)
+    print(
+        f"scored {m['images']}, skipped {m['skipped']} (already scored), errors {m['errors']}, "
+        f"ignored {m['ignored_files']} non-image files; {m['studies']} studies updated; "
+        f"{m['images_per_second']:.1f} images/s; run {m['run_id']} in {m['output']}"
+    )
+    if m["images"] and m["errors"] / m["images"] > cfg.max_error_rate:
         print(
-            f"scored {m['images']}, skipped {m['skipped']} (already scored), errors {m['errors']}, "
-            f"ignored {m['ignored_files']} non-image files; {m['studies']} studies updated; "
-            f"{m['images_per_second']:.1f} images/s; run {m['run_id']} in {m['output']}"
+            f"mura-ray: {m['errors']} of {m['images']} images could not be scored "
+            f"({m['errors'] / m['images']:.1%}, over --max-error-rate {cfg.max_error_rate:.1%}); "
+            f"the run is committed, see the error column",
+            file=sys.stderr,
         )
-        if m["images"] and m["errors"] / m["images"] > cfg.max_error_rate:
-            print(
-                f"mura-ray: {m['errors']} of {m['images']} images could not be scored "
-                f"({m['errors'] / m['images']:.1%}, over --max-error-rate {cfg.max_error_rate:.1%}); "
-                f"the run is committed, see the error column",
-                file=sys.stderr,
-            )
-            return 3
-        return 0
-    if args.verb == "evaluate":
-        from mura_ray.evaluate import EvalConfig, run_evaluation
+        return 3
+    return 0
 
-        r = run_evaluation(EvalConfig(model=args.model, data=args.data, out=args.out, split=args.split,
-                                      threshold=args.threshold, resamples=args.resamples))
-        for level in ("image", "study"):
-            m = r[level]
-            print(
-                f"{level:5s} n={m['n']}  kappa {m['kappa']:.3f} [{m['kappa_ci'][0]:.3f}, {m['kappa_ci'][1]:.3f}]  "
-                f"AUROC {m['auroc']:.3f} [{m['auroc_ci'][0]:.3f}, {m['auroc_ci'][1]:.3f}]  F1 {m['f1']:.3f}  "
-                f"sensitivity {m['sensitivity']:.3f}  specificity {m['specificity']:.3f}"
-            )
-        print(f"threshold {r['threshold']:.3f}; report in {args.out}/report.md")
-        return 0
-    if args.verb == "bench":
-        from mura_ray import bench
 
-        if args.bench == "score":
-            result = bench.bench_score(args.images, image_size=args.image_size, batch_size=args.batch_size)
-            print(bench.score_table(result))
-            if args.plot:
-                bench.plot_score(result, args.plot)
-        else:
-            result = bench.bench_train(studies=args.studies, image_size=args.image_size, batch_size=args.batch_size)
-            print(bench.train_table(result))
-        if args.json:
-            bench.write_json(args.json, result)
-        return 0
-    if args.verb == "demo":
-        from mura_ray.demo import run_demo
+def _demo(args: argparse.Namespace) -> int:
+    from mura_ray.demo import render_summary, run_demo
 
-        summary = run_demo(args.out, studies=args.studies, epochs=args.epochs, image_size=args.image_size, workers=args.workers)
-        print(json.dumps(summary, indent=2))
-        return 0
-    raise UsageError(f"unknown verb {args.verb!r}")
+    print(render_summary(run_demo(_config(C.DemoConfig, args))))
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from mura_ray.doctor import run_doctor
+
+    return run_doctor(checks=args.check)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from mura_ray import bench
+
+    if args.bench == "score":
+        cfg = _config(C.BenchScoreConfig, args)
+        result = bench.bench_score(cfg.images, image_size=cfg.image_size, batch_size=cfg.batch_size)
+        print(bench.score_table(result))
+        if cfg.plot:
+            bench.plot_score(result, cfg.plot)
+    else:
+        cfg = _config(C.BenchTrainConfig, args)
+        result = bench.bench_train(studies=cfg.studies, image_size=cfg.image_size, batch_size=cfg.batch_size)
+        print(bench.train_table(result))
+    if cfg.json:
+        bench.write_json(cfg.json, result)
+    return 0
+
+
+VERBS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "sample": _sample, "train": _train, "evaluate": _evaluate, "score": _score, "demo": _demo, "doctor": _doctor,
+    "bench": _bench,
+}
 
 
 def _usage_error(exc: BaseException) -> UsageError | None:
@@ -262,15 +284,30 @@ def _usage_error(exc: BaseException) -> UsageError | None:
     return None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _upgrade_argv(argv: list[str]) -> list[str]:
+    """Earlier releases' spellings (``score --input/--output``, ``sample OUT``), with a note on stderr."""
+    if not argv:
+        return argv
+    verb, rest = argv[0], list(argv[1:])
+    for i, a in enumerate(rest):
+        new = RENAMED.get((verb, a.split("=", 1)[0]))
+        if new:
+            print(f"mura-ray: note: {verb} {a.split('=', 1)[0]} is now {new}", file=sys.stderr)
+            rest[i] = new + a[len(a.split("=", 1)[0]):]
+    if verb == "sample" and rest and not rest[0].startswith("-"):
+        rest = ["--out", *rest]
+    return [verb, *rest]
+
+
+def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int:
+    """Run one verb; ``own_process`` when this process is the command itself (the console script, a Ray Job)."""
+    from mura_ray import console
+
+    argv = _upgrade_argv(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    console.setup(verbose=args.verbose, quiet=args.quiet, own_process=own_process)
     try:
-        return _run(args)
+        return VERBS[args.verb](args)
     except KeyboardInterrupt:
         print("mura-ray: interrupted", file=sys.stderr)
         return 130
@@ -282,5 +319,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def entry() -> None:
+    """The ``mura-ray`` console script."""
+    sys.exit(main(own_process=True))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

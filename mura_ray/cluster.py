@@ -23,15 +23,23 @@ def connect(num_cpus: int | None = None) -> bool:
     machine's CPUs (or ``num_cpus``; ``MURA_RAY_NUM_CPUS`` overrides), and
     it stops when this process exits.
     """
+    from mura_ray import console
+
     if ray.is_initialized():
+        console.ray_connected()
         return False
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        console.ray_connected()
         return False
     env_cpus = os.environ.get("MURA_RAY_NUM_CPUS")
     cpus = int(env_cpus) if env_cpus else (num_cpus or os.cpu_count() or 1)
     # Fewer than 2 logical CPUs cannot hold a worker and Ray Data's read tasks at once.
     cpus = max(cpus, 2)
-    ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
-    log.info("started a local Ray cluster with %d CPUs", cpus)
+    # The dashboard (on 127.0.0.1 only) serves Ray's State API, which Ray Train's controller polls;
+    # without it that poll fails and warns every few seconds.
+    ctx = ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                   log_to_driver=True)
+    log.info("started a local Ray cluster with %d CPUs; dashboard at http://%s", cpus, ctx.dashboard_url)
+    console.ray_connected()
     return True

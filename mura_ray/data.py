@@ -18,7 +18,6 @@ from ray.train import DataConfig
 from mura_ray.decode import read_and_decode
 from mura_ray.transforms import EvalPreset, TrainPreset
 
-
 ROWS_PER_BLOCK = 64
 
 
@@ -28,18 +27,28 @@ def catalog_dataset(catalog: pa.Table, rows_per_block: int = ROWS_PER_BLOCK) -> 
     return ray.data.from_arrow(blocks)
 
 
-def decoded_images(catalog: pa.Table, *, side: int, fs: Any, num_cpus: float = 1.0) -> ray.data.Dataset:
-    """Lazy dataset of the catalog's images decoded to (side, side) uint8, errors as rows."""
+def _decode_and_report(batch: dict[str, np.ndarray], *, side: int, fs: Any, sink: Any) -> dict[str, np.ndarray]:
+    out = read_and_decode(batch, side=side, fs=fs)
+    if sink is not None:
+        sink.push.remote({"decoded": len(out["error"])})  # fire and forget: the driver's progress bar
+    return out
+
+
+def decoded_images(catalog: pa.Table, *, side: int, fs: Any, num_cpus: float = 1.0, sink: Any = None) -> ray.data.Dataset:
+    """Lazy dataset of the catalog's images decoded to (side, side) uint8, errors as rows.
+
+    ``sink`` (a ``progress.event_sink``) receives ``{"decoded": n}`` after each batch.
+    """
     return catalog_dataset(catalog).map_batches(
-        read_and_decode,
-        fn_kwargs={"side": side, "fs": fs},
+        _decode_and_report,
+        fn_kwargs={"side": side, "fs": fs, "sink": sink},
         batch_size=16,
         num_cpus=num_cpus,
     )
 
 
 def cached_training_split(
-    catalog: pa.Table, *, split: str, side: int, fs: Any, shuffle_labels_seed: int | None = None
+    catalog: pa.Table, *, split: str, side: int, fs: Any, shuffle_labels_seed: int | None = None, sink: Any = None
 ) -> tuple[ray.data.Dataset, int]:
     """Decode one labelled split once and keep it in the object store.
 
@@ -53,7 +62,7 @@ def cached_training_split(
     if shuffle_labels_seed is not None:
         perm = np.random.default_rng(shuffle_labels_seed).permutation(part.num_rows)
         part = part.set_column(part.schema.get_field_index("label"), "label", part["label"].take(perm))
-    ds = decoded_images(part.select(["image_uri", "label", "study_uri", "body_part"]), side=side, fs=fs)
+    ds = decoded_images(part.select(["image_uri", "label", "study_uri", "body_part"]), side=side, fs=fs, sink=sink)
     ds = ds.materialize()
     clean = ds.filter(expr=col("error") == "").select_columns(["pixels", "label", "study_uri", "body_part"]).materialize()
     return clean, ds.count() - clean.count()

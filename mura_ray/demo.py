@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
 
 import pyarrow.dataset as pads
 
-from mura_ray import storage
-from mura_ray.config import ScoreConfig, TrainConfig
-from mura_ray.evaluate import EvalConfig, run_evaluation
+from mura_ray import console, storage
+from mura_ray.config import DemoConfig, EvalConfig, ScoreConfig, TrainConfig
+from mura_ray.evaluate import run_evaluation
 from mura_ray.metrics import binary_metrics
 from mura_ray.sample import write_sample
 from mura_ray.score import run_scoring
@@ -18,27 +19,31 @@ from mura_ray.train import run_training
 
 log = logging.getLogger(__name__)
 
+SUMMARY = "summary.json"
 
-def run_demo(out: str, *, studies: int = 400, epochs: int = 10, image_size: int = 64, workers: int = 2) -> dict[str, Any]:
-    """Run the demo under ``out``; returns the figures it prints."""
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    """Run the demo under ``cfg.out``; returns the figures it prints (also written to ``summary.json``)."""
     t0 = time.monotonic()
-    archive = storage.join(out, "archive")
-    run_dir = storage.join(out, "run")
-    scores = storage.join(out, "scores")
-    report_dir = storage.join(out, "evaluation")
+    out = cfg.out
+    archive, run_dir = storage.join(out, "archive"), storage.join(out, "run")
+    scores, report_dir = storage.join(out, "scores"), storage.join(out, "evaluation")
     fs, _ = storage.filesystem(out)
-    for path in (archive, run_dir, scores, report_dir):  # a rerun starts over, not resumes
+    for path in (archive, run_dir, scores, report_dir, storage.join(out, "ray.log")):  # a rerun starts over
         if storage.exists(path):
             fs.rm(storage.filesystem(path)[1], recursive=True)
+    if not storage.is_remote(out):
+        console.set_ray_log(storage.join(out, "ray.log"))
 
-    log.info("[1/4] writing a synthetic archive of %d studies to %s", studies, archive)
-    write_sample(archive, studies=studies, seed=0)
+    log.info("[1/4] writing a synthetic archive of %d studies to %s", cfg.studies, archive)
+    plan = write_sample(archive, studies=cfg.studies, seed=0)
     t_sample = time.monotonic() - t0
+    log.info("wrote %d images in %.1fs", len(plan), t_sample)
 
-    log.info("[2/4] training ResNet18 with %d DDP workers", workers)
+    log.info("[2/4] training ResNet18 with %d DDP workers", cfg.workers)
     trained = run_training(
         TrainConfig(
-            data=archive, out=run_dir, workers=workers, epochs=epochs, image_size=image_size,
+            data=archive, out=run_dir, workers=cfg.workers, epochs=cfg.epochs, image_size=cfg.image_size,
             batch_size=16, lr=1e-3, weights="none", patience=4,
         )
     )
@@ -47,12 +52,12 @@ def run_demo(out: str, *, studies: int = 400, epochs: int = 10, image_size: int 
     report = run_evaluation(EvalConfig(model=trained["model_dir"], data=archive, out=report_dir, split="valid"))
 
     log.info("[4/4] scoring the validation split")
-    scored = run_scoring(ScoreConfig(model=trained["model_dir"], input=archive, output=scores, split="valid"))
+    scored = run_scoring(ScoreConfig(model=trained["model_dir"], data=archive, out=scores, split="valid"))
 
     # Read the committed Parquet back and measure it, as a user of the output would.
     studies_tbl = pads.dataset(storage.join(scores, "studies"), format="parquet", partitioning="hive").to_table()
     study = binary_metrics(studies_tbl["label"].to_numpy(), studies_tbl["prob_abnormal"].to_numpy(), scored.get("threshold", 0.5))
-    return {
+    summary = {
         "validation_study_metrics_from_parquet": {k: round(v, 4) for k, v in study.items()},
         "evaluation": {
             level: {k: report[level][k] for k in ("n", "kappa", "kappa_ci", "auroc", "auroc_ci", "f1", "sensitivity", "specificity")}
@@ -69,7 +74,48 @@ def run_demo(out: str, *, studies: int = 400, epochs: int = 10, image_size: int 
             "evaluate": round(report["seconds"], 1),
             "score": round(scored["seconds"], 1),
         },
-        "outputs": {"archive": archive, "model": trained["model_dir"], "metrics": storage.join(run_dir, "metrics.csv"),
-                    "curves": storage.join(run_dir, "training_curves.png"), "model_card": storage.join(trained["model_dir"], "model_card.md"),
-                    "report": storage.join(report_dir, "report.md"), "scores": scores},
+        "outputs": {
+            "archive": archive, "model": trained["model_dir"], "model_card": storage.join(trained["model_dir"], "model_card.md"),
+            "curves": storage.join(run_dir, "training_curves.png"), "report": storage.join(report_dir, "report.md"),
+            "scores": scores, "summary": storage.join(out, SUMMARY),
+        },
     }
+    storage.write_text(storage.join(out, SUMMARY), json.dumps(summary, indent=2))
+    return summary
+
+
+def _ci(v: list[float]) -> str:
+    return f"[{v[0]:.3f}, {v[1]:.3f}]"
+
+
+def render_summary(s: dict[str, Any]) -> str:
+    """The demo's result as a short table a person reads."""
+    ev, w, o = s["evaluation"], s["wall_seconds"], s["outputs"]
+    lines = [
+        "",
+        f"validation split, threshold {s['threshold']:.3f} (best epoch {s['best_epoch']['epoch']})",
+        f"  {'level':<6} {'n':>5}  {'kappa (95% CI)':<22} {'AUROC (95% CI)':<22} {'sens.':>6} {'spec.':>6}",
+    ]
+    for level in ("study", "image"):
+        m = ev[level]
+        lines.append(
+            f"  {level:<6} {m['n']:>5}  {m['kappa']:.3f} {_ci(m['kappa_ci']):<16} {m['auroc']:.3f} {_ci(m['auroc_ci']):<16} "
+            f"{m['sensitivity']:>6.3f} {m['specificity']:>6.3f}"
+        )
+    p = s["validation_study_metrics_from_parquet"]
+    lines += [
+        f"  study kappa read back from the scored Parquet: {p['kappa']:.3f} ({s['images_scored']} images, "
+        f"{s['scoring_errors']} errors)",
+        "",
+        f"wall time: sample {w['sample']:.0f}s, train {w['train']:.0f}s, evaluate {w['evaluate']:.0f}s, "
+        f"score {w['score']:.0f}s; total {w['total']:.0f}s",
+        "",
+        "outputs:",
+        f"  model        {o['model']}/  (model.safetensors, metadata.json)",
+        f"  model card   {o['model_card']}",
+        f"  curves       {o['curves']}",
+        f"  evaluation   {o['report']}  (and its PNGs)",
+        f"  scores       {o['scores']}/images, {o['scores']}/studies  (Parquet)",
+        f"  all figures  {o['summary']}",
+    ]
+    return "\n".join(lines)

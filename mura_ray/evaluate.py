@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,13 +22,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mura_ray import plots, storage
+from mura_ray import console, plots, storage
 from mura_ray.catalog import build_catalog
 from mura_ray.checkpoint import load_checkpoint
-from mura_ray.config import ScoreConfig
+from mura_ray.config import EvalConfig, ScoreConfig
 from mura_ray.decode import load_square
 from mura_ray.errors import UsageError
 from mura_ray.metrics import full_report, study_scores
+from mura_ray.progress import Progress
 from mura_ray.score import nullable_strings, resolve_model_dir, scored_dataset
 
 log = logging.getLogger(__name__)
@@ -43,29 +43,21 @@ PLOTS = {
 }
 
 
-@dataclass
-class EvalConfig:
-    model: str
-    data: str
-    out: str
-    split: str = "valid"
-    threshold: float | None = None  # None: the checkpoint's
-    batch_size: int = 64
-    resamples: int = 1000
-    seed: int = 0
-
-
 def predict(model_dir: str, meta: dict[str, Any], data: str, split: str, batch_size: int) -> pa.Table:
     """Labelled images of ``split`` with ``prob_abnormal`` (null where unreadable) and ``error``."""
     catalog = build_catalog(data, split=split)
     labelled = catalog.filter(pc.is_valid(catalog["label"]))
     if labelled.num_rows == 0:
         raise UsageError(f"no labelled images in split {split!r} under {data!r}: evaluation needs labels")
-    cfg = ScoreConfig(model=model_dir, input=data, output="", batch_size=batch_size)
+    cfg = ScoreConfig(model=model_dir, data=data, out="", batch_size=batch_size)
     columns: dict[str, list] = {k: [] for k in ("image_uri", "study_uri", "body_part", "label", "prob_abnormal", "error")}
-    for batch in scored_dataset(labelled, model_dir, meta, cfg).iter_batches(batch_size=512, batch_format="numpy"):
-        for k in columns:
-            columns[k].extend(batch[k].tolist())
+    ds = scored_dataset(labelled, model_dir, meta, cfg)
+    with Progress(f"scoring split {split}", labelled.num_rows) as bar:
+        for batch in ds.iter_batches(batch_size=128, batch_format="numpy"):
+            for k in columns:
+                columns[k].extend(batch[k].tolist())
+            bar.update(len(batch["image_uri"]))
+    log.info("scored %d images of split %s in %.1fs (%.1f images/s)", labelled.num_rows, split, bar.seconds, bar.rate)
     table = pa.table(
         {
             "image_uri": pa.array(columns["image_uri"], pa.string()),
@@ -85,6 +77,8 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     model_dir = resolve_model_dir(cfg.model)
     _, meta = load_checkpoint(model_dir)
     threshold = float(cfg.threshold if cfg.threshold is not None else meta.get("threshold", 0.5))
+    if not storage.is_remote(cfg.out):
+        console.set_ray_log(storage.join(cfg.out, "ray.log"))
     table = predict(model_dir, meta, cfg.data, cfg.split, cfg.batch_size)
     fs, out = storage.filesystem(cfg.out)
     fs.makedirs(out, exist_ok=True)

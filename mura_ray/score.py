@@ -41,6 +41,7 @@ from mura_ray.decode import READ_ERROR, read_and_decode
 from mura_ray.engine import score_step
 from mura_ray.ledger import Lease, Ledger
 from mura_ray.model import build_model, for_inference
+from mura_ray.progress import Progress
 from mura_ray.transforms import EvalPreset
 
 log = logging.getLogger(__name__)
@@ -317,17 +318,17 @@ def plan_run(catalog: pa.Table, earlier: pa.Table, *, full: bool) -> tuple[pa.Ta
 
 
 def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
-    """Score what is new under ``cfg.input`` and commit the run's Parquet under ``cfg.output``."""
+    """Score what is new under ``cfg.data`` and commit the run's Parquet under ``cfg.out``."""
     t0 = time.monotonic()
     started_at = dt.datetime.now(dt.timezone.utc)
     model_dir = resolve_model_dir(cfg.model)
     state, meta = load_checkpoint(model_dir)
-    scan = scan_archive(cfg.input, split=cfg.split)
+    scan = scan_archive(cfg.data, split=cfg.split)
     catalog = scan.table
     threshold = float(meta.get("threshold", 0.5))
     run_id = cfg.run_id or started_at.strftime("%Y%m%dT%H%M%SZ-") + secrets.token_hex(3)
     run_date = started_at.strftime("%Y-%m-%d")
-    ledger = Ledger(cfg.output)
+    ledger = Ledger(cfg.out)
     lease = Lease(ledger.fs, ledger.base, run_id)
     lease.acquire()
     try:
@@ -336,7 +337,7 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
         todo, skipped = plan_run(catalog, earlier, full=cfg.full)
         log.info(
             "%d images under %s (%d other files ignored): %d to score, %d already scored by model %s",
-            catalog.num_rows, cfg.input, len(scan.ignored), todo.num_rows, skipped.num_rows, meta["model_id"][:12],
+            catalog.num_rows, cfg.data, len(scan.ignored), todo.num_rows, skipped.num_rows, meta["model_id"][:12],
         )
         writer = RunWriter(ledger, run_id, meta["model_id"], threshold)
         if todo.num_rows:
@@ -350,7 +351,7 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
         manifest = writer.commit(
             run_date,
             {
-                "input": cfg.input,
+                "input": cfg.data,
                 "split": cfg.split,
                 "full": cfg.full,
                 "started_at": started_at.isoformat(),
@@ -363,7 +364,8 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
         )
     finally:
         lease.release()
-    manifest["output"] = cfg.output
+    log.info("committed run %s: %d image rows, %d study rows under %s", run_id, manifest["images"], manifest["studies"], cfg.out)
+    manifest["output"] = cfg.out
     manifest["ignored_examples"] = scan.ignored[:5]
     return manifest
 
@@ -372,7 +374,7 @@ def scored_dataset(table: pa.Table, model_dir: str, meta: dict[str, Any], cfg: S
     """Catalog rows -> rows with ``prob_abnormal`` (NaN where ``error`` is set): decode tasks, then model actors."""
     cluster.connect()
     actors, cpus, threads, use_gpu = _actor_plan(cfg)
-    fs, _ = storage.filesystem(cfg.input)
+    fs, _ = storage.filesystem(cfg.data)
     ds = catalog_dataset(table).map_batches(
         read_and_decode, fn_kwargs={"side": int(meta["cache_side"]), "fs": fs}, batch_size=16, num_cpus=0.5
     )
@@ -395,13 +397,11 @@ def _score_into(writer: RunWriter, todo: pa.Table, state, meta: dict[str, Any], 
     """Run the Ray pipeline over ``todo`` and stream every row into ``writer``."""
     build_model().load_state_dict(state)  # fail here, not in every actor, if the weights do not fit
     ds = scored_dataset(todo, model_dir, meta, cfg)
-    last_log = time.monotonic()
-    for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
-        writer.add(batch)
-        lease.refresh()
-        if time.monotonic() - last_log > 10:
-            rate = writer.rows / (time.monotonic() - t0)
-            log.info("scored %d/%d images (%.0f/s), %d errors", writer.rows, todo.num_rows, rate, writer.errors)
-            last_log = time.monotonic()
+    with Progress("scoring", todo.num_rows) as bar:
+        for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
+            writer.add(batch)
+            lease.refresh()
+            bar.set(writer.rows, postfix=f"{writer.errors} errors" if writer.errors else "")
+    log.info("scored %d images in %.1fs (%.1f images/s), %d errors", writer.rows, bar.seconds, bar.rate, writer.errors)
     if writer.rows != todo.num_rows:
         raise RuntimeError(f"scored {writer.rows} rows for {todo.num_rows} images; nothing committed")

@@ -25,6 +25,27 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
+def resolve(uri: str) -> str:
+    """The absolute form of a user's path argument: ``s3://bucket/prefix`` or an absolute local path.
+
+    Relative paths, ``~`` and ``file://`` are resolved here, in the process
+    that parsed them; Ray workers and actors run in other working directories
+    and must only ever see the result.
+    """
+    uri = str(uri).strip()
+    if not uri:
+        raise UsageError("empty path")
+    if uri.startswith("s3://"):
+        if not uri[len("s3://") :].strip("/"):
+            raise UsageError(f"no bucket in {uri!r}: use s3://bucket/prefix")
+        return uri.rstrip("/")
+    if is_remote(uri):
+        raise UsageError(f"unsupported storage scheme in {uri!r}: use a local path or s3://bucket/prefix")
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    return os.path.abspath(os.path.expanduser(uri))
+
+
 def _s3_options() -> dict[str, Any]:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     opts: dict[str, Any] = {}

@@ -29,10 +29,10 @@ import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from mura_ray import __version__, cluster, faults, plots, storage
+from mura_ray import __version__, cluster, console, faults, plots, storage
 from mura_ray.catalog import build_catalog, fingerprint
 from mura_ray.checkpoint import METADATA_FILE, load_training_state, model_metadata, save_checkpoint, save_training_state
-from mura_ray.config import TrainConfig
+from mura_ray.config import TrainConfig, resumable_fields
 from mura_ray.data import ExactValidationConfig, cached_training_split, eval_view, train_view
 from mura_ray.decode import cache_side
 from mura_ray.engine import evaluate, train_one_epoch
@@ -46,18 +46,18 @@ from mura_ray.model import (
     parse_trainable,
     set_trainable,
 )
+from mura_ray.progress import Follower, Progress, event_sink
 
 log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
 VALID_PREDICTIONS = "valid_predictions.parquet"
 SHUFFLE_BUFFER = 256  # rows mixed across blocks each epoch, on top of a random block order
-PROGRESS_SECONDS = 20
 CURVES = "training_curves.png"
 EVENTS = "events.jsonl"
 TRAIN_RUN_NAME = "ray_train"  # Ray Train's own folder in RUN_DIR: per-epoch state for restarts and reruns
 # Settings a resumed run may change; any other difference means a different run.
-RESUMABLE_CHANGES = {"epochs", "patience", "max_failures", "cpus_per_worker", "target_sensitivity", "use_gpu", "placement_strategy", "fault"}
+RESUMABLE_CHANGES = resumable_fields()
 
 
 def class_weights(labels: np.ndarray) -> list[float]:
@@ -135,6 +135,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     validation predictions they made.
     """
     cfg = TrainConfig(**config["cfg"])
+    sink = config.get("sink")
     torch.set_num_threads(_worker_threads(config["cpus_per_worker"]))
     torch.manual_seed(cfg.seed)
     ctx = ray.train.get_context()
@@ -167,6 +168,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         first_epoch = resumed_from + 1
         if is_rank0:
             log.info("resuming after epoch %d (best validation F1 so far %.3f)", resumed_from, stopper.best)
+            _tell_driver(sink, kind="note", text=f"resuming after epoch {resumed_from} (best validation F1 so far {stopper.best:.3f})")
             log_event(cfg.out, event="resumed", after_epoch=resumed_from)
     if stopper.should_stop and history:
         first_epoch = cfg.epochs + 1  # the run had already stopped early
@@ -179,9 +181,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     steps = config["train_images"] // (cfg.batch_size * ctx.get_world_size())
     for epoch in range(first_epoch, cfg.epochs + 1):
         t0 = time.monotonic()
-        progress_line = _ProgressLine(epoch, cfg.epochs, steps, cfg.batch_size * ctx.get_world_size(), enabled=is_rank0)
+        progress_line = _StepReporter(sink, epoch, cfg.epochs, steps, cfg.batch_size * ctx.get_world_size(), enabled=is_rank0)
 
-        def on_batch(i: int, loss: float) -> None:
+        def on_batch(i: int, loss: float, progress_line=progress_line, epoch=epoch) -> None:
             progress_line(i, loss)
             if cfg.fault == f"crash@{epoch}" and rank == ctx.get_world_size() - 1 and resumed_from == 0 and i == 1:
                 # Test hook: this worker dies in the middle of the epoch, once Ray Train has recorded the
@@ -233,6 +235,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 save_checkpoint(model_dir, plain, checkpoint_metadata(cfg, config, metrics))
                 write_predictions(storage.join(model_dir, VALID_PREDICTIONS), allv)
             write_history(cfg.out, history)
+            _tell_driver(sink, kind="epoch", epochs=cfg.epochs, **metrics)
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if is_rank0:
@@ -245,25 +248,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if stopper.should_stop:
             if is_rank0:
                 log.info("early stop: no better validation F1 for %d epochs", cfg.patience)
+                _tell_driver(sink, kind="note", text=f"early stop: no better validation F1 for {cfg.patience} epochs")
             break
 
 
-class _ProgressLine:
-    """Rank 0's progress inside an epoch: a log line every ``PROGRESS_SECONDS``."""
+class _StepReporter:
+    """Rank 0's progress inside an epoch, pushed to the driver's event sink at most every half second."""
 
-    def __init__(self, epoch: int, epochs: int, steps: int, images_per_step: int, enabled: bool) -> None:
-        self.epoch, self.epochs, self.steps, self.per_step, self.enabled = epoch, epochs, steps, images_per_step, enabled
-        self.t0 = self.last = time.monotonic()
+    def __init__(self, sink: Any, epoch: int, epochs: int, steps: int, images_per_step: int, enabled: bool) -> None:
+        self.sink, self.epoch, self.epochs, self.steps, self.per_step = sink, epoch, epochs, steps, images_per_step
+        self.enabled = enabled and sink is not None
+        self.last = 0.0
 
     def __call__(self, i: int, loss: float) -> None:
         now = time.monotonic()
-        if self.enabled and now - self.last >= PROGRESS_SECONDS:
-            done = (i + 1) * self.per_step
-            log.info(
-                "epoch %d/%d  step %d/%d  loss %.4f  %.1f images/s",
-                self.epoch, self.epochs, i + 1, self.steps, loss, done / (now - self.t0),
-            )
+        if self.enabled and (now - self.last >= 0.5 or i + 1 == self.steps):
+            self.sink.push.remote({"kind": "step", "epoch": self.epoch, "epochs": self.epochs, "images": (i + 1) * self.per_step,
+                                   "total": self.steps * self.per_step, "loss": loss})
             self.last = now
+
+
+def _tell_driver(sink: Any, **event: Any) -> None:
+    if sink is not None:
+        sink.push.remote(event)
 
 
 def log_event(run_dir: str, **event: Any) -> None:
@@ -375,6 +382,78 @@ def _storage_for(run_dir: str) -> tuple[str, Any]:
     return os.path.abspath(run_dir), None
 
 
+class _TrainingDisplay:
+    """The driver's view of the workers' events: a bar per epoch and one line when each epoch ends."""
+
+    def __init__(self) -> None:
+        self.bar: Progress | None = None
+        self.bar_epoch = 0
+
+    def handle(self, event: dict[str, Any]) -> None:
+        kind = event.get("kind")
+        if kind == "step":
+            if self.bar is None or self.bar_epoch != event["epoch"]:
+                self.close()
+                self.bar = Progress(f"epoch {event['epoch']}/{event['epochs']}", event["total"])
+                self.bar_epoch = event["epoch"]
+            self.bar.set(event["images"], postfix=f"loss {event['loss']:.4f}")
+        elif kind == "epoch":
+            self.close()
+            log.info(
+                "epoch %d/%d  train loss %.4f  val loss %.4f  F1 %.3f  AUROC %.3f  study kappa %.3f  lr %.2g  "
+                "%.1f images/s  %.0fs%s",
+                event["epoch"], event["epochs"], event["train_loss"], event["val_loss"], event["val_f1"],
+                event["val_auroc"], event["val_study_kappa"], event["lr"],
+                event["train_images"] / max(event["train_seconds"], 1e-9), event["epoch_seconds"],
+                "  (best so far)" if event["best"] else "",
+            )
+        elif kind == "note":
+            self.close()
+            log.info("%s", event["text"])
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _catalog_for_training(cfg: TrainConfig) -> tuple[Any, np.ndarray]:
+    """The archive's catalog and the training labels; refuses archives that cannot train."""
+    t0 = time.monotonic()
+    catalog = build_catalog(cfg.data)
+    counts = {}
+    for split in ("train", "valid"):
+        n = pc.sum(pc.and_(pc.equal(catalog["split"], split), pc.is_valid(catalog["label"]))).as_py() or 0
+        if n == 0:
+            raise UsageError(f"no labelled images in split {split!r} under {cfg.data!r}: training needs train and valid")
+        counts[split] = n
+    log.info("listed %d images under %s: %d train, %d valid (labelled) in %.1fs",
+             catalog.num_rows, cfg.data, counts["train"], counts["valid"], time.monotonic() - t0)
+    train_labels = catalog.filter(pc.equal(catalog["split"], "train"))["label"].drop_null().to_numpy()
+    if len(train_labels) < cfg.workers * cfg.batch_size:
+        raise UsageError(
+            f"the training split has {len(train_labels)} labelled images, fewer than "
+            f"--workers x --batch-size = {cfg.workers * cfg.batch_size}: lower one of them"
+        )
+    return catalog, train_labels
+
+
+def _decode_splits(cfg: TrainConfig, catalog: Any) -> tuple[Any, Any, int]:
+    """Both splits decoded once into the object store, with a progress bar; (train, valid, unreadable)."""
+    fs, _ = storage.filesystem(cfg.data)
+    side = cache_side(cfg.image_size)
+    total = pc.sum(pc.is_valid(catalog["label"])).as_py() or 0
+    sink = event_sink()
+    seed = cfg.seed if cfg.shuffle_labels else None
+    with Progress(f"decoding to {side}x{side}", total) as bar, Follower(sink, lambda e: bar.update(e["decoded"])):
+        train_cached, bad_train = cached_training_split(catalog, split="train", side=side, fs=fs, shuffle_labels_seed=seed, sink=sink)
+        valid_cached, bad_valid = cached_training_split(catalog, split="valid", side=side, fs=fs, sink=sink)
+    log.info("decoded %d images to %dx%d in %.1fs (%.0f images/s)", total, side, side, bar.seconds, total / max(bar.seconds, 1e-9))
+    if bad_train or bad_valid:
+        log.warning("skipping %d unreadable training and %d unreadable validation images", bad_train, bad_valid)
+    return train_cached, valid_cached, bad_train + bad_valid
+
+
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
     """Train and keep the best model under ``cfg.out``; returns its metrics and where it is."""
     t_start = time.monotonic()
@@ -384,36 +463,20 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     _check_same_run(cfg)
     start = build_model()
     skipped = load_starting_weights(start, cfg.weights)
-    catalog = build_catalog(cfg.data)
-    for split in ("train", "valid"):
-        n = pc.sum(pc.and_(pc.equal(catalog["split"], split), pc.is_valid(catalog["label"]))).as_py() or 0
-        if n == 0:
-            raise UsageError(f"no labelled images in split {split!r} under {cfg.data!r}: training needs train and valid")
-    train_labels = catalog.filter(pc.equal(catalog["split"], "train"))["label"].drop_null().to_numpy()
+    catalog, train_labels = _catalog_for_training(cfg)
     if cfg.shuffle_labels:
         train_labels = np.random.default_rng(cfg.seed).permutation(train_labels)
     weights = class_weights(train_labels)
-    if len(train_labels) < cfg.workers * cfg.batch_size:
-        raise UsageError(
-            f"the training split has {len(train_labels)} labelled images, fewer than "
-            f"--workers x --batch-size = {cfg.workers * cfg.batch_size}: lower one of them"
-        )
+    if not storage.is_remote(cfg.out):
+        console.set_ray_log(storage.join(cfg.out, "ray.log"))
     cluster.connect()
     log.info("starting weights: %s (%d tensors left at initial values)", cfg.weights, len(skipped))
-
-    fs, _ = storage.filesystem(cfg.data)
-    side = cache_side(cfg.image_size)
-    log.info("decoding %d images once to %dx%d ...", catalog.num_rows, side, side)
-    seed = cfg.seed if cfg.shuffle_labels else None
-    train_cached, bad_train = cached_training_split(catalog, split="train", side=side, fs=fs, shuffle_labels_seed=seed)
-    valid_cached, bad_valid = cached_training_split(catalog, split="valid", side=side, fs=fs)
-    if bad_train or bad_valid:
-        log.warning("skipping %d unreadable training and %d unreadable validation images", bad_train, bad_valid)
+    train_cached, valid_cached, unreadable = _decode_splits(cfg, catalog)
 
     scaling, cpus = _scaling(cfg)
-    storage_path, storage_fs = _storage_for(cfg.out)
     _check_same_run(cfg)
     storage.write_text(storage.join(cfg.out, "train_config.json"), json.dumps(cfg.to_dict(), indent=2))
+    sink = event_sink()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -423,25 +486,26 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             "cpus_per_worker": cpus,
             "data_fingerprint": fingerprint(catalog),
             "train_images": train_cached.count(),
+            "sink": sink,
         },
         scaling_config=scaling,
         datasets={"train": train_view(train_cached, size=cfg.image_size), "valid": eval_view(valid_cached, size=cfg.image_size)},
         dataset_config=ExactValidationConfig(),
-        run_config=RunConfig(
-            name=TRAIN_RUN_NAME,
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            # The latest epochs' full state, for restarts and reruns; the best weights live in RUN_DIR/model.
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-        ),
+        run_config=_run_config(cfg),
     )
-    result = trainer.fit()
+    log.info("training ResNet18 on %d %s workers (%s CPUs each), up to %d epochs",
+             cfg.workers, "GPU" if scaling.use_gpu else "CPU", f"{cpus:g}", cfg.epochs)
+    display = _TrainingDisplay()
+    try:
+        with Follower(sink, display.handle):
+            result = trainer.fit()
+    finally:
+        display.close()
     if result.error:
         raise result.error
     model_dir = storage.join(cfg.out, MODEL_DIR)
     if not storage.exists(storage.join(model_dir, METADATA_FILE)):
-        raise RuntimeError("training finished without a kept model")
+        raise RuntimeError(f"training finished without a kept model in {model_dir}")
     meta = finalize_model(cfg, model_dir)
     return {
         "model_dir": model_dir,
@@ -450,8 +514,20 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         "threshold": meta["threshold"],
         "validation": meta["validation"],
         "wall_seconds": time.monotonic() - t_start,
-        "unreadable_images": bad_train + bad_valid,
+        "unreadable_images": unreadable,
     }
+
+
+def _run_config(cfg: TrainConfig) -> RunConfig:
+    storage_path, storage_fs = _storage_for(cfg.out)
+    return RunConfig(
+        name=TRAIN_RUN_NAME,
+        storage_path=storage_path,
+        storage_filesystem=storage_fs,
+        # The latest epochs' full state, for restarts and reruns; the best weights live in RUN_DIR/model.
+        checkpoint_config=CheckpointConfig(num_to_keep=2),
+        failure_config=FailureConfig(max_failures=cfg.max_failures),
+    )
 
 
 def _check_same_run(cfg: TrainConfig) -> None:

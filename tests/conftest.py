@@ -15,7 +15,6 @@ LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 os.environ[LOOPBACK_ONLY] = "0"
 
 import pytest
-
 import torch
 from safetensors.torch import save_file
 from torchvision.models import resnet18
@@ -25,6 +24,16 @@ from mura_ray.sample import write_sample
 
 SMALL_STUDIES = 40
 LEARN_STUDIES = 300
+
+
+RAY_FIXTURES = {"ray_cluster", "ray_address", "two_nodes", "trained_run"}
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that need Ray are marked ``ray``, so that ``pytest -m "not ray"`` runs the rest in seconds."""
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
 
 
 def _free_port() -> int:

@@ -11,14 +11,14 @@ import zlib
 import duckdb
 import numpy as np
 import pytest
+from dicom_files import PHI, dicom_bytes, gradient
 from PIL import Image
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from dicom_files import PHI, dicom_bytes, gradient
 from mura_ray import cli
 from mura_ray.decode import DecodeError, decode_gray
-from mura_ray.ledger import Lease, Ledger
 from mura_ray.errors import UsageError
+from mura_ray.ledger import Lease, Ledger
 
 
 def _png(image: Image.Image) -> bytes:
@@ -86,7 +86,7 @@ def test_bad_files_become_rows_and_the_error_rate_sets_the_exit(ray_cluster, sma
     out = tmp_path / "scores"
     (model, model_id), _ = untrained_models
 
-    rc = cli.main(["-q", "score", "--model", model, "--input", str(archive), "--output", str(out)])
+    rc = cli.main(["-q", "score", "--model", model, "--data", str(archive), "--out", str(out)])
     captured = capsys.readouterr()
     n_bad = sum(not ok for ok in expected.values())
     assert rc == 3, captured.err
@@ -116,10 +116,10 @@ def test_bad_files_become_rows_and_the_error_rate_sets_the_exit(ray_cluster, sma
                 assert value.encode() not in data, (name, value)
 
     # Undecodable files are final for their bytes: the next run skips them too, and a looser limit exits 0.
-    rc = cli.main(["-q", "score", "--model", model, "--input", str(archive), "--output", str(out), "--max-error-rate", "0.5"])
+    rc = cli.main(["-q", "score", "--model", model, "--data", str(archive), "--out", str(out), "--max-error-rate", "0.5"])
     assert rc == 0
     assert f"scored 0, skipped {len(expected)} " in capsys.readouterr().out
-    rc = cli.main(["-q", "score", "--model", model, "--input", str(archive), "--output", str(out), "--full", "--max-error-rate", "0.5"])
+    rc = cli.main(["-q", "score", "--model", model, "--data", str(archive), "--out", str(out), "--full", "--max-error-rate", "0.5"])
     assert rc == 0
     assert f"scored {len(expected)}, skipped 0" in capsys.readouterr().out
 

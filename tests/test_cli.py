@@ -38,7 +38,7 @@ def test_help_explains_each_verb(capsys, verb):
 
 
 def test_sample_verb_writes_an_archive(tmp_path):
-    r = run("sample", str(tmp_path), "--studies", "4", "--seed", "2")
+    r = run("sample", "--out", str(tmp_path), "--studies", "4", "--seed", "2")
     assert r.returncode == 0, r.stderr
     assert "MURA-v1.1" in r.stdout
     assert os.path.exists(tmp_path / "MURA-v1.1" / "train_image_paths.csv")
@@ -49,13 +49,13 @@ def test_sample_verb_writes_an_archive(tmp_path):
     [
         (["train", "--data", "{tmp}/missing", "--out", "{tmp}/run", "--weights", "none"], "archive root not found"),
         (["train", "--data", "{tmp}", "--out", "{tmp}/run", "--weights", "none"], "no images"),
-        (["score", "--model", "{tmp}/nomodel", "--input", "{tmp}", "--output", "{tmp}/o"], "not a mura-ray checkpoint"),
+        (["score", "--model", "{tmp}/nomodel", "--data", "{tmp}", "--out", "{tmp}/o"], "not a mura-ray checkpoint"),
         (["train", "--data", "{tmp}", "--out", "{tmp}/run", "--trainable", "layer9"], "--trainable"),
         (["train", "--data", "{tmp}", "--out", "{tmp}/run", "--weights", "{tmp}/w.pt"], "weights"),
-        (["score", "--model", "ftp://x/y", "--input", "{tmp}", "--output", "{tmp}/o"], "unsupported storage scheme"),
-        (["sample", "{tmp}/s", "--studies", "2"], "at least 4"),
+        (["score", "--model", "ftp://x/y", "--data", "{tmp}", "--out", "{tmp}/o"], "unsupported storage scheme"),
+        (["sample", "--out", "{tmp}/s", "--studies", "2"], "at least 4"),
         (["train", "--data", "{tmp}", "--out", "{tmp}/run", "--epochs", "0"], "must be >= 1"),
-        (["score", "--model", "{tmp}", "--input", "{tmp}", "--output", "{tmp}/o", "--max-error-rate", "1.5"], "between 0 and 1"),
+        (["score", "--model", "{tmp}", "--data", "{tmp}", "--out", "{tmp}/o", "--max-error-rate", "1.5"], "between 0 and 1"),
         (["evaluate", "--model", "{tmp}/nomodel", "--data", "{tmp}", "--out", "{tmp}/e"], "not a mura-ray checkpoint"),
     ],
 )
@@ -74,7 +74,7 @@ def test_bad_input_exits_2_with_one_line(capsys, tmp_path, args, needle):
     [
         (["train", "--data", "{tmp}/missing", "--out", "{tmp}/run", "--weights", "none"], "mura-ray: error: archive root not found"),
         (["train", "--data", "{tmp}", "--out", "{tmp}/run", "--trainable", "layer9"], "--trainable"),
-        (["score", "--model", "{tmp}", "--input", "{tmp}", "--output", "{tmp}/o", "--max-error-rate", "1.5"], "between 0 and 1"),
+        (["score", "--model", "{tmp}", "--data", "{tmp}", "--out", "{tmp}/o", "--max-error-rate", "1.5"], "between 0 and 1"),
     ],
 )
 def test_the_real_command_exits_2_with_one_line(tmp_path, args, needle):

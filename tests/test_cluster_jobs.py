@@ -23,7 +23,6 @@ import urllib.request
 
 import duckdb
 import pytest
-
 from conftest import LOOPBACK_ONLY, _free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -195,7 +194,7 @@ def test_nightly_scoring_job_runs_once_per_night(two_nodes, small_archive, untra
     (model, model_id), _ = untrained_models
     out = str(tmp_path / "scores")
     night = f"score-small-archive-{dt.date.today().isoformat()}"
-    args = ["python", "jobs/score.py", "--model", model, "--input", root, "--output", out, "--split", "valid"]
+    args = ["python", "jobs/score.py", "--model", model, "--data", root, "--out", out, "--split", "valid"]
     submitted = two_nodes.submit(night, *args)
     assert submitted.returncode == 0, submitted.stderr[-2000:]
     state = two_nodes.wait(night)
@@ -236,7 +235,7 @@ def test_a_job_with_a_bad_input_fails_and_says_why(two_nodes, untrained_models, 
     (model, _), _ = untrained_models
     job = f"score-missing-{secrets.token_hex(3)}"
     missing = str(tmp_path / "no-such-archive")
-    submitted = two_nodes.submit(job, "python", "jobs/score.py", "--model", model, "--input", missing, "--output", str(tmp_path / "o"))
+    submitted = two_nodes.submit(job, "python", "jobs/score.py", "--model", model, "--data", missing, "--out", str(tmp_path / "o"))
     assert submitted.returncode == 0, submitted.stderr[-2000:]
     assert two_nodes.wait(job) == "FAILED"
     last = [line for line in two_nodes.job_logs(job).splitlines() if line.strip()][-1]

@@ -11,7 +11,15 @@ from sklearn.metrics import cohen_kappa_score, f1_score, roc_auc_score
 from mura_ray.decode import DecodeError, decode_gray, load_square
 from mura_ray.engine import score_step, train_one_epoch
 from mura_ray.metrics import binary_metrics, study_scores
-from mura_ray.model import IMAGENET_MEAN, IMAGENET_STD, build_model, for_inference, parse_trainable, set_trainable, to_input
+from mura_ray.model import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    build_model,
+    for_inference,
+    parse_trainable,
+    set_trainable,
+    to_input,
+)
 from mura_ray.train import EarlyStopping, class_weights
 from mura_ray.transforms import EvalPreset, TrainPreset
 
@@ -33,7 +41,7 @@ def test_decode_modes_to_gray(mode):
 
 
 def test_decode_16bit_and_cmyk_jpeg():
-    deep = decode_gray(_png((GRAY.astype(np.uint16) * 200)))
+    deep = decode_gray(_png(GRAY.astype(np.uint16) * 200))
     assert deep.dtype == np.uint8 and deep.max() == 255
     buf = io.BytesIO()
     Image.fromarray(GRAY).convert("CMYK").save(buf, format="JPEG")

@@ -46,7 +46,7 @@ def test_nightly_runs_score_only_new_and_changed_images(ray_cluster, s3_server, 
     keys = _archive_keys(fs, s3_bucket)
     n = len(keys)
     out = f"s3://{s3_bucket}/scores"
-    cfg = dict(model=model_a, input=f"s3://{s3_bucket}/archive", output=out)
+    cfg = dict(model=model_a, data=f"s3://{s3_bucket}/archive", out=out)
 
     first = run_scoring(ScoreConfig(**cfg))
     assert (first["images"], first["skipped"], first["errors"]) == (n, 0, 0)
@@ -102,7 +102,7 @@ def _score_process(ray_address, model, archive, out, fault=None):
     if fault:
         env["MURA_RAY_FAULT"] = fault
     return subprocess.run(
-        [sys.executable, "-m", "mura_ray.cli", "score", "--model", model, "--input", archive, "--output", out],
+        [sys.executable, "-m", "mura_ray.cli", "score", "--model", model, "--data", archive, "--out", out],
         env=env, capture_output=True, text=True, timeout=300,
     )
 

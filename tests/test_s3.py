@@ -46,8 +46,8 @@ def test_s3_archive_and_outputs_match_local(ray_cluster, s3_server, s3_bucket, t
     fs = s3fs.S3FileSystem(endpoint_url=s3_server)
     fs.put(trained["model_dir"], f"{s3_bucket}/model", recursive=True)
     local_out = str(tmp_path / "scores")
-    run_scoring(ScoreConfig(model=trained["model_dir"], input=local, output=local_out))
-    m = run_scoring(ScoreConfig(model=f"s3://{s3_bucket}/model", input=f"s3://{s3_bucket}/archive", output=f"s3://{s3_bucket}/scores"))
+    run_scoring(ScoreConfig(model=trained["model_dir"], data=local, out=local_out))
+    m = run_scoring(ScoreConfig(model=f"s3://{s3_bucket}/model", data=f"s3://{s3_bucket}/archive", out=f"s3://{s3_bucket}/scores"))
     assert m["images"] == len(local_cat) and m["errors"] == 0
 
     local_scores = _scores(None, os.path.join(local_out, "images"))

@@ -34,7 +34,7 @@ def test_scores_every_file_and_study_with_contract_types(trained_run, small_arch
     shutil.copy(os.path.join(root, next(i.rel_path for i in plan if i.split == "valid")), bad_study / "image2.png")
     out = str(tmp_path / "scores")
 
-    manifest = run_scoring(ScoreConfig(model=trained["model_dir"], input=str(archive), output=out))
+    manifest = run_scoring(ScoreConfig(model=trained["model_dir"], data=str(archive), out=out))
 
     n_files = sum(i.split == "valid" for i in plan) + 2
     n_studies = len({i.study_rel for i in plan if i.split == "valid"}) + 1

@@ -4,12 +4,11 @@ import json
 import os
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from safetensors.torch import load_file
-from torchvision.models import resnet18
-
-import pyarrow.parquet as pq
 from sklearn.metrics import cohen_kappa_score
+from torchvision.models import resnet18
 
 from mura_ray.config import TrainConfig
 from mura_ray.metrics import choose_threshold, study_scores

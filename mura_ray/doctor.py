@@ -1,0 +1,148 @@
+"""``mura-ray doctor``: what mura-ray runs on, and whether it is usable.
+
+Versions, the CPU and its speed-relevant features, the GPUs torch sees, the
+Ray cluster a command would use, and whether given paths or ``s3://``
+prefixes can be listed. No secret is ever printed: for S3 it names where the
+credentials come from, not what they are.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+PACKAGES = ("mura-ray", "ray", "torch", "torchvision", "pydicom", "pyarrow", "s3fs")
+PINNED_RAY = "2.60.0"
+
+
+def cpu_info() -> dict[str, Any]:
+    """The CPU's model, logical CPUs and which of ``SPEED_FLAGS`` it has (from /proc/cpuinfo on Linux)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model in ("", platform.machine(), platform.processor()):
+                    model = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": model, "cpus": os.cpu_count(), "flags": [f for f in SPEED_FLAGS if f in flags]}
+
+
+def cpu_line() -> str:
+    info = cpu_info()
+    return f"CPU: {info['model']}, {info['cpus']} logical CPUs; features: {', '.join(info['flags']) or 'none of ' + ', '.join(SPEED_FLAGS)}"
+
+
+def _version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def _gpus() -> list[str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [f"{i}: {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
+
+
+def _ray_cluster() -> tuple[str, str | None]:
+    """(description, problem or None) of the cluster a command would use."""
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        cpus = os.environ.get("MURA_RAY_NUM_CPUS") or os.cpu_count()
+        return f"local: a command starts its own Ray on 127.0.0.1 with {cpus} CPUs (RAY_ADDRESS is not set)", None
+    import ray
+
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+        res = ray.cluster_resources()
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        shown = ", ".join(f"{k} {v:g}" for k, v in sorted(res.items()) if k in ("CPU", "GPU") or k.startswith("accelerator"))
+        return f"RAY_ADDRESS={address}: {nodes} live nodes; {shown}", None
+    except Exception as exc:  # what a user needs is the reason, on one line
+        return f"RAY_ADDRESS={address}", f"cannot connect to the Ray cluster at {address}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def _credential_source() -> str:
+    try:
+        import botocore.session
+
+        creds = botocore.session.get_session().get_credentials()
+        return f"credentials from {creds.method}" if creds is not None else "no credentials found"
+    except Exception as exc:
+        return f"credentials unknown ({type(exc).__name__})"
+
+
+def check_access(uri: str) -> tuple[str, str | None]:
+    """(description, problem or None): can ``uri`` be listed?"""
+    from mura_ray import storage
+    from mura_ray.errors import UsageError
+
+    try:
+        uri = storage.resolve(uri)
+        fs, path = storage.filesystem(uri)
+        if not fs.exists(path):
+            return uri, f"{uri} does not exist or is not visible with the current credentials"
+        listed = fs.ls(path, detail=False) if fs.isdir(path) else [path]
+    except UsageError as exc:
+        return uri, str(exc)
+    except Exception as exc:
+        return uri, f"cannot list {uri}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    where = ""
+    if uri.startswith("s3://"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        where = f" ({_credential_source()}{', endpoint ' + endpoint if endpoint else ''})"
+    return f"{uri}: listable, {len(listed)} entries at the top{where}", None
+
+
+def run_doctor(checks: list[str]) -> int:
+    """Print the report; returns 0 when all is usable, 1 otherwise (the reasons are printed)."""
+    problems: list[str] = []
+    rows: list[tuple[str, str]] = []
+    versions = {name: _version(name) for name in PACKAGES}
+    rows.append(("python", platform.python_version()))
+    for name, v in versions.items():
+        rows.append((name, v or "not installed"))
+        if v is None and name in ("ray", "torch", "torchvision", "pydicom"):
+            problems.append(f"{name} is not installed")
+    if versions["ray"] and versions["ray"] != PINNED_RAY:
+        problems.append(f"ray {versions['ray']} is installed; mura-ray, cluster.yaml and k8s/ use ray {PINNED_RAY}")
+    info = cpu_info()
+    rows.append(("cpu", f"{info['model']} ({info['cpus']} logical CPUs)"))
+    rows.append(("cpu features", ", ".join(f"{f} {'yes' if f in info['flags'] else 'no'}" for f in SPEED_FLAGS)))
+    try:
+        gpus = _gpus()
+        rows.append(("gpus", "; ".join(gpus) if gpus else "none that torch can use"))
+    except Exception as exc:
+        problems.append(f"torch cannot be imported: {exc}")
+    described, problem = _ray_cluster()
+    rows.append(("ray cluster", described))
+    if problem:
+        problems.append(problem)
+    for uri in checks:
+        described, problem = check_access(uri)
+        rows.append(("access", described))
+        if problem:
+            problems.append(problem)
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    if problems:
+        for p in problems:
+            print(f"problem: {p}")
+        return 1
+    print("all usable")
+    return 0
