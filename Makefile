@@ -30,7 +30,7 @@ test: install-test
 	$(BIN)/python -m pytest -q
 
 lint: install-test
-	$(BIN)/ruff check mura_ray tests benchmarks jobs
+	$(BIN)/ruff check mura_ray tests jobs && $(BIN)/ruff format --check mura_ray tests jobs
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

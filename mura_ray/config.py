@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field
 from typing import Any
 
-from mura_ray import storage
+from mura_ray.archive import storage
 from mura_ray.errors import UsageError
 
 # ---- value checks: each takes the text (or the value) and returns the value ----
@@ -127,46 +127,64 @@ class SampleConfig(_Config):
 @dataclass
 class TrainConfig(_Config):
     data: str = option(help="archive root with train and valid splits (MURA layout)", metavar="ROOT", path=True)
-    out: str = option(help="run directory: the model, history, curves and checkpoints go here", metavar="RUN_DIR", path=True)
+    out: str = option(
+        help="run directory: the model, history, curves and checkpoints go here", metavar="RUN_DIR", path=True
+    )
     workers: int = option(2, help="DDP workers", check=positive_int)
     epochs: int = option(10, help="maximum epochs", check=positive_int, resumable=True)
     image_size: int = option(224, help="model input side in pixels", check=image_size)
     batch_size: int = option(32, help="images per worker per step", check=positive_int)
     lr: float = option(1e-3, help="Adam learning rate", check=positive_float)
     weights: str = option(
-        "imagenet", metavar="imagenet|PATH|none",
+        "imagenet",
+        metavar="imagenet|PATH|none",
         help="starting weights: torchvision's ImageNet download, a safetensors state dict (path or s3://), or none",
     )
     trainable: str = option(
-        "auto", metavar="BLOCKS",
+        "auto",
+        metavar="BLOCKS",
         help="blocks to train: a comma list of conv1,bn1,layer1..layer4,fc, or all; "
         "auto = layer3,layer4,fc from pretrained weights, all with --weights none",
     )
-    patience: int = option(3, help="early stopping: epochs without a better validation F1", check=positive_int, resumable=True)
-    lr_patience: int = option(1, help="ReduceLROnPlateau: epochs without a lower validation loss", check=non_negative_int)
+    patience: int = option(
+        3, help="early stopping: epochs without a better validation F1", check=positive_int, resumable=True
+    )
+    lr_patience: int = option(
+        1, help="ReduceLROnPlateau: epochs without a lower validation loss", check=non_negative_int
+    )
     lr_factor: float = option(0.3, help="ReduceLROnPlateau: factor applied to the learning rate", check=open_fraction)
     seed: int = option(0, help="random seed", check=non_negative_int)
-    use_gpu: bool | None = option(None, help="use GPUs (default: when the cluster has one per worker)", cli=False, resumable=True)
+    use_gpu: bool | None = option(
+        None, help="use GPUs (default: when the cluster has one per worker)", cli=False, resumable=True
+    )
     cpus_per_worker: float | None = option(
         None, help="CPUs each worker reserves (default: sized from the cluster)", check=positive_float, resumable=True
     )
     shuffle_labels: bool = option(
-        False, help="leakage check: train on randomly permuted training labels; validation metrics should stay at chance"
+        False,
+        help="leakage check: train on randomly permuted training labels; validation metrics should stay at chance",
     )
     max_failures: int = option(
-        0, metavar="K", help="restart crashed workers up to K times from the latest epoch's checkpoint",
-        check=non_negative_int, resumable=True,
+        0,
+        metavar="K",
+        help="restart crashed workers up to K times from the latest epoch's checkpoint",
+        check=non_negative_int,
+        resumable=True,
     )
     target_sensitivity: float | None = option(
-        None, metavar="S", check=fraction, resumable=True,
+        None,
+        metavar="S",
+        check=fraction,
+        resumable=True,
         help="decision threshold: the highest whose study-level validation sensitivity is >= S (for triage); "
         "default: the one that maximises study-level kappa",
     )
     placement_strategy: str = option(
-        "PACK", choices=("PACK", "SPREAD", "STRICT_SPREAD"), resumable=True,
+        "PACK",
+        choices=("PACK", "SPREAD", "STRICT_SPREAD"),
+        resumable=True,
         help="where Ray places the workers: PACK fills a node first, STRICT_SPREAD one per node",
     )
-    fault: str | None = option(None, help="test hook: 'crash@E' kills the last worker once in epoch E", cli=False, resumable=True)
 
 
 @dataclass
@@ -192,7 +210,9 @@ class ScoreConfig(_Config):
         0.01, metavar="F", check=fraction, help="exit 3 when more than this fraction of the scored images fail"
     )
     batch_size: int = option(64, help="images per model call", check=positive_int)
-    actors: int | None = option(None, help="model actors (default: one per GPU, or sized from the CPUs)", check=positive_int)
+    actors: int | None = option(
+        None, help="model actors (default: one per GPU, or sized from the CPUs)", check=positive_int
+    )
     cpus_per_actor: float | None = option(None, help="CPUs each model actor reserves", check=positive_float, cli=False)
     use_gpu: bool | None = option(None, help="use GPUs (default: when the cluster has any)", cli=False)
     run_id: str | None = option(None, help="name of this run (default: UTC time and a random suffix)", check=run_name)
@@ -222,6 +242,32 @@ class BenchTrainConfig(_Config):
     image_size: int = option(128, help="model input side", check=image_size)
     batch_size: int = option(16, help="images per worker per step", check=positive_int)
     json: str | None = option(None, metavar="FILE", help="also write the figures as JSON", path=True)
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One option per CLI field of the dataclass ``cls``: its help, check, choices and default."""
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        required = f.default is dataclasses.MISSING
+        help_text = meta["help"]
+        if not required and f.default not in (None, False):
+            help_text += f" (default {f.default})"
+        if f.default is False:
+            parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
+            continue
+        kwargs: dict[str, Any] = {"dest": f.name, "help": help_text, "required": required}
+        if meta.get("check"):
+            kwargs["type"] = meta["check"]
+        if meta.get("choices"):
+            kwargs["choices"] = meta["choices"]
+        if meta.get("metavar"):
+            kwargs["metavar"] = meta["metavar"]
+        if not required:
+            kwargs["default"] = f.default
+        parser.add_argument(flag, **kwargs)
 
 
 def resumable_fields() -> set[str]:

@@ -63,6 +63,7 @@ class _RayLog(logging.Handler):
         self._file: TextIO | None = None
         self._pending: list[str] = []
         self._lock_lines = threading.Lock()
+        self.setLevel(logging.INFO)  # Ray Data's loggers pass DEBUG records on to their handlers to filter
         self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
 
     def open(self, path: str) -> None:
@@ -180,9 +181,14 @@ def setup(*, verbose: bool = False, quiet: bool = False, own_process: bool = Fal
     ray_log = _RayLog()
     _state["ray_log"] = ray_log
     logging.captureWarnings(True)
-    _route_loggers(ray_log)
     if own_process and _state["stderr"] is None:
         _state["stderr"] = _StderrFilter(ray_log)
+
+
+def before_ray_init() -> None:
+    """Called just before ``ray.init``: Ray's loggers go to the log file from its first line on."""
+    if _state["ray_log"] is not None:
+        _route_loggers(_state["ray_log"])
 
 
 def _route_loggers(ray_log: _RayLog) -> None:
@@ -194,7 +200,8 @@ def _route_loggers(ray_log: _RayLog) -> None:
     for name in names:
         logger = logging.getLogger(name)
         for h in list(logger.handlers):
-            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+            console_handler = isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+            if console_handler or (isinstance(h, _RayLog) and h is not ray_log):  # an earlier command's log
                 logger.removeHandler(h)
         if name in RAY_LOGGERS:
             if ray_log not in logger.handlers:
@@ -222,6 +229,11 @@ def ray_connected() -> None:
     global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
     global_worker_stdstream_dispatcher.remove_handler("mura_ray_logs")
     global_worker_stdstream_dispatcher.add_handler("mura_ray_logs", ray_log.worker_lines)
+    # The raylet's warnings to the driver (e.g. "N PYTHON worker processes have been started") are
+    # printed by Ray's error listener through this function directly, not through the dispatcher.
+    import ray._private.worker as ray_worker
+
+    ray_worker.print_to_stdstream = lambda data, ignore_prefix=False: ray_log.worker_lines(data)
     if ray_log.path is None:
         ray_log.open(os.path.join(_session_logs_dir(), f"mura-ray-{os.getpid()}.log"))
     if not _state["announced"]:

@@ -9,13 +9,14 @@ from typing import Any
 
 import pyarrow.dataset as pads
 
-from mura_ray import console, storage
+from mura_ray import console
+from mura_ray.archive import storage
+from mura_ray.archive.sample import write_sample
 from mura_ray.config import DemoConfig, EvalConfig, ScoreConfig, TrainConfig
-from mura_ray.evaluate import run_evaluation
-from mura_ray.metrics import binary_metrics
-from mura_ray.sample import write_sample
-from mura_ray.score import run_scoring
-from mura_ray.train import run_training
+from mura_ray.reporting.evaluate import run_evaluation
+from mura_ray.reporting.metrics import binary_metrics, fmt_ci
+from mura_ray.scoring.run import run_scoring
+from mura_ray.training.driver import run_training
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,15 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     log.info("[2/4] training ResNet18 with %d DDP workers", cfg.workers)
     trained = run_training(
         TrainConfig(
-            data=archive, out=run_dir, workers=cfg.workers, epochs=cfg.epochs, image_size=cfg.image_size,
-            batch_size=16, lr=1e-3, weights="none", patience=4,
+            data=archive,
+            out=run_dir,
+            workers=cfg.workers,
+            epochs=cfg.epochs,
+            image_size=cfg.image_size,
+            batch_size=16,
+            lr=1e-3,
+            weights="none",
+            patience=4,
         )
     )
 
@@ -54,13 +62,35 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     log.info("[4/4] scoring the validation split")
     scored = run_scoring(ScoreConfig(model=trained["model_dir"], data=archive, out=scores, split="valid"))
 
+    paths = {"archive": archive, "run": run_dir, "report": report_dir, "scores": scores, "out": out}
+    summary = _summary(paths, trained, report, scored, t_sample, time.monotonic() - t0)
+    storage.write_text(storage.join(out, SUMMARY), json.dumps(summary, indent=2))
+    return summary
+
+
+def _summary(
+    paths: dict[str, str],
+    trained: dict[str, Any],
+    report: dict[str, Any],
+    scored: dict[str, Any],
+    t_sample: float,
+    total: float,
+) -> dict[str, Any]:
+    """The demo's figures: the evaluation, the study metrics read back from the scored Parquet, times, outputs."""
     # Read the committed Parquet back and measure it, as a user of the output would.
-    studies_tbl = pads.dataset(storage.join(scores, "studies"), format="parquet", partitioning="hive").to_table()
-    study = binary_metrics(studies_tbl["label"].to_numpy(), studies_tbl["prob_abnormal"].to_numpy(), scored.get("threshold", 0.5))
+    studies_tbl = pads.dataset(
+        storage.join(paths["scores"], "studies"), format="parquet", partitioning="hive"
+    ).to_table()
+    study = binary_metrics(
+        studies_tbl["label"].to_numpy(), studies_tbl["prob_abnormal"].to_numpy(), scored.get("threshold", 0.5)
+    )
     summary = {
         "validation_study_metrics_from_parquet": {k: round(v, 4) for k, v in study.items()},
         "evaluation": {
-            level: {k: report[level][k] for k in ("n", "kappa", "kappa_ci", "auroc", "auroc_ci", "f1", "sensitivity", "specificity")}
+            level: {
+                k: report[level][k]
+                for k in ("n", "kappa", "kappa_ci", "auroc", "auroc_ci", "f1", "sensitivity", "specificity")
+            }
             for level in ("image", "study")
         },
         "threshold": trained["threshold"],
@@ -68,24 +98,23 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "images_scored": scored["images"],
         "scoring_errors": scored["errors"],
         "wall_seconds": {
-            "total": round(time.monotonic() - t0, 1),
+            "total": round(total, 1),
             "sample": round(t_sample, 1),
             "train": round(trained["wall_seconds"], 1),
             "evaluate": round(report["seconds"], 1),
             "score": round(scored["seconds"], 1),
         },
         "outputs": {
-            "archive": archive, "model": trained["model_dir"], "model_card": storage.join(trained["model_dir"], "model_card.md"),
-            "curves": storage.join(run_dir, "training_curves.png"), "report": storage.join(report_dir, "report.md"),
-            "scores": scores, "summary": storage.join(out, SUMMARY),
+            "archive": paths["archive"],
+            "model": trained["model_dir"],
+            "model_card": storage.join(trained["model_dir"], "model_card.md"),
+            "curves": storage.join(paths["run"], "training_curves.png"),
+            "report": storage.join(paths["report"], "report.md"),
+            "scores": paths["scores"],
+            "summary": storage.join(paths["out"], SUMMARY),
         },
     }
-    storage.write_text(storage.join(out, SUMMARY), json.dumps(summary, indent=2))
     return summary
-
-
-def _ci(v: list[float]) -> str:
-    return f"[{v[0]:.3f}, {v[1]:.3f}]"
 
 
 def render_summary(s: dict[str, Any]) -> str:
@@ -99,7 +128,8 @@ def render_summary(s: dict[str, Any]) -> str:
     for level in ("study", "image"):
         m = ev[level]
         lines.append(
-            f"  {level:<6} {m['n']:>5}  {m['kappa']:.3f} {_ci(m['kappa_ci']):<16} {m['auroc']:.3f} {_ci(m['auroc_ci']):<16} "
+            f"  {level:<6} {m['n']:>5}  {m['kappa']:.3f} {fmt_ci(m['kappa_ci']):<16} "
+            f"{m['auroc']:.3f} {fmt_ci(m['auroc_ci']):<16} "
             f"{m['sensitivity']:>6.3f} {m['specificity']:>6.3f}"
         )
     p = s["validation_study_metrics_from_parquet"]

@@ -37,7 +37,8 @@ def cpu_info() -> dict[str, Any]:
 
 def cpu_line() -> str:
     info = cpu_info()
-    return f"CPU: {info['model']}, {info['cpus']} logical CPUs; features: {', '.join(info['flags']) or 'none of ' + ', '.join(SPEED_FLAGS)}"
+    flags = ", ".join(info["flags"]) or "none of " + ", ".join(SPEED_FLAGS)
+    return f"CPU: {info['model']}, {info['cpus']} logical CPUs; features: {flags}"
 
 
 def _version(name: str) -> str | None:
@@ -67,13 +68,22 @@ def _ray_cluster() -> tuple[str, str | None]:
         ray.init(address=address, log_to_driver=False, logging_level="ERROR")
         res = ray.cluster_resources()
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-        shown = ", ".join(f"{k} {v:g}" for k, v in sorted(res.items()) if k in ("CPU", "GPU") or k.startswith("accelerator"))
+        shown = ", ".join(
+            f"{k} {v:g}" for k, v in sorted(res.items()) if k in ("CPU", "GPU") or k.startswith("accelerator")
+        )
         return f"RAY_ADDRESS={address}: {nodes} live nodes; {shown}", None
     except Exception as exc:  # what a user needs is the reason, on one line
-        return f"RAY_ADDRESS={address}", f"cannot connect to the Ray cluster at {address}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        return (
+            f"RAY_ADDRESS={address}",
+            f"cannot connect to the Ray cluster at {address}: {_first_line(exc)}",
+        )
     finally:
         if ray.is_initialized():
             ray.shutdown()
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _credential_source() -> str:
@@ -88,7 +98,7 @@ def _credential_source() -> str:
 
 def check_access(uri: str) -> tuple[str, str | None]:
     """(description, problem or None): can ``uri`` be listed?"""
-    from mura_ray import storage
+    from mura_ray.archive import storage
     from mura_ray.errors import UsageError
 
     try:

@@ -2,7 +2,14 @@
 
 At the named point (on its Nth pass, default the first) the process kills
 itself with SIGKILL, as a node loss or the OOM killer would. Unset, every
-check is a dictionary lookup and nothing else.
+check is a dictionary lookup and nothing else. This is the only way faults
+are injected: no user-facing setting knows of them.
+
+Points: ``score`` (the scoring driver, after writing a batch),
+``commit-move`` and ``commit-manifest`` (the ledger's commit), and
+``train-epoch@E`` (the last training worker, in the middle of epoch E, on
+the first attempt only). Ray Train's workers do not see the driver's
+environment, so the training driver hands them the setting (``spec()``).
 """
 
 from __future__ import annotations
@@ -23,6 +30,19 @@ def _armed(point: str) -> bool:
         return False
     _passes[point] += 1
     return _passes[point] == int(nth or 1)
+
+
+def spec() -> str | None:
+    """The fault asked for in this process's environment, to hand on to Ray workers."""
+    return os.environ.get("MURA_RAY_FAULT") or None
+
+
+def armed_in_epoch(spec: str | None, epoch: int) -> bool:
+    """Whether ``spec`` (from ``spec()``) asks a training worker to die in ``epoch``."""
+    if not spec:
+        return False
+    name, _, nth = spec.partition("@")
+    return name == "train-epoch" and int(nth or 1) == epoch
 
 
 def maybe_kill(point: str) -> None:

@@ -42,7 +42,9 @@ def _fmt_seconds(s: float) -> str:
 class Progress:
     """done/total, rate and time left for one stage."""
 
-    def __init__(self, label: str, total: int, *, unit: str = "images", stream: TextIO | None = None, enabled: bool = True) -> None:
+    def __init__(
+        self, label: str, total: int, *, unit: str = "images", stream: TextIO | None = None, enabled: bool = True
+    ) -> None:
         self.label, self.total, self.unit = label, max(int(total), 0), unit
         self.stream = stream or sys.stdout
         self.done = 0
@@ -54,8 +56,14 @@ class Progress:
             from tqdm import tqdm
 
             self._bar = tqdm(
-                total=self.total, desc=label, unit=" " + unit.rstrip("s"), file=self.stream, dynamic_ncols=True,
-                leave=False, smoothing=0.1, bar_format="{desc} {bar} {n_fmt}/{total_fmt} [{rate_fmt}, {remaining} left]{postfix}",
+                total=self.total,
+                desc=label,
+                unit=" " + unit.rstrip("s"),
+                file=self.stream,
+                dynamic_ncols=True,
+                leave=False,
+                smoothing=0.1,
+                bar_format="{desc} {bar} {n_fmt}/{total_fmt} [{rate_fmt}, {remaining} left]{postfix}",
             )
             _bars.append(self._bar)
 

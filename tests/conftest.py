@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import save_file
 from torchvision.models import resnet18
 
+from mura_ray.archive.sample import write_sample
 from mura_ray.config import TrainConfig
-from mura_ray.sample import write_sample
 
 SMALL_STUDIES = 40
 LEARN_STUDIES = 300
@@ -67,7 +67,10 @@ def s3_server():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    saved = {
+        k: os.environ.get(k)
+        for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    }
     os.environ.update(
         AWS_ENDPOINT_URL=endpoint,
         AWS_ACCESS_KEY_ID="testing",
@@ -122,27 +125,50 @@ def trained_run(ray_cluster, learn_archive, start_weights, tmp_path_factory):
     """Two epochs, two workers, small images, starting from a state dict file.
 
     One worker is killed (SIGKILL) in the middle of epoch 2, once: the run has
-    to restart the worker group from epoch 1's checkpoint and finish.
+    to restart the worker group from epoch 1's checkpoint and finish. Its
+    paths are given relative to a working directory that is neither the
+    checkout nor Ray's, as a user in another folder would type them.
     """
     root, _ = learn_archive
-    out = str(tmp_path_factory.mktemp("run"))
-    cfg = TrainConfig(
-        data=root, out=out, workers=2, epochs=2, image_size=48, batch_size=16, weights=start_weights, patience=5,
-        max_failures=1, fault="crash@2",
-    )
-    return cfg, _run_training(cfg)
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    before = os.getcwd()
+    os.chdir(elsewhere)
+    try:
+        cfg = TrainConfig(
+            data=os.path.relpath(root),
+            out="runs/r1",
+            workers=2,
+            epochs=2,
+            image_size=48,
+            batch_size=16,
+            weights=start_weights,
+            patience=5,
+            max_failures=1,
+        )
+    finally:
+        os.chdir(before)
+    return cfg, _run_training(cfg, fault="train-epoch@2")
 
 
-def _run_training(cfg):
-    from mura_ray.train import run_training
+def _run_training(cfg, fault=None):
+    """``run_training``, with ``MURA_RAY_FAULT`` set to ``fault`` while it runs (the driver hands it to the workers)."""
+    from mura_ray.training.driver import run_training
 
-    return run_training(cfg)
+    saved = os.environ.pop("MURA_RAY_FAULT", None)
+    if fault:
+        os.environ["MURA_RAY_FAULT"] = fault
+    try:
+        return run_training(cfg)
+    finally:
+        os.environ.pop("MURA_RAY_FAULT", None)
+        if saved is not None:
+            os.environ["MURA_RAY_FAULT"] = saved
 
 
 def write_untrained_model(directory: str, seed: int, image_size: int = 48) -> str:
     """A checkpoint with seeded random weights: scoring plumbing needs a model, not a good one."""
-    from mura_ray.checkpoint import model_metadata, save_checkpoint
-    from mura_ray.model import build_model
+    from mura_ray.model.checkpoint import model_metadata, save_checkpoint
+    from mura_ray.model.resnet import build_model
 
     torch.manual_seed(seed)
     return save_checkpoint(directory, build_model().eval(), dict(model_metadata(image_size), threshold=0.5))

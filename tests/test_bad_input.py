@@ -16,9 +16,9 @@ from PIL import Image
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from mura_ray import cli
-from mura_ray.decode import DecodeError, decode_gray
 from mura_ray.errors import UsageError
-from mura_ray.ledger import Lease, Ledger
+from mura_ray.imaging.decode import DecodeError, decode_gray
+from mura_ray.scoring.ledger import Lease, Ledger
 
 
 def _png(image: Image.Image) -> bytes:
@@ -34,7 +34,12 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 def _bomb_png(side: int = 20000) -> bytes:
     """A valid PNG header claiming side x side pixels, with a few bytes of data."""
     ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + _chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", ihdr)
+        + _chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + _chunk(b"IEND", b"")
+    )
 
 
 def _bad_archive(root, good_png: bytes) -> tuple[dict[str, bool], list[str]]:
@@ -78,7 +83,9 @@ def _jpeg(gray: np.ndarray) -> bytes:
 
 
 @pytest.mark.timeout(600)
-def test_bad_files_become_rows_and_the_error_rate_sets_the_exit(ray_cluster, small_archive, untrained_models, tmp_path, capsys):
+def test_bad_files_become_rows_and_the_error_rate_sets_the_exit(
+    ray_cluster, small_archive, untrained_models, tmp_path, capsys
+):
     root, plan = small_archive
     archive = tmp_path / "archive"
     with open(os.path.join(root, plan[0].rel_path), "rb") as f:
@@ -116,10 +123,26 @@ def test_bad_files_become_rows_and_the_error_rate_sets_the_exit(ray_cluster, sma
                 assert value.encode() not in data, (name, value)
 
     # Undecodable files are final for their bytes: the next run skips them too, and a looser limit exits 0.
-    rc = cli.main(["-q", "score", "--model", model, "--data", str(archive), "--out", str(out), "--max-error-rate", "0.5"])
+    rc = cli.main(
+        ["-q", "score", "--model", model, "--data", str(archive), "--out", str(out), "--max-error-rate", "0.5"]
+    )
     assert rc == 0
     assert f"scored 0, skipped {len(expected)} " in capsys.readouterr().out
-    rc = cli.main(["-q", "score", "--model", model, "--data", str(archive), "--out", str(out), "--full", "--max-error-rate", "0.5"])
+    rc = cli.main(
+        [
+            "-q",
+            "score",
+            "--model",
+            model,
+            "--data",
+            str(archive),
+            "--out",
+            str(out),
+            "--full",
+            "--max-error-rate",
+            "0.5",
+        ]
+    )
     assert rc == 0
     assert f"scored {len(expected)}, skipped 0" in capsys.readouterr().out
 

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from mura_ray.catalog import CATALOG_SCHEMA, build_catalog, parse_parts
+from mura_ray.archive.catalog import CATALOG_SCHEMA, build_catalog, parse_parts
 from mura_ray.errors import UsageError
 
 
@@ -67,7 +67,9 @@ def test_csv_line_with_trailing_slash_and_label():
         (lambda p: (p / "valid_image_paths.csv").write_text("MURA-v1.1/valid/XR_HAND/p/s/image1.png,1\n"), "line 1"),
         (
             lambda p: (
-                (p / "train_image_paths.csv").write_text("MURA-v1.1/train/XR_HAND/patient1/study1_positive/image1.png\n"),
+                (p / "train_image_paths.csv").write_text(
+                    "MURA-v1.1/train/XR_HAND/patient1/study1_positive/image1.png\n"
+                ),
                 (p / "train_labeled_studies.csv").write_text("MURA-v1.1/train/XR_HAND/patient1/study1_positive/;yes\n"),
             ),
             "train_labeled_studies.csv line 1",

@@ -55,7 +55,10 @@ def test_sample_verb_writes_an_archive(tmp_path):
         (["score", "--model", "ftp://x/y", "--data", "{tmp}", "--out", "{tmp}/o"], "unsupported storage scheme"),
         (["sample", "--out", "{tmp}/s", "--studies", "2"], "at least 4"),
         (["train", "--data", "{tmp}", "--out", "{tmp}/run", "--epochs", "0"], "must be >= 1"),
-        (["score", "--model", "{tmp}", "--data", "{tmp}", "--out", "{tmp}/o", "--max-error-rate", "1.5"], "between 0 and 1"),
+        (
+            ["score", "--model", "{tmp}", "--data", "{tmp}", "--out", "{tmp}/o", "--max-error-rate", "1.5"],
+            "between 0 and 1",
+        ),
         (["evaluate", "--model", "{tmp}/nomodel", "--data", "{tmp}", "--out", "{tmp}/e"], "not a mura-ray checkpoint"),
     ],
 )
@@ -66,15 +69,23 @@ def test_bad_input_exits_2_with_one_line(capsys, tmp_path, args, needle):
     assert code == 2, (out, err)
     assert "Traceback" not in err
     assert needle in err
-    assert err.strip().splitlines()[-1].startswith(("mura-ray: error:", "mura-ray ")) and "error:" in err.splitlines()[-1]
+    assert (
+        err.strip().splitlines()[-1].startswith(("mura-ray: error:", "mura-ray ")) and "error:" in err.splitlines()[-1]
+    )
 
 
 @pytest.mark.parametrize(
     "args, needle",
     [
-        (["train", "--data", "{tmp}/missing", "--out", "{tmp}/run", "--weights", "none"], "mura-ray: error: archive root not found"),
+        (
+            ["train", "--data", "{tmp}/missing", "--out", "{tmp}/run", "--weights", "none"],
+            "mura-ray: error: archive root not found",
+        ),
         (["train", "--data", "{tmp}", "--out", "{tmp}/run", "--trainable", "layer9"], "--trainable"),
-        (["score", "--model", "{tmp}", "--data", "{tmp}", "--out", "{tmp}/o", "--max-error-rate", "1.5"], "between 0 and 1"),
+        (
+            ["score", "--model", "{tmp}", "--data", "{tmp}", "--out", "{tmp}/o", "--max-error-rate", "1.5"],
+            "between 0 and 1",
+        ),
     ],
 )
 def test_the_real_command_exits_2_with_one_line(tmp_path, args, needle):

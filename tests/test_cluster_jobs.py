@@ -33,7 +33,8 @@ RAY = os.path.join(BIN, "ray")
 # they launch stays on 127.0.0.1), and `ray start` itself runs with the multi-node check passed
 # and the address it is given kept as is.
 RAY_START = [
-    sys.executable, "-c",
+    sys.executable,
+    "-c",
     "import sys, ray._private.services as s, ray._private.ray_constants as c; "
     "s.resolve_ip_for_localhost = lambda host: host; c.ENABLE_RAY_CLUSTER = True; "
     "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; main()",
@@ -78,22 +79,43 @@ class TwoNodeCluster:
         # clean up) each other's runtime-env files.
         os.makedirs(os.path.join(self.temp, "head"))
         os.makedirs(os.path.join(self.temp, "n2"))
-        self.procs.append(self._start(
-            ["--head", f"--port={self.gcs_port}", "--num-cpus=2", "--include-dashboard=true",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash_port}", f"--temp-dir={self.temp}/head",
-             *common, *_node_ports()], "head"
-        ))
+        self.procs.append(
+            self._start(
+                [
+                    "--head",
+                    f"--port={self.gcs_port}",
+                    "--num-cpus=2",
+                    "--include-dashboard=true",
+                    "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={self.dash_port}",
+                    f"--temp-dir={self.temp}/head",
+                    *common,
+                    *_node_ports(),
+                ],
+                "head",
+            )
+        )
         self._wait_for_dashboard()
-        self.procs.append(self._start(
-            [f"--address=127.0.0.1:{self.gcs_port}", "--num-cpus=2", "--resources={\"second_node\": 1}",
-             f"--temp-dir={self.temp}/n2", *common, *_node_ports()],
-            "node2",
-        ))
+        self.procs.append(
+            self._start(
+                [
+                    f"--address=127.0.0.1:{self.gcs_port}",
+                    "--num-cpus=2",
+                    '--resources={"second_node": 1}',
+                    f"--temp-dir={self.temp}/n2",
+                    *common,
+                    *_node_ports(),
+                ],
+                "node2",
+            )
+        )
         self._wait_for_nodes(2)
 
     def _start(self, args: list[str], name: str) -> subprocess.Popen:
         log = open(os.path.join(self.temp, f"{name}.log"), "w")
-        return subprocess.Popen([*RAY_START, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            [*RAY_START, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def _wait_for_dashboard(self, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
@@ -129,15 +151,31 @@ class TwoNodeCluster:
 
     def ray(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
         """The `ray` CLI with the token in its environment, against the head's Jobs API."""
-        command = [RAY, *args[:2], "--address", self.dashboard, *args[2:]]  # e.g. ray job submit --address URL ... -- cmd
+        command = [
+            RAY,
+            *args[:2],
+            "--address",
+            self.dashboard,
+            *args[2:],
+        ]  # e.g. ray job submit --address URL ... -- cmd
         out = subprocess.run(command, env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         if check and out.returncode != 0:
             raise RuntimeError(f"ray {' '.join(args)} failed: {out.stdout[-2000:]}\n{out.stderr[-2000:]}")
         return out
 
     def submit(self, submission_id: str, *entrypoint: str) -> subprocess.CompletedProcess:
-        return self.ray("job", "submit", "--submission-id", submission_id, "--runtime-env", "jobs/runtime_env.yaml",
-                        "--no-wait", "--", *entrypoint, check=False)
+        return self.ray(
+            "job",
+            "submit",
+            "--submission-id",
+            submission_id,
+            "--runtime-env",
+            "jobs/runtime_env.yaml",
+            "--no-wait",
+            "--",
+            *entrypoint,
+            check=False,
+        )
 
     def wait(self, submission_id: str, timeout: float = 420) -> str:
         deadline = time.monotonic() + timeout
@@ -154,7 +192,11 @@ class TwoNodeCluster:
         return self.ray("job", "logs", submission_id, check=False).stdout
 
     def logs(self) -> str:
-        return "\n".join(open(os.path.join(self.temp, f"{n}.log")).read()[-2000:] for n in ("head", "node2") if os.path.exists(os.path.join(self.temp, f"{n}.log")))
+        return "\n".join(
+            open(os.path.join(self.temp, f"{n}.log")).read()[-2000:]
+            for n in ("head", "node2")
+            if os.path.exists(os.path.join(self.temp, f"{n}.log"))
+        )
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -204,21 +246,40 @@ def test_nightly_scoring_job_runs_once_per_night(two_nodes, small_archive, untra
     assert f"scored {n_valid}, skipped 0" in logs
     con = duckdb.connect()
     assert con.execute(
-        f"SELECT count(*), count(DISTINCT image_uri), min(model_id), max(model_id) FROM read_parquet('{out}/images/**/*.parquet')"
+        "SELECT count(*), count(DISTINCT image_uri), min(model_id), max(model_id) "
+        f"FROM read_parquet('{out}/images/**/*.parquet')"
     ).fetchone() == (n_valid, n_valid, model_id, model_id)
     # The same night again is refused by its submission id.
     again = two_nodes.submit(night, *args)
     assert again.returncode != 0 and "already exists" in (again.stdout + again.stderr).lower()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_training_job_runs_ddp_across_the_two_nodes(two_nodes, small_archive, tmp_path):
     root, _ = small_archive
     run = str(tmp_path / "run")
     job = f"train-{secrets.token_hex(3)}"
     submitted = two_nodes.submit(
-        job, "python", "jobs/train.py", "--data", root, "--out", run, "--workers", "2", "--epochs", "1",
-        "--image-size", "32", "--batch-size", "8", "--weights", "none", "--placement-strategy", "STRICT_SPREAD",
+        job,
+        "python",
+        "jobs/train.py",
+        "--data",
+        root,
+        "--out",
+        run,
+        "--workers",
+        "2",
+        "--epochs",
+        "1",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--weights",
+        "none",
+        "--placement-strategy",
+        "STRICT_SPREAD",
     )
     assert submitted.returncode == 0, submitted.stderr[-2000:]
     state = two_nodes.wait(job)
@@ -235,7 +296,9 @@ def test_a_job_with_a_bad_input_fails_and_says_why(two_nodes, untrained_models, 
     (model, _), _ = untrained_models
     job = f"score-missing-{secrets.token_hex(3)}"
     missing = str(tmp_path / "no-such-archive")
-    submitted = two_nodes.submit(job, "python", "jobs/score.py", "--model", model, "--data", missing, "--out", str(tmp_path / "o"))
+    submitted = two_nodes.submit(
+        job, "python", "jobs/score.py", "--model", model, "--data", missing, "--out", str(tmp_path / "o")
+    )
     assert submitted.returncode == 0, submitted.stderr[-2000:]
     assert two_nodes.wait(job) == "FAILED"
     last = [line for line in two_nodes.job_logs(job).splitlines() if line.strip()][-1]

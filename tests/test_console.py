@@ -98,7 +98,16 @@ def test_doctor_reports_versions_cpu_and_the_local_cluster(capsys, monkeypatch, 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert cli.main(["doctor", "--check", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    for needle in ("mura-ray", "torchvision", "pydicom", "cpu features", "avx2", "amx_bf16", "local: a command starts its own Ray", "all usable"):
+    for needle in (
+        "mura-ray",
+        "torchvision",
+        "pydicom",
+        "cpu features",
+        "avx2",
+        "amx_bf16",
+        "local: a command starts its own Ray",
+        "all usable",
+    ):
         assert needle in out
     assert cli.main(["doctor", "--check", str(tmp_path / "missing")]) == 1
     assert "problem: " in capsys.readouterr().out

@@ -35,7 +35,9 @@ def test_cluster_yaml_is_valid_for_ray_and_secure_by_default():
     assert len(workers) >= 2 and all("min_workers" in v and "max_workers" in v for v in workers.values())
     gpu_types = {v["node_config"]["InstanceType"] for v in workers.values()}
     assert {"g5.2xlarge", "g5.12xlarge"} <= gpu_types  # one GPU each, and four in one node for DDP
-    assert config["idle_timeout_minutes"] > 0 and config["max_workers"] >= sum(v["max_workers"] for v in workers.values())
+    assert config["idle_timeout_minutes"] > 0 and config["max_workers"] >= sum(
+        v["max_workers"] for v in workers.values()
+    )
 
     # S3 through an instance profile on every node; no keys anywhere.
     assert all("IamInstanceProfile" in v["node_config"] for v in nodes.values())
@@ -72,7 +74,9 @@ def _check_rayjob(job, entry_script):
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"]
     assert head and head[0]["image"]
     groups = cluster["workerGroupSpecs"]
-    assert groups and all(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu") for g in groups)
+    assert groups and all(
+        g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu") for g in groups
+    )
     assert spec["shutdownAfterJobFinishes"] is True
     assert not re.search(r"AWS_SECRET_ACCESS_KEY|AWS_ACCESS_KEY_ID", json.dumps(job))
 
@@ -93,7 +97,9 @@ def test_kuberay_training_job_and_nightly_scoring():
     rayjob = yaml.safe_load(docs["ConfigMap"]["data"]["rayjob.yaml"])
     _check_rayjob(rayjob, "jobs/score.py")
     assert "NIGHT" in rayjob["metadata"]["name"]
-    assert {"create", "get"} <= set(docs["Role"]["rules"][0]["verbs"]) and docs["Role"]["rules"][0]["resources"] == ["rayjobs"]
+    assert {"create", "get"} <= set(docs["Role"]["rules"][0]["verbs"]) and docs["Role"]["rules"][0]["resources"] == [
+        "rayjobs"
+    ]
 
 
 def test_job_runtime_env_ships_the_code_and_not_the_environment():

@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score, precision_score, recall_score, roc_auc_score
 
 from mura_ray import cli
-from mura_ray.metrics import choose_threshold, study_scores
+from mura_ray.reporting.metrics import study_scores
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -41,7 +41,9 @@ def test_report_matches_sklearn_overall_and_per_body_part(trained_run, learn_arc
     _, trained = trained_run
     root, plan = learn_archive
     out = tmp_path / "eval"
-    rc = cli.main(["-q", "evaluate", "--model", trained["model_dir"], "--data", root, "--out", str(out), "--resamples", "200"])
+    rc = cli.main(
+        ["-q", "evaluate", "--model", trained["model_dir"], "--data", root, "--out", str(out), "--resamples", "200"]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     report = json.load(open(out / "report.json"))
@@ -80,38 +82,22 @@ def test_report_matches_sklearn_overall_and_per_body_part(trained_run, learn_arc
             assert f.read(8) == PNG, name
 
     # An explicit threshold overrides the checkpoint's.
-    rc = cli.main(["-q", "evaluate", "--model", trained["model_dir"], "--data", root, "--out", str(tmp_path / "e2"),
-                   "--threshold", "0.9", "--resamples", "50"])
+    rc = cli.main(
+        [
+            "-q",
+            "evaluate",
+            "--model",
+            trained["model_dir"],
+            "--data",
+            root,
+            "--out",
+            str(tmp_path / "e2"),
+            "--threshold",
+            "0.9",
+            "--resamples",
+            "50",
+        ]
+    )
     assert rc == 0
     again = json.load(open(tmp_path / "e2" / "report.json"))
     _check(again["image"], _sklearn(labels, probs, 0.9))
-
-
-def test_target_sensitivity_picks_the_highest_threshold_that_reaches_it():
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 2, 300)
-    probs = np.clip(labels * 0.3 + rng.normal(0.35, 0.2, 300), 0, 1)
-    for target in (0.8, 0.9, 0.95):
-        t = choose_threshold(labels, probs, target_sensitivity=target)
-        assert recall_score(labels, (probs >= t).astype(int)) >= target
-        # t lies between two observed scores; the next split up (one case fewer called abnormal) misses the target.
-        above = np.unique(probs)[np.unique(probs) > t]
-        assert not np.isin(t, probs)
-        assert recall_score(labels, (probs >= above[1]).astype(int)) < target
-    best = choose_threshold(labels, probs)
-    kappa = cohen_kappa_score(labels, (probs >= best).astype(int))
-    assert all(cohen_kappa_score(labels, (probs >= c).astype(int)) <= kappa + 1e-12 for c in np.unique(probs))
-
-
-def test_bootstrap_intervals_equal_sklearn_on_the_same_resamples():
-    from mura_ray.metrics import bootstrap_ci
-
-    rng = np.random.default_rng(3)
-    labels = rng.integers(0, 2, 120)
-    probs = np.round(np.clip(labels * 0.25 + rng.normal(0.4, 0.2, 120), 0, 1), 2)  # ties on purpose
-    got = bootstrap_ci(labels, probs, 0.5, resamples=200, seed=7)
-    idx = np.random.default_rng(7).integers(0, 120, (200, 120))
-    kappas = [cohen_kappa_score(labels[i], (probs[i] >= 0.5).astype(int)) for i in idx]
-    aurocs = [roc_auc_score(labels[i], probs[i]) for i in idx if 0 < labels[i].sum() < 120]
-    assert got["kappa_ci"] == pytest.approx(list(np.quantile(kappas, [0.025, 0.975])), abs=1e-12)
-    assert got["auroc_ci"] == pytest.approx(list(np.quantile(aurocs, [0.025, 0.975])), abs=1e-12)

@@ -11,9 +11,9 @@ import duckdb
 import pytest
 import s3fs
 
+from mura_ray.archive.sample import write_sample
 from mura_ray.config import ScoreConfig
-from mura_ray.sample import write_sample
-from mura_ray.score import run_scoring
+from mura_ray.scoring.run import run_scoring
 
 CURRENT_IMAGES = """
 SELECT * FROM read_parquet('{out}/images/**/*.parquet')
@@ -103,7 +103,10 @@ def _score_process(ray_address, model, archive, out, fault=None):
         env["MURA_RAY_FAULT"] = fault
     return subprocess.run(
         [sys.executable, "-m", "mura_ray.cli", "score", "--model", model, "--data", archive, "--out", out],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -154,7 +157,9 @@ def test_sigkill_while_scoring_or_committing_loses_and_duplicates_nothing(
     fs.invalidate_cache()
     con, local, total, distinct = _visible(fs, s3_bucket, tmp_path, "final")
     assert total == distinct == n + 2
-    assert con.execute(f"SELECT count(DISTINCT model_id), min(model_id) FROM read_parquet('{local}/images/**/*.parquet')").fetchone() == (1, model_id)
+    assert con.execute(
+        f"SELECT count(DISTINCT model_id), min(model_id) FROM read_parquet('{local}/images/**/*.parquet')"
+    ).fetchone() == (1, model_id)
     studies = con.execute(CURRENT_STUDIES.format(out=local, model=model_id)).fetchall()
     assert len(studies) == len({k.rsplit("/", 1)[0] for k in _archive_keys(fs, s3_bucket)})
     assert fs.find(f"{s3_bucket}/scores/_staging") == []

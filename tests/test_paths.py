@@ -15,7 +15,8 @@ import shutil
 import duckdb
 import pytest
 
-from mura_ray import cli, storage
+from mura_ray import cli
+from mura_ray.archive import storage
 from mura_ray.config import EvalConfig, ScoreConfig, TrainConfig
 from mura_ray.errors import UsageError
 
@@ -37,7 +38,9 @@ def test_resolve_gives_absolute_paths_and_uris(tmp_path, monkeypatch, given, exp
     assert storage.resolve(given) == expected.format(cwd=os.getcwd(), home=str(tmp_path / "home"))
 
 
-@pytest.mark.parametrize("bad, needle", [("ftp://host/x", "unsupported storage scheme"), ("s3://", "no bucket"), ("", "empty path")])
+@pytest.mark.parametrize(
+    "bad, needle", [("ftp://host/x", "unsupported storage scheme"), ("s3://", "no bucket"), ("", "empty path")]
+)
 def test_resolve_refuses_what_it_cannot_reach(bad, needle):
     with pytest.raises(UsageError, match=needle):
         storage.resolve(bad)
@@ -57,31 +60,37 @@ def test_configs_resolve_every_path_field(tmp_path, monkeypatch):
 
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_train_evaluate_and_score_with_relative_paths_from_another_directory(ray_cluster, small_archive, tmp_path, monkeypatch, capsys):
+def test_training_given_relative_paths_writes_where_the_user_asked(trained_run):
+    # trained_run's paths were relative to another working directory; Ray Train's workers ran in Ray's.
+    cfg, result = trained_run
+    assert cfg.out.endswith("/runs/r1") and "elsewhere" in cfg.out and result["model_dir"] == cfg.out + "/model"
+    assert {"model.safetensors", "metadata.json", "model_card.md"} <= set(os.listdir(result["model_dir"]))
+    for name in ("metrics.csv", "training_curves.png", "events.jsonl", "ray_train"):
+        assert os.path.exists(os.path.join(cfg.out, name)), name
+
+
+@pytest.mark.timeout(600)
+def test_evaluate_and_score_with_relative_paths_from_another_directory(
+    trained_run, small_archive, tmp_path, monkeypatch, capsys
+):
     root, plan = small_archive
     work = tmp_path / "elsewhere"
     shutil.copytree(root, work / "archive")
+    shutil.copytree(trained_run[1]["model_dir"], work / "runs" / "r1" / "model")
     monkeypatch.chdir(work)
+    n_valid = sum(i.split == "valid" for i in plan)
 
-    assert cli.main(["train", "--data", "archive", "--out", "runs/r1", "--workers", "2", "--epochs", "1",
-                     "--image-size", "32", "--batch-size", "8", "--weights", "none"]) == 0
-    train_out = capsys.readouterr().out
-    model = work / "runs" / "r1" / "model"
-    assert {"model.safetensors", "metadata.json", "model_card.md"} <= set(os.listdir(model))
-    assert (work / "runs" / "r1" / "metrics.csv").exists() and (work / "runs" / "r1" / "training_curves.png").exists()
-    # The console has mura-ray's lines; Ray's output went to the run's log file.
-    assert "epoch 1/1" in train_out and "TrainingReport(" not in train_out and "PlacementGroupCleaner" not in train_out
-    assert (work / "runs" / "r1" / "ray.log").stat().st_size > 0
-
-    assert cli.main(["evaluate", "--model", "runs/r1/model", "--data", "archive", "--out", "eval", "--resamples", "50"]) == 0
+    assert (
+        cli.main(["evaluate", "--model", "runs/r1/model", "--data", "archive", "--out", "eval", "--resamples", "50"])
+        == 0
+    )
     report = json.loads((work / "eval" / "report.json").read_text())
-    assert report["image"]["n"] == sum(i.split == "valid" for i in plan)
-    assert (work / "eval" / "roc.png").exists()
+    assert report["image"]["n"] == n_valid and (work / "eval" / "roc.png").exists()
+    # The console has mura-ray's lines; Ray's output went to the report folder's log file.
+    printed = capsys.readouterr().out
+    assert "scored " in printed and "MapBatches" not in printed and (work / "eval" / "ray.log").stat().st_size > 0
 
     assert cli.main(["score", "--model", "runs/r1", "--data", "archive", "--out", "scores", "--split", "valid"]) == 0
-    n_valid = sum(i.split == "valid" for i in plan)
-    rows = duckdb.connect().execute(
-        f"SELECT count(*), count(DISTINCT image_uri) FROM read_parquet('{work}/scores/images/**/*.parquet')"
-    ).fetchone()
-    assert rows == (n_valid, n_valid)
-    assert "scored " + str(n_valid) in capsys.readouterr().out
+    query = f"SELECT count(*), count(DISTINCT image_uri) FROM read_parquet('{work}/scores/images/**/*.parquet')"
+    assert duckdb.connect().execute(query).fetchone() == (n_valid, n_valid)
+    assert f"scored {n_valid}" in capsys.readouterr().out

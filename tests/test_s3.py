@@ -11,18 +11,20 @@ import pyarrow.dataset as pads
 import pytest
 import s3fs
 
-from mura_ray.catalog import build_catalog
+from mura_ray.archive.catalog import build_catalog
+from mura_ray.archive.sample import write_sample
 from mura_ray.config import ScoreConfig
-from mura_ray.sample import write_sample
-from mura_ray.score import run_scoring
-from mura_ray.train import recorded_epoch
+from mura_ray.scoring.run import run_scoring
+from mura_ray.training.rundir import recorded_epoch
 
 
 def _scores(fs, path):
     table = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table()
     return {
         uri.split("MURA-v1.1/", 1)[1]: (prob, err)
-        for uri, prob, err in zip(table["image_uri"].to_pylist(), table["prob_abnormal"].to_pylist(), table["error"].to_pylist())
+        for uri, prob, err in zip(
+            table["image_uri"].to_pylist(), table["prob_abnormal"].to_pylist(), table["error"].to_pylist()
+        )
     }
 
 
@@ -47,7 +49,9 @@ def test_s3_archive_and_outputs_match_local(ray_cluster, s3_server, s3_bucket, t
     fs.put(trained["model_dir"], f"{s3_bucket}/model", recursive=True)
     local_out = str(tmp_path / "scores")
     run_scoring(ScoreConfig(model=trained["model_dir"], data=local, out=local_out))
-    m = run_scoring(ScoreConfig(model=f"s3://{s3_bucket}/model", data=f"s3://{s3_bucket}/archive", out=f"s3://{s3_bucket}/scores"))
+    m = run_scoring(
+        ScoreConfig(model=f"s3://{s3_bucket}/model", data=f"s3://{s3_bucket}/archive", out=f"s3://{s3_bucket}/scores")
+    )
     assert m["images"] == len(local_cat) and m["errors"] == 0
 
     local_scores = _scores(None, os.path.join(local_out, "images"))
@@ -60,6 +64,7 @@ def test_s3_archive_and_outputs_match_local(ray_cluster, s3_server, s3_bucket, t
     assert not fs.exists(f"{s3_bucket}/scores/_staging/{m['run_id']}")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_training_on_s3_resumes_after_the_driver_is_killed(ray_address, s3_server, s3_bucket, start_weights, tmp_path):
     data = f"s3://{s3_bucket}/archive"
@@ -67,8 +72,28 @@ def test_training_on_s3_resumes_after_the_driver_is_killed(ray_address, s3_serve
     out = f"s3://{s3_bucket}/runs/r1"
     base = f"{s3_bucket}/runs/r1"
     fs = s3fs.S3FileSystem(endpoint_url=s3_server)
-    cmd = [sys.executable, "-m", "mura_ray.cli", "train", "--data", data, "--out", out, "--workers", "2", "--epochs", "3",
-           "--image-size", "32", "--batch-size", "8", "--weights", start_weights, "--patience", "4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mura_ray.cli",
+        "train",
+        "--data",
+        data,
+        "--out",
+        out,
+        "--workers",
+        "2",
+        "--epochs",
+        "3",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--weights",
+        start_weights,
+        "--patience",
+        "4",
+    ]
     env = dict(os.environ, RAY_ADDRESS=ray_address)
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -5,7 +5,7 @@ import numpy as np
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from mura_ray.sample import BODY_PARTS, plan_sample, render_radiograph
+from mura_ray.archive.sample import BODY_PARTS, plan_sample, render_radiograph
 
 
 def test_plan_is_deterministic_and_patients_stay_in_one_split():

@@ -7,18 +7,36 @@ import duckdb
 import pytest
 
 from mura_ray.config import ScoreConfig
-from mura_ray.score import run_scoring
+from mura_ray.scoring.run import run_scoring
 
 IMAGE_TYPES = {
-    "image_uri": "VARCHAR", "study_uri": "VARCHAR", "patient_id": "VARCHAR", "body_part": "VARCHAR",
-    "label": "TINYINT", "prob_abnormal": "FLOAT", "predicted_abnormal": "BOOLEAN", "threshold": "FLOAT",
-    "model_id": "VARCHAR", "run_id": "VARCHAR", "scored_at": "TIMESTAMP WITH TIME ZONE",
-    "source_size": "BIGINT", "source_etag": "VARCHAR", "error": "VARCHAR",
+    "image_uri": "VARCHAR",
+    "study_uri": "VARCHAR",
+    "patient_id": "VARCHAR",
+    "body_part": "VARCHAR",
+    "label": "TINYINT",
+    "prob_abnormal": "FLOAT",
+    "predicted_abnormal": "BOOLEAN",
+    "threshold": "FLOAT",
+    "model_id": "VARCHAR",
+    "run_id": "VARCHAR",
+    "scored_at": "TIMESTAMP WITH TIME ZONE",
+    "source_size": "BIGINT",
+    "source_etag": "VARCHAR",
+    "error": "VARCHAR",
 }
 STUDY_TYPES = {
-    "study_uri": "VARCHAR", "patient_id": "VARCHAR", "body_part": "VARCHAR", "n_images": "INTEGER",
-    "n_errors": "INTEGER", "prob_abnormal": "FLOAT", "predicted_abnormal": "BOOLEAN", "label": "TINYINT",
-    "model_id": "VARCHAR", "run_id": "VARCHAR", "scored_at": "TIMESTAMP WITH TIME ZONE",
+    "study_uri": "VARCHAR",
+    "patient_id": "VARCHAR",
+    "body_part": "VARCHAR",
+    "n_images": "INTEGER",
+    "n_errors": "INTEGER",
+    "prob_abnormal": "FLOAT",
+    "predicted_abnormal": "BOOLEAN",
+    "label": "TINYINT",
+    "model_id": "VARCHAR",
+    "run_id": "VARCHAR",
+    "scored_at": "TIMESTAMP WITH TIME ZONE",
 }
 
 
@@ -47,14 +65,25 @@ def test_scores_every_file_and_study_with_contract_types(trained_run, small_arch
     assert con.execute(f"SELECT count(*) FROM {studies}").fetchone()[0] == n_studies
     assert manifest["images"] == n_files and manifest["errors"] == 1
 
-    err = con.execute(f"SELECT image_uri, prob_abnormal, predicted_abnormal, error FROM {images} WHERE error IS NOT NULL").fetchall()
+    err = con.execute(
+        f"SELECT image_uri, prob_abnormal, predicted_abnormal, error FROM {images} WHERE error IS NOT NULL"
+    ).fetchall()
     assert len(err) == 1 and err[0][0].endswith("patient99999/study1_positive/image1.png")
     assert err[0][1] is None and err[0][2] is None and "decode" in err[0][3]
-    lo, hi, nulls = con.execute(f"SELECT min(prob_abnormal), max(prob_abnormal), count(*) - count(prob_abnormal) FROM {images}").fetchone()
+    lo, hi, nulls = con.execute(
+        f"SELECT min(prob_abnormal), max(prob_abnormal), count(*) - count(prob_abnormal) FROM {images}"
+    ).fetchone()
     assert 0.0 <= lo <= hi <= 1.0 and nulls == 1
-    assert con.execute(f"SELECT count(DISTINCT model_id), min(model_id) FROM {images}").fetchone() == (1, trained["model_id"])
-    row = con.execute(f"SELECT n_images, n_errors, prob_abnormal FROM {studies} WHERE study_uri LIKE '%patient99999%'").fetchone()
-    one = con.execute(f"SELECT prob_abnormal FROM {images} WHERE image_uri LIKE '%patient99999%image2.png'").fetchone()[0]
+    assert con.execute(f"SELECT count(DISTINCT model_id), min(model_id) FROM {images}").fetchone() == (
+        1,
+        trained["model_id"],
+    )
+    row = con.execute(
+        f"SELECT n_images, n_errors, prob_abnormal FROM {studies} WHERE study_uri LIKE '%patient99999%'"
+    ).fetchone()
+    one = con.execute(f"SELECT prob_abnormal FROM {images} WHERE image_uri LIKE '%patient99999%image2.png'").fetchone()[
+        0
+    ]
     assert row[0] == 2 and row[1] == 1 and row[2] == pytest.approx(one)
     # Study means equal the mean of their images' scores.
     diff = con.execute(

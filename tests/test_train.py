@@ -11,8 +11,10 @@ from sklearn.metrics import cohen_kappa_score
 from torchvision.models import resnet18
 
 from mura_ray.config import TrainConfig
-from mura_ray.metrics import choose_threshold, study_scores
-from mura_ray.train import class_weights, read_events, run_training
+from mura_ray.model.steps import class_weights
+from mura_ray.reporting.metrics import choose_threshold, study_scores
+from mura_ray.training.driver import run_training
+from mura_ray.training.rundir import read_events
 
 
 @pytest.mark.timeout(600)
@@ -55,7 +57,9 @@ def test_threshold_model_card_and_curves_are_kept_with_the_model(trained_run):
     meta = json.load(open(os.path.join(model_dir, "metadata.json")))
     preds = pq.read_table(os.path.join(model_dir, "valid_predictions.parquet"))
     ids, s_probs, s_labels = study_scores(
-        np.asarray(preds["study_uri"].to_pylist(), dtype=object), preds["prob_abnormal"].to_numpy(), preds["label"].to_numpy()
+        np.asarray(preds["study_uri"].to_pylist(), dtype=object),
+        preds["prob_abnormal"].to_numpy(),
+        preds["label"].to_numpy(),
     )
     assert meta["threshold"] == pytest.approx(choose_threshold(s_labels, s_probs))
     best = cohen_kappa_score(s_labels, (s_probs >= meta["threshold"]).astype(int))
@@ -65,21 +69,36 @@ def test_threshold_model_card_and_curves_are_kept_with_the_model(trained_run):
     lo, hi = meta["validation"]["study"]["kappa_ci"]
     assert lo <= hi
     card = open(os.path.join(model_dir, "model_card.md")).read()
-    for needle in (meta["model_id"], meta["data_fingerprint"], f"{meta['threshold']:.3f}", "Not for clinical diagnosis",
-                   "torch", "## Intended use", "## Limitations"):
+    for needle in (
+        meta["model_id"],
+        meta["data_fingerprint"],
+        f"{meta['threshold']:.3f}",
+        "Not for clinical diagnosis",
+        "torch",
+        "## Intended use",
+        "## Limitations",
+    ):
         assert needle in card, needle
     with open(os.path.join(cfg.out, "training_curves.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_true_labels_are_learnt_and_shuffled_labels_are_not(ray_cluster, learn_archive, tmp_path):
     root, _ = learn_archive
     kappas = {}
     for shuffled in (False, True):
         cfg = TrainConfig(
-            data=root, out=str(tmp_path / f"shuffled-{shuffled}"), workers=2, epochs=10, image_size=64,
-            batch_size=16, weights="none", patience=3, shuffle_labels=shuffled,
+            data=root,
+            out=str(tmp_path / f"shuffled-{shuffled}"),
+            workers=2,
+            epochs=10,
+            image_size=64,
+            batch_size=16,
+            weights="none",
+            patience=3,
+            shuffle_labels=shuffled,
         )
         kappas[shuffled] = run_training(cfg)["metrics"]["val_study_kappa"]
     print("study kappas", kappas)

@@ -1,4 +1,4 @@
-"""Benchmarks: scoring and training throughput, measured side by side in one run.
+"""``mura-ray bench score``: scoring throughput, measured side by side in one run.
 
 ``bench_score`` measures on the same N synthetic images of MURA-like size:
 (a) the model's forward pass alone on pre-decoded images, all cores;
@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-import json
 import logging
 import os
 import tempfile
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
@@ -28,13 +26,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mura_ray import __version__, storage
-from mura_ray.checkpoint import model_metadata, save_checkpoint
-from mura_ray.decode import cache_side, load_square
+from mura_ray import __version__
+from mura_ray.archive.sample import encode_png, render_radiograph
+from mura_ray.bench.memory import PeakMemory
 from mura_ray.doctor import cpu_info
-from mura_ray.model import IMAGENET_MEAN, IMAGENET_STD, build_model, for_inference, to_input
-from mura_ray.sample import encode_png, render_radiograph
-from mura_ray.transforms import EvalPreset
+from mura_ray.imaging.preprocess import IMAGENET_MEAN, IMAGENET_STD, EvalPreset, cache_side, load_square, to_input
+from mura_ray.model.checkpoint import model_metadata, save_checkpoint
+from mura_ray.model.resnet import build_model, for_inference
 
 log = logging.getLogger(__name__)
 
@@ -154,52 +152,10 @@ def naive_ips(paths: list[str], image_size: int, batch_size: int, workers: int) 
 # ---- (e) the pipeline, with the memory of every process it uses ----
 
 
-def _tree_rss(root_pid: int) -> int:
-    """Resident bytes of ``root_pid`` and all its descendants (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            ppid, pages = int(fields[1]), int(fields[21])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-        rss[int(entry)] = pages * os.sysconf("SC_PAGE_SIZE")
-    total, stack = 0, [root_pid]
-    while stack:
-        pid = stack.pop()
-        total += rss.get(pid, 0)
-        stack.extend(children.get(pid, []))
-    return total
-
-
-class PeakMemory:
-    """Samples the resident memory of this process tree every 0.2 s while in use."""
-
-    def __enter__(self) -> PeakMemory:
-        self.peak = _tree_rss(os.getpid())
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.2):
-            self.peak = max(self.peak, _tree_rss(os.getpid()))
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def pipeline_run(model_dir: str, input_dir: str, output_dir: str, batch_size: int) -> tuple[float, int, dict[str, Any]]:
     """(images/s, peak bytes, manifest) of one ``run_scoring`` on a started cluster."""
     from mura_ray.config import ScoreConfig
-    from mura_ray.score import run_scoring
+    from mura_ray.scoring.run import run_scoring
 
     with PeakMemory() as mem:
         t0 = time.perf_counter()
@@ -208,7 +164,9 @@ def pipeline_run(model_dir: str, input_dir: str, output_dir: str, batch_size: in
     return manifest["images"] / seconds, mem.peak, manifest
 
 
-def bench_score(images: int, *, image_size: int = 224, batch_size: int = 64, workdir: str | None = None) -> dict[str, Any]:
+def bench_score(
+    images: int, *, image_size: int = 224, batch_size: int = 64, workdir: str | None = None
+) -> dict[str, Any]:
     """Run (a)-(e) and the memory check; returns the figures (see the module docstring)."""
     from mura_ray import cluster
 
@@ -243,7 +201,13 @@ def bench_score(images: int, *, image_size: int = 224, batch_size: int = 64, wor
         "cpu": cpu_info(),
         "torch_threads": cpus,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "settings": {"image_size": image_size, "batch_size": batch_size, "dtype": "float32", "channels_last": True, "batch_norm_folded": True},
+        "settings": {
+            "image_size": image_size,
+            "batch_size": batch_size,
+            "dtype": "float32",
+            "channels_last": True,
+            "batch_norm_folded": True,
+        },
         "model_ips": a,
         "decode_ips": b,
         "limit_ips": c,
@@ -265,110 +229,48 @@ def score_table(r: dict[str, Any]) -> str:
         ("(d) notebook way: DataLoader + fp32 forward", r["naive_ips"]),
         ("(e) mura-ray Ray pipeline, Parquet written", r["pipeline_ips"]),
     ]
-    lines = [f"| stage ({r['images']} images, {r['cpus']} CPUs, {r['settings']['image_size']} px) | images/s |", "| --- | ---: |"]
+    lines = [
+        f"| stage ({r['images']} images, {r['cpus']} CPUs, {r['settings']['image_size']} px) | images/s |",
+        "| --- | ---: |",
+    ]
     lines += [f"| {name} | {value:.1f} |" for name, value in rows]
     lines += [
         f"| e / c | {r['ratio_limit']:.2f} |",
         f"| e / d | {r['ratio_naive']:.2f} |",
-        f"| peak memory at N / 4N | {r['peak_rss_n_bytes'] / 2**20:.0f} MiB / {r['peak_rss_4n_bytes'] / 2**20:.0f} MiB |",
+        f"| peak memory at N / 4N | {r['peak_rss_n_bytes'] / 2**20:.0f} MiB / "
+        f"{r['peak_rss_4n_bytes'] / 2**20:.0f} MiB |",
     ]
-    return "\n".join(lines) + "\n\n" + _cpu_text(r)
+    return "\n".join(lines) + "\n\n" + cpu_text(r)
 
 
-def write_json(path: str, result: dict[str, Any]) -> None:
-    storage.write_text(path, json.dumps(result, indent=2))
-
-
-def bench_train(*, studies: int = 300, image_size: int = 128, batch_size: int = 16, epochs: int = 3, workdir: str | None = None) -> dict[str, Any]:
-    """Data-pipeline images/s for the first and later epochs, and training images/s with 1 and 2 workers."""
-    from mura_ray import cluster
-    from mura_ray.catalog import build_catalog
-    from mura_ray.config import TrainConfig
-    from mura_ray.data import cached_training_split, train_view
-    from mura_ray.sample import write_sample
-    from mura_ray.train import SHUFFLE_BUFFER, run_training
-
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        archive = os.path.join(tmp, "archive")
-        write_sample(archive, studies=studies, seed=0)
-        cluster.connect()
-        catalog = build_catalog(archive)
-        fs, _ = storage.filesystem(archive)
-
-        t0 = time.perf_counter()
-        cached, _ = cached_training_split(catalog, split="train", side=cache_side(image_size), fs=fs)
-        decode_seconds = time.perf_counter() - t0
-        n = cached.count()
-        epoch_seconds = []
-        for _ in range(epochs):
-            t0 = time.perf_counter()
-            view = train_view(cached, size=image_size)
-            for _batch in view.iter_batches(batch_size=batch_size, local_shuffle_buffer_size=SHUFFLE_BUFFER):
-                pass
-            epoch_seconds.append(time.perf_counter() - t0)
-        data = {
-            "train_images": n,
-            "decode_once_seconds": decode_seconds,
-            "first_epoch_ips": n / (decode_seconds + epoch_seconds[0]),
-            "later_epoch_ips": n * (epochs - 1) / sum(epoch_seconds[1:]) if epochs > 1 else None,
-        }
-        data["later_over_first"] = data["later_epoch_ips"] / data["first_epoch_ips"] if epochs > 1 else None
-
-        training = {}
-        for workers in (1, 2):
-            cfg = TrainConfig(
-                data=archive, out=os.path.join(tmp, f"run{workers}"), workers=workers, epochs=2,
-                image_size=image_size, batch_size=batch_size, weights="none", patience=5,
-            )
-            run_training(cfg)
-            history = json.loads(storage.read_text(os.path.join(cfg.out, "metrics.json")))
-            training[f"workers_{workers}"] = {
-                f"epoch_{h['epoch']}_ips": h["train_images"] / h["train_seconds"] for h in history
-            }
-    return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "cpus": os.cpu_count(),
-        "cpu": cpu_info(),
-        "settings": {"studies": studies, "image_size": image_size, "batch_size": batch_size, "trainable": "all"},
-        "data_pipeline": data,
-        "training": training,
-    }
-
-
-def train_table(r: dict[str, Any]) -> str:
-    d = r["data_pipeline"]
-    lines = [
-        f"| training benchmark ({d['train_images']} images, {r['settings']['image_size']} px, {r['cpus']} CPUs) | images/s |",
-        "| --- | ---: |",
-        f"| data pipeline, epoch 1 (decode + cache + augment) | {d['first_epoch_ips']:.1f} |",
-        f"| data pipeline, later epochs (augment only) | {d['later_epoch_ips']:.1f} |",
-    ]
-    for key, epochs in r["training"].items():
-        for ek, v in epochs.items():
-            lines.append(f"| training, {key.replace('_', ' ')}, {ek.split('_ips')[0].replace('_', ' ')} | {v:.1f} |")
-    return "\n".join(lines) + "\n\n" + _cpu_text(r)
-
-
-def _cpu_text(r: dict[str, Any]) -> str:
+def cpu_text(r: dict[str, Any]) -> str:
     cpu = r.get("cpu") or {}
-    return f"CPU: {cpu.get('model', '?')}; features: {', '.join(cpu.get('flags', [])) or 'none of the speed-relevant ones'}"
+    flags = ", ".join(cpu.get("flags", [])) or "none of the speed-relevant ones"
+    return f"CPU: {cpu.get('model', '?')}; features: {flags}"
 
 
 def plot_score(r: dict[str, Any], path: str) -> None:
-    """Bar chart of images/s per stage, as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """Bar chart of images/s per stage, as PNG (a local path or s3://)."""
     import matplotlib.pyplot as plt
 
-    names = ["(a) model\nalone", "(b) decode\nalone", "(c) machine\nlimit", "(d) notebook\nDataLoader", "(e) mura-ray\npipeline"]
+    from mura_ray.reporting import plots
+
+    names = [
+        "(a) model\nalone",
+        "(b) decode\nalone",
+        "(c) machine\nlimit",
+        "(d) notebook\nDataLoader",
+        "(e) mura-ray\npipeline",
+    ]
     values = [r["model_ips"], r["decode_ips"], r["limit_ips"], r["naive_ips"], r["pipeline_ips"]]
     fig, ax = plt.subplots(figsize=(8, 4.2))
     bars = ax.bar(names, values, color=["#8da0cb", "#8da0cb", "#66c2a5", "#fc8d62", "#e78ac3"])
     ax.bar_label(bars, fmt="%.0f")
     ax.set_yscale("log")
     ax.set_ylabel("images / s (log scale)")
-    ax.set_title(f"Scoring throughput, {r['images']} images, {r['cpus']} CPUs, {r['settings']['image_size']} px ({r['date'][:10]})")
+    ax.set_title(
+        f"Scoring throughput, {r['images']} images, {r['cpus']} CPUs, "
+        f"{r['settings']['image_size']} px ({r['date'][:10]})"
+    )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plots.save(fig, path)

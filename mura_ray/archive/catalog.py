@@ -27,9 +27,16 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mura_ray import storage
-from mura_ray.decode import IMAGE_SUFFIXES, is_image_name
+from mura_ray.archive import storage
 from mura_ray.errors import UsageError
+
+# Files the catalog and the scorer treat as images (compared lower-case).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_SUFFIXES)
+
 
 CATALOG_SCHEMA = pa.schema(
     [
@@ -133,7 +140,8 @@ def _csv_rows(fs, csv_dir: str, listing: Listing) -> list[dict[str, Any]]:
         for n, line in _read_lines(fs, paths_csv):
             if "," in line or not is_image_name(line):
                 raise UsageError(
-                    f"{storage.to_uri(fs, paths_csv)} line {n}: expected one image path (.png/.jpg/.dcm), got {line[:120]!r}"
+                    f"{storage.to_uri(fs, paths_csv)} line {n}: expected one image path (.png/.jpg/.dcm), "
+                    f"got {line[:120]!r}"
                 )
             path = resolve(line)
             study = posixpath.dirname(path)
@@ -224,12 +232,3 @@ def fingerprint(table: pa.Table) -> str:
         h.update(col.encode())
         h.update(repr(table[col].to_pylist()).encode())
     return h.hexdigest()
-
-
-def summary(table: pa.Table) -> dict[str, Any]:
-    """Counts by split and label, for logs and checks."""
-    out: dict[str, Any] = {"images": table.num_rows}
-    grouped = table.group_by(["split", "label"]).aggregate([("image_uri", "count")])
-    for row in grouped.to_pylist():
-        out[f"{row['split']}/{row['label']}"] = row["image_uri_count"]
-    return out

@@ -18,10 +18,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from mura_ray import storage
-from mura_ray.decode import cache_side
+from mura_ray.archive import storage
 from mura_ray.errors import UsageError
-from mura_ray.model import ARCHITECTURE, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES
+from mura_ray.imaging.preprocess import preprocessing_record
+from mura_ray.model.resnet import ARCHITECTURE, NUM_CLASSES
 
 WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "metadata.json"
@@ -33,9 +33,7 @@ def model_metadata(image_size: int) -> dict[str, Any]:
         "architecture": ARCHITECTURE,
         "num_classes": NUM_CLASSES,
         "classes": ["normal", "abnormal"],
-        "image_size": image_size,
-        "cache_side": cache_side(image_size),
-        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "gray_to_rgb": True},
+        **preprocessing_record(image_size),
     }
 
 
@@ -75,13 +73,23 @@ def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
         ) from None
 
 
+def resolve_model_dir(model: str) -> str:
+    """Accept a checkpoint directory or a training run directory holding ``model/``."""
+    fs, path = storage.filesystem(model)
+    if fs.exists(storage.join(path, "model", METADATA_FILE)):
+        return storage.join(model, "model")
+    return model
+
+
 def load_checkpoint(directory: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(state_dict, metadata)`` of a checkpoint directory; the model id is checked against the bytes."""
     fs, path = storage.filesystem(directory)
     meta_path = storage.join(path, METADATA_FILE)
     weights_path = storage.join(path, WEIGHTS_FILE)
     if not fs.exists(meta_path) or not fs.exists(weights_path):
-        raise UsageError(f"{directory!r} is not a mura-ray checkpoint: expected {WEIGHTS_FILE} and {METADATA_FILE} in it")
+        raise UsageError(
+            f"{directory!r} is not a mura-ray checkpoint: expected {WEIGHTS_FILE} and {METADATA_FILE} in it"
+        )
     meta = json.loads(storage.read_bytes(fs, meta_path))
     weights = storage.read_bytes(fs, weights_path)
     actual = model_id_of(weights)
@@ -135,7 +143,9 @@ def save_training_state(
 def load_training_state(
     directory: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None
 ) -> dict[str, Any]:
-    """Restore what ``save_training_state`` wrote (model now; optimizer and scheduler when given); returns ``progress``."""
+    """Restore what ``save_training_state`` wrote (the model; optimizer and scheduler when given).
+
+    Returns ``progress``."""
     import os
 
     with open(os.path.join(directory, WEIGHTS_FILE), "rb") as f:

@@ -15,7 +15,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from mura_ray.model import to_input
+from mura_ray.errors import UsageError
+from mura_ray.imaging.preprocess import to_input
+from mura_ray.model.resnet import NUM_CLASSES
+
+
+def class_weights(labels: np.ndarray) -> list[float]:
+    """Inverse-frequency weights ``n / (2 * n_c)`` for classes 0 and 1, for the weighted cross-entropy."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=NUM_CLASSES)
+    if (counts == 0).any():
+        raise UsageError(f"the training split needs both classes; label counts are {counts.tolist()}")
+    return (counts.sum() / (NUM_CLASSES * counts)).tolist()
 
 
 def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:

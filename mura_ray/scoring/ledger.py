@@ -41,7 +41,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from mura_ray import faults, storage
+from mura_ray import faults
+from mura_ray.archive import storage
 from mura_ray.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,12 @@ class Lease:
         return storage.join(self.base, "_lock.json")
 
     def _body(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": _now().isoformat()}
+        return {
+            "run_id": self.run_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "heartbeat": _now().isoformat(),
+        }
 
     def acquire(self) -> None:
         if self.fs.exists(self.path):
@@ -109,7 +115,8 @@ class Lease:
                 held = {}
             if held and not self._stale(held):
                 raise UsageError(
-                    f"another scoring run ({held.get('run_id')}, pid {held.get('pid')} on {held.get('host')}) is writing "
+                    f"another scoring run ({held.get('run_id')}, pid {held.get('pid')} on {held.get('host')}) "
+                    "is writing "
                     f"to this output (lease {storage.to_uri(self.fs, self.path)}, refreshed {held.get('heartbeat')}); "
                     f"wait for it, or remove that file if it is gone"
                 )
@@ -119,7 +126,9 @@ class Lease:
         self._last = time.monotonic()
         held = json.loads(storage.read_bytes(self.fs, self.path))
         if held.get("run_id") != self.run_id:
-            raise UsageError(f"another scoring run ({held.get('run_id')}) took the lease on this output at the same time")
+            raise UsageError(
+                f"another scoring run ({held.get('run_id')}) took the lease on this output at the same time"
+            )
 
     @staticmethod
     def _stale(held: dict[str, Any]) -> bool:
@@ -205,7 +214,9 @@ class Ledger:
                 self.fs.makedirs(dst_path.rsplit("/", 1)[0], exist_ok=True)
                 self.fs.mv(src_path, dst_path)
             elif not self.fs.exists(dst_path):
-                raise RuntimeError(f"run {manifest['run_id']}: neither {src} nor {dst} exists; the output was changed by hand")
+                raise RuntimeError(
+                    f"run {manifest['run_id']}: neither {src} nor {dst} exists; the output was changed by hand"
+                )
             if i == 0:
                 faults.maybe_kill("commit-move")
         manifest = dict(manifest, status="committed", committed_at=_now().isoformat())

@@ -13,8 +13,6 @@ from mura_ray.errors import UsageError
 
 ARCHITECTURE = "resnet18"
 NUM_CLASSES = 2
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 BLOCKS = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc")
 DEFAULT_TRAINABLE = ("layer3", "layer4", "fc")
 
@@ -70,7 +68,7 @@ def load_starting_weights(model: nn.Module, weights: str) -> list[str]:
                 "pass --weights PATH (a safetensors state dict) or --weights none"
             ) from None
     else:
-        from mura_ray.checkpoint import read_state_dict
+        from mura_ray.model.checkpoint import read_state_dict
 
         state = read_state_dict(weights)
     own = model.state_dict()
@@ -79,15 +77,3 @@ def load_starting_weights(model: nn.Module, weights: str) -> list[str]:
         raise UsageError(f"--weights {weights!r} holds no ResNet18 backbone weights (keys like layer1.0.conv1.weight)")
     model.load_state_dict(usable, strict=False)
     return sorted(set(own) - set(usable))
-
-
-def to_input(pixels: torch.Tensor, *, channels_last: bool = True) -> torch.Tensor:
-    """(B, S, S) uint8 gray on any device -> (B, 3, S, S) float, ImageNet-normalised.
-
-    The gray channel is repeated to the three channels ResNet expects.
-    """
-    x = pixels.unsqueeze(1).float().div_(255.0)  # (B, 1, S, S)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    x = (x.expand(-1, 3, -1, -1) - mean) / std  # (B, 3, S, S)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()

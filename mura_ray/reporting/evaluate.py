@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from typing import Any
 
@@ -22,15 +21,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mura_ray import console, plots, storage
-from mura_ray.catalog import build_catalog
-from mura_ray.checkpoint import load_checkpoint
+from mura_ray import console
+from mura_ray.archive import storage
+from mura_ray.archive.catalog import build_catalog
 from mura_ray.config import EvalConfig, ScoreConfig
-from mura_ray.decode import load_square
 from mura_ray.errors import UsageError
-from mura_ray.metrics import full_report, study_scores
+from mura_ray.imaging.preprocess import load_square
+from mura_ray.model.checkpoint import load_checkpoint, resolve_model_dir
 from mura_ray.progress import Progress
-from mura_ray.score import nullable_strings, resolve_model_dir, scored_dataset
+from mura_ray.reporting import plots
+from mura_ray.reporting.metrics import fmt, fmt_ci, full_report, study_scores
+from mura_ray.scoring.pipeline import results_table, scored_dataset
 
 log = logging.getLogger(__name__)
 
@@ -44,31 +45,22 @@ PLOTS = {
 
 
 def predict(model_dir: str, meta: dict[str, Any], data: str, split: str, batch_size: int) -> pa.Table:
-    """Labelled images of ``split`` with ``prob_abnormal`` (null where unreadable) and ``error``."""
+    """Labelled images of ``split``: their catalog columns, ``prob_abnormal`` (null where unreadable) and ``error``."""
     catalog = build_catalog(data, split=split)
     labelled = catalog.filter(pc.is_valid(catalog["label"]))
     if labelled.num_rows == 0:
         raise UsageError(f"no labelled images in split {split!r} under {data!r}: evaluation needs labels")
     cfg = ScoreConfig(model=model_dir, data=data, out="", batch_size=batch_size)
-    columns: dict[str, list] = {k: [] for k in ("image_uri", "study_uri", "body_part", "label", "prob_abnormal", "error")}
+    parts = []
     ds = scored_dataset(labelled, model_dir, meta, cfg)
     with Progress(f"scoring split {split}", labelled.num_rows) as bar:
         for batch in ds.iter_batches(batch_size=128, batch_format="numpy"):
-            for k in columns:
-                columns[k].extend(batch[k].tolist())
-            bar.update(len(batch["image_uri"]))
+            parts.append(results_table(batch))
+            bar.update(parts[-1].num_rows)
     log.info("scored %d images of split %s in %.1fs (%.1f images/s)", labelled.num_rows, split, bar.seconds, bar.rate)
-    table = pa.table(
-        {
-            "image_uri": pa.array(columns["image_uri"], pa.string()),
-            "study_uri": pa.array(columns["study_uri"], pa.string()),
-            "body_part": pa.array(nullable_strings(np.asarray(columns["body_part"], dtype=object)), pa.string()),
-            "label": pa.array(columns["label"], pa.int8()),
-            "prob_abnormal": pa.array([None if math.isnan(p) else p for p in columns["prob_abnormal"]], pa.float32()),
-            "error": pa.array([e or None for e in columns["error"]], pa.string()),
-        }
-    )
-    return table.sort_by("image_uri")
+    results = pa.concat_tables(parts)
+    columns = ["image_uri", "study_uri", "body_part", "label"]
+    return labelled.select(columns).join(results, "image_uri", join_type="inner").sort_by("image_uri")
 
 
 def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
@@ -115,12 +107,18 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     return report
 
 
-def _gallery_items(scored: pa.Table, threshold: float, data: str) -> tuple[list[tuple[str, np.ndarray, float, str]], list[str]]:
+def _gallery_items(
+    scored: pa.Table, threshold: float, data: str
+) -> tuple[list[tuple[str, np.ndarray, float, str]], list[str]]:
     """The most confident false positives (highest scores) and false negatives (lowest)."""
     fs, _ = storage.filesystem(data)
     rows = scored.to_pylist()
-    fp = sorted((r for r in rows if r["label"] == 0 and r["prob_abnormal"] >= threshold), key=lambda r: -r["prob_abnormal"])
-    fn = sorted((r for r in rows if r["label"] == 1 and r["prob_abnormal"] < threshold), key=lambda r: r["prob_abnormal"])
+    fp = sorted(
+        (r for r in rows if r["label"] == 0 and r["prob_abnormal"] >= threshold), key=lambda r: -r["prob_abnormal"]
+    )
+    fn = sorted(
+        (r for r in rows if r["label"] == 1 and r["prob_abnormal"] < threshold), key=lambda r: r["prob_abnormal"]
+    )
     items = []
     titles = ["false positives", "false negatives"]
     for title, chosen in zip(titles, (fp[:GALLERY_SIZE], fn[:GALLERY_SIZE])):
@@ -131,21 +129,14 @@ def _gallery_items(scored: pa.Table, threshold: float, data: str) -> tuple[list[
     return items, [f"{t} (none)" if not any(i[0] == t for i in items) else t for t in titles]
 
 
-def _fmt(v: Any) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
-
-
-def _ci(v: list[float]) -> str:
-    return f"[{_fmt(v[0])}, {_fmt(v[1])}]"
-
-
 def render_markdown(report: dict[str, Any]) -> str:
     """The report as a readable page."""
     lines = [
         f"# Evaluation of model {report['model_id'][:12]}",
         "",
         f"Data: `{report['data']}`, split `{report['split']}`. Threshold {report['threshold']:.3f} "
-        f"({report['threshold_source']}). Intervals: 95% percentile bootstrap, {report['bootstrap_resamples']} resamples.",
+        f"({report['threshold_source']}). Intervals: 95% percentile bootstrap, "
+        f"{report['bootstrap_resamples']} resamples.",
         "",
         "| level | n | kappa (95% CI) | AUROC (95% CI) | F1 | precision | sensitivity | specificity | accuracy |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -153,8 +144,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     for level in ("image", "study"):
         m = report[level]
         lines.append(
-            f"| {level} | {m['n']} | {_fmt(m['kappa'])} {_ci(m['kappa_ci'])} | {_fmt(m['auroc'])} {_ci(m['auroc_ci'])} | "
-            f"{_fmt(m['f1'])} | {_fmt(m['precision'])} | {_fmt(m['sensitivity'])} | {_fmt(m['specificity'])} | {_fmt(m['accuracy'])} |"
+            f"| {level} | {m['n']} | {fmt(m['kappa'])} {fmt_ci(m['kappa_ci'])} | "
+            f"{fmt(m['auroc'])} {fmt_ci(m['auroc_ci'])} | {fmt(m['f1'])} | {fmt(m['precision'])} | "
+            f"{fmt(m['sensitivity'])} | {fmt(m['specificity'])} | {fmt(m['accuracy'])} |"
         )
     lines += [
         "",
@@ -166,8 +158,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     for part, levels in report["per_body_part"].items():
         m = levels["study"]
         lines.append(
-            f"| {part} | {m['n']} | {_fmt(m['kappa'])} {_ci(m['kappa_ci'])} | {_fmt(m['auroc'])} {_ci(m['auroc_ci'])} | "
-            f"{_fmt(m['sensitivity'])} | {_fmt(m['specificity'])} |"
+            f"| {part} | {m['n']} | {fmt(m['kappa'])} {fmt_ci(m['kappa_ci'])} | "
+            f"{fmt(m['auroc'])} {fmt_ci(m['auroc_ci'])} | "
+            f"{fmt(m['sensitivity'])} | {fmt(m['specificity'])} |"
         )
     if report.get("unreadable_images"):
         lines += ["", f"{report['unreadable_images']} unreadable images were left out."]

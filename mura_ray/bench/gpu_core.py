@@ -1,6 +1,9 @@
 """Measure mura-ray's compute core on one GPU, with no Ray: run from the repository root.
 
-    python3 benchmarks/gpu_core.py [--image-size 224] [--batches 256 512 1024] [--cores K]
+    python3 -m mura_ray.bench.gpu_core [--image-size 224] [--batches 256 512 1024] [--cores K]
+
+It imports only the compute core (imaging, model), so it runs where Ray is
+not installed.
 
 Prints, in images/s: the ResNet18 forward pass (bf16 autocast where the
 GPU has it, channels_last) per batch size, the train step (all blocks and
@@ -12,17 +15,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from mura_ray.decode import cache_side, load_square  # noqa: E402
-from mura_ray.engine import score_step, train_step  # noqa: E402
-from mura_ray.model import BLOCKS, DEFAULT_TRAINABLE, build_model, for_inference, set_trainable  # noqa: E402
-from mura_ray.sample import encode_png, render_radiograph  # noqa: E402
+from mura_ray.archive.sample import encode_png, render_radiograph
+from mura_ray.doctor import cpu_line
+from mura_ray.imaging.preprocess import cache_side, load_square
+from mura_ray.model.resnet import BLOCKS, DEFAULT_TRAINABLE, build_model, for_inference, set_trainable
+from mura_ray.model.steps import score_step, train_step
 
 
 def _timed(fn, steps: int, device: torch.device) -> float:
@@ -76,6 +77,7 @@ def main() -> None:
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     torch.backends.cudnn.benchmark = True
     print(f"device: {name}; torch {torch.__version__}; bf16 autocast: {bf16}; image size {args.image_size}")
+    print(cpu_line())
 
     best_forward = 0.0
     for b in args.batches:

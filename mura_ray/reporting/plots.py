@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import confusion_matrix, roc_curve  # noqa: E402
 
-from mura_ray import storage  # noqa: E402
+from mura_ray.archive import storage  # noqa: E402
 
 
 def save(fig, uri: str) -> None:
@@ -48,7 +48,10 @@ def roc(levels: dict[str, tuple[np.ndarray, np.ndarray]], threshold: float, uri:
             continue
         fpr, tpr, _ = roc_curve(y, p)
         pred = p >= threshold
-        op = (float((pred & (y == 0)).sum() / max((y == 0).sum(), 1)), float((pred & (y == 1)).sum() / max((y == 1).sum(), 1)))
+        op = (
+            float((pred & (y == 0)).sum() / max((y == 0).sum(), 1)),
+            float((pred & (y == 1)).sum() / max((y == 1).sum(), 1)),
+        )
         (line,) = ax.plot(fpr, tpr, label=title)
         ax.plot(*op, "o", color=line.get_color(), markersize=8)
         ax.annotate(f"{title} operating point", op, textcoords="offset points", xytext=(8, -12), fontsize=8)

@@ -2,30 +2,39 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-
-def _f(v: Any) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+from mura_ray.reporting.metrics import fmt
 
 
 def render_model_card(meta: dict[str, Any]) -> str:
-    cfg = meta.get("train_config", {})
-    val = meta.get("validation", {})
-    m = meta.get("metrics", {})
-    lines = [
+    """``model_card.md`` of a checkpoint, from its metadata."""
+    sections = (_what_it_is, _data_and_configuration, _threshold_and_metrics, _use_and_limits)
+    return "\n".join(line for section in sections for line in section(meta)) + "\n"
+
+
+def _what_it_is(meta: dict[str, Any]) -> list[str]:
+    cfg, m = meta.get("train_config", {}), meta.get("metrics", {})
+    return [
         f"# Model card: mura-ray ResNet18 {meta['model_id'][:12]}",
         "",
         "## What it is",
         "",
         f"- Binary classifier (normal / abnormal) of musculoskeletal radiographs, {meta['architecture']} with a "
-        f"{meta['num_classes']}-class head, input {meta['image_size']}x{meta['image_size']} grayscale repeated to 3 channels, "
+        f"{meta['num_classes']}-class head, input {meta['image_size']}x{meta['image_size']} grayscale "
+        "repeated to 3 channels, "
         "ImageNet normalisation.",
         f"- Model id (sha256 of `model.safetensors`): `{meta['model_id']}`",
         f"- Created {meta.get('created_at', 'n/a')} by mura-ray {meta.get('package_version', 'n/a')}.",
-        f"- Kept epoch: {m.get('epoch', 'n/a')} of at most {cfg.get('epochs', 'n/a')} (best validation F1 at threshold 0.5).",
+        f"- Kept epoch: {m.get('epoch', 'n/a')} of at most {cfg.get('epochs', 'n/a')} "
+        "(best validation F1 at threshold 0.5).",
         "",
+    ]
+
+
+def _data_and_configuration(meta: dict[str, Any]) -> list[str]:
+    cfg = meta.get("train_config", {})
+    lines = [
         "## Data",
         "",
         f"- Training data: `{cfg.get('data', 'n/a')}`; catalog fingerprint (sha256 of paths, labels, sizes, tags): "
@@ -37,14 +46,16 @@ def render_model_card(meta: dict[str, Any]) -> str:
         "| setting | value |",
         "|---|---|",
     ]
-    for key in sorted(cfg):
-        if key != "fault":
-            lines.append(f"| {key} | `{cfg[key]}` |")
-    lines += [
-        "",
+    lines += [f"| {key} | `{cfg[key]}` |" for key in sorted(cfg) if key != "fault"]
+    return [*lines, ""]
+
+
+def _threshold_and_metrics(meta: dict[str, Any]) -> list[str]:
+    val = meta.get("validation", {})
+    lines = [
         "## Decision threshold",
         "",
-        f"{_f(meta.get('threshold'))}: {meta.get('threshold_rule', 'default')}. `mura-ray score` and "
+        f"{fmt(meta.get('threshold'))}: {meta.get('threshold_rule', 'default')}. `mura-ray score` and "
         "`mura-ray evaluate` use it unless told otherwise.",
         "",
         "## Validation metrics at that threshold",
@@ -58,18 +69,23 @@ def render_model_card(meta: dict[str, Any]) -> str:
         r = val.get(level)
         if r:
             lines.append(
-                f"| {level} | {r['n']} | {_f(r['kappa'])} [{_f(r['kappa_ci'][0])}, {_f(r['kappa_ci'][1])}] | "
-                f"{_f(r['auroc'])} [{_f(r['auroc_ci'][0])}, {_f(r['auroc_ci'][1])}] | {_f(r['f1'])} | "
-                f"{_f(r['sensitivity'])} | {_f(r['specificity'])} | {_f(r['accuracy'])} |"
+                f"| {level} | {r['n']} | {fmt(r['kappa'])} [{fmt(r['kappa_ci'][0])}, {fmt(r['kappa_ci'][1])}] | "
+                f"{fmt(r['auroc'])} [{fmt(r['auroc_ci'][0])}, {fmt(r['auroc_ci'][1])}] | {fmt(r['f1'])} | "
+                f"{fmt(r['sensitivity'])} | {fmt(r['specificity'])} | {fmt(r['accuracy'])} |"
             )
     if val.get("per_body_part"):
         lines += ["", "| body part | studies | study kappa (95% CI) |", "|---|---|---|"]
         for part, levels in val["per_body_part"].items():
             r = levels["study"]
-            lines.append(f"| {part} | {r['n']} | {_f(r['kappa'])} [{_f(r['kappa_ci'][0])}, {_f(r['kappa_ci'][1])}] |")
+            lines.append(
+                f"| {part} | {r['n']} | {fmt(r['kappa'])} [{fmt(r['kappa_ci'][0])}, {fmt(r['kappa_ci'][1])}] |"
+            )
+    return [*lines, ""]
+
+
+def _use_and_limits(meta: dict[str, Any]) -> list[str]:
     versions = meta.get("package_versions", {})
-    lines += [
-        "",
+    return [
         "## Software",
         "",
         ", ".join(f"{k} {v}" for k, v in versions.items()) or "n/a",
@@ -89,4 +105,3 @@ def render_model_card(meta: dict[str, Any]) -> str:
         "- A study's label is shared by its images; the model sees one image at a time and does not localise findings.",
         "- The threshold trades sensitivity for specificity on the validation split only; revisit it for each use.",
     ]
-    return "\n".join(lines) + "\n"

@@ -1,6 +1,4 @@
-"""Decode image bytes (PNG, JPEG, DICOM) to 8-bit grayscale and resize them for the cache.
-
-No Ray here: these are the functions Ray Data maps, callable on their own.
+"""Decode image bytes (PNG, JPEG, DICOM) to 8-bit grayscale. No Ray, no storage.
 
 DICOM goes through pydicom: the modality LUT (rescale) first, then the VOI
 LUT or the first window, MONOCHROME1 inverted so that bone is bright as in
@@ -20,19 +18,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mura_ray import storage
-
-# Files the catalog and the scorer treat as images (compared lower-case).
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
-
 # Decompression-bomb guard: an image with more pixels than this is refused
 # before its pixels are decoded. MURA's largest images are about 4 megapixels.
 MAX_PIXELS = int(os.environ.get("MURA_RAY_MAX_PIXELS", 50_000_000))
-
-# Ratio of the cached side to the model's input side, as torchvision's
-# classification recipe resizes to 256 before a 224 crop.
-RESIZE_RATIO = 256 / 224
-
 
 # Prefix of the error of a file that could not be read (as opposed to decoded):
 # such a failure may pass, so the next scoring run tries the file again.
@@ -45,15 +33,6 @@ def one_line(text: str, limit: int = 500) -> str:
 
 class DecodeError(ValueError):
     """The bytes are not an image this package can read."""
-
-
-def cache_side(image_size: int) -> int:
-    """Side of the square uint8 image kept per file for a model input of ``image_size``."""
-    return int(round(image_size * RESIZE_RATIO))
-
-
-def is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMAGE_SUFFIXES)
 
 
 def _to_gray(image: Image.Image) -> np.ndarray:
@@ -156,47 +135,3 @@ def decode_gray(data: bytes, *, target: int | None = None) -> np.ndarray:
         raise DecodeError(f"image over the pixel limit: {exc}") from None
     except Exception as exc:  # PIL raises many types for bad input
         raise DecodeError(f"cannot decode image: {type(exc).__name__}: {exc}") from None
-
-
-def resize_center_square(gray: np.ndarray, side: int) -> np.ndarray:
-    """Resize so the short side is ``side``, then crop the centre square: (side, side) uint8."""
-    h, w = gray.shape
-    scale = side / min(h, w)
-    nh, nw = max(side, round(h * scale)), max(side, round(w * scale))
-    image = Image.fromarray(gray, mode="L").resize((nw, nh), Image.BILINEAR, reducing_gap=2.0)
-    top, left = (nh - side) // 2, (nw - side) // 2
-    return np.asarray(image, dtype=np.uint8)[top : top + side, left : left + side]
-
-
-def load_square(data: bytes, side: int) -> np.ndarray:
-    """Bytes of one image -> (side, side) uint8 gray square (the cached form)."""
-    return resize_center_square(decode_gray(data, target=side), side)
-
-
-def read_and_decode(batch: dict[str, np.ndarray], *, side: int, fs: Any) -> dict[str, np.ndarray]:
-    """Read each ``image_uri`` through ``fs`` and decode it to a (side, side) uint8 square.
-
-    Adds ``pixels`` (zeros where unreadable), ``error`` (the reason, or ""
-    when fine: an all-empty string column keeps its type through Arrow,
-    where an all-null one would not) and ``read_size`` (bytes read; -1 when
-    the file could not be read). Other columns pass through. A bad file
-    never raises: it becomes a row with ``error`` set.
-    """
-    uris = batch["image_uri"]
-    pixels = np.zeros((len(uris), side, side), dtype=np.uint8)
-    errors = np.full(len(uris), "", dtype=object)
-    sizes = np.full(len(uris), -1, dtype=np.int64)
-    for i, uri in enumerate(uris):
-        try:
-            data = storage.read_bytes(fs, storage.path_in(uri))
-        except Exception as exc:  # missing file, permission, network
-            errors[i] = one_line(f"{READ_ERROR}: {type(exc).__name__}: {exc}")
-            continue
-        sizes[i] = len(data)
-        try:
-            pixels[i] = load_square(data, side)
-        except DecodeError as exc:
-            errors[i] = one_line(str(exc))
-    out = dict(batch)
-    out.update(pixels=pixels, error=errors, read_size=sizes)
-    return out

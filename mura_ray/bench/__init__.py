@@ -1,0 +1,1 @@
+"""Benchmarks: scoring and training throughput (mura-ray bench) and the GPU compute core (no Ray)."""

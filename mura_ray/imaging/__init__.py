@@ -1,0 +1,1 @@
+"""Image bytes -> 8-bit gray -> cached square -> model input. No Ray."""

@@ -1,0 +1,152 @@
+"""Everything between a decoded gray image and the model's input, in one place. No Ray.
+
+- the cache: each file is decoded once to a (R, R) uint8 square, the short
+  side resized to R = ``cache_side(S)`` and the centre cropped (as
+  torchvision's classification recipe resizes to 256 before a 224 crop);
+- the presets that Ray Data maps over batches of cached squares:
+  ``TrainPreset`` (random rotation, resized crop, flip, brightness/contrast,
+  torchvision v2 transforms) and ``EvalPreset`` (the centre (S, S) crop);
+- ``to_input``: uint8 gray -> ImageNet-normalised float on the model's
+  device, so the data moved per image stays one byte per pixel;
+- ``preprocessing_record``: what a checkpoint stores so that all of this can
+  be redone exactly.
+
+Presets take and return ``dict[str, np.ndarray]``; ``pixels`` goes from
+(B, R, R) uint8 to (B, S, S) uint8.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from mura_ray.archive import storage
+from mura_ray.imaging.decode import READ_ERROR, DecodeError, decode_gray, one_line
+
+RESIZE_RATIO = 256 / 224
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def cache_side(image_size: int) -> int:
+    """Side of the square uint8 image kept per file for a model input of ``image_size``."""
+    return int(round(image_size * RESIZE_RATIO))
+
+
+def resize_center_square(gray: np.ndarray, side: int) -> np.ndarray:
+    """Resize so the short side is ``side``, then crop the centre square: (side, side) uint8."""
+    h, w = gray.shape
+    scale = side / min(h, w)
+    nh, nw = max(side, round(h * scale)), max(side, round(w * scale))
+    image = Image.fromarray(gray, mode="L").resize((nw, nh), Image.BILINEAR, reducing_gap=2.0)
+    top, left = (nh - side) // 2, (nw - side) // 2
+    return np.asarray(image, dtype=np.uint8)[top : top + side, left : left + side]
+
+
+def load_square(data: bytes, side: int) -> np.ndarray:
+    """Bytes of one image -> (side, side) uint8 gray square (the cached form)."""
+    return resize_center_square(decode_gray(data, target=side), side)
+
+
+def read_and_decode(batch: dict[str, np.ndarray], *, side: int, fs: Any) -> dict[str, np.ndarray]:
+    """Read each ``image_uri`` through ``fs`` and turn it into its cached (side, side) uint8 square.
+
+    Adds ``pixels`` (zeros where unreadable), ``error`` (the reason, or ""
+    when fine: an all-empty string column keeps its type through Arrow,
+    where an all-null one would not) and ``read_size`` (bytes read; -1 when
+    the file could not be read). Other columns pass through. A bad file
+    never raises: it becomes a row with ``error`` set.
+    """
+    uris = batch["image_uri"]
+    pixels = np.zeros((len(uris), side, side), dtype=np.uint8)
+    errors = np.full(len(uris), "", dtype=object)
+    sizes = np.full(len(uris), -1, dtype=np.int64)
+    for i, uri in enumerate(uris):
+        try:
+            data = storage.read_bytes(fs, storage.path_in(uri))
+        except Exception as exc:  # missing file, permission, network
+            errors[i] = one_line(f"{READ_ERROR}: {type(exc).__name__}: {exc}")
+            continue
+        sizes[i] = len(data)
+        try:
+            pixels[i] = load_square(data, side)
+        except DecodeError as exc:
+            errors[i] = one_line(str(exc))
+    out = dict(batch)
+    out.update(pixels=pixels, error=errors, read_size=sizes)
+    return out
+
+
+class EvalPreset:
+    """Fixed centre crop to ``size`` (the cache already holds the resize)."""
+
+    def __init__(self, *, size: int) -> None:
+        self.size = size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pixels = batch["pixels"]
+        off = (pixels.shape[-1] - self.size) // 2
+        out = dict(batch)
+        out["pixels"] = np.ascontiguousarray(pixels[:, off : off + self.size, off : off + self.size])
+        return out
+
+
+class TrainPreset:
+    """Random rotation, random resized crop, horizontal flip, brightness/contrast jitter (torchvision v2)."""
+
+    def __init__(
+        self,
+        *,
+        size: int,
+        rotation: float = 15.0,
+        crop_scale: tuple[float, float] = (0.6, 1.0),
+        hflip_prob: float = 0.5,
+        jitter: float = 0.2,
+        seed: int | None = None,
+    ) -> None:
+        self.transform = v2.Compose(
+            [
+                v2.RandomRotation(rotation, interpolation=v2.InterpolationMode.BILINEAR),
+                v2.RandomResizedCrop(size, scale=crop_scale, ratio=(3 / 4, 4 / 3), antialias=True),
+                v2.RandomHorizontalFlip(hflip_prob),
+                v2.ColorJitter(brightness=jitter, contrast=jitter),
+            ]
+        )
+        # torch's default seed is the same in every new process: each preset draws its own.
+        self.seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"]))  # (B, R, R)
+        with torch.random.fork_rng(devices=[]):  # v2 samples from the global generator: keep it to this call
+            torch.manual_seed(self.seed)
+            self.seed += 1
+            images = [self.transform(p[None]) for p in pixels]  # each (1, S, S)
+        out = dict(batch)
+        out["pixels"] = torch.cat(images).numpy()
+        return out
+
+
+def to_input(pixels: torch.Tensor, *, channels_last: bool = True) -> torch.Tensor:
+    """(B, S, S) uint8 gray on any device -> (B, 3, S, S) float, ImageNet-normalised.
+
+    The gray channel is repeated to the three channels ResNet expects.
+    """
+    x = pixels.unsqueeze(1).float().div_(255.0)  # (B, 1, S, S)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    x = (x.expand(-1, 3, -1, -1) - mean) / std  # (B, 3, S, S)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+def preprocessing_record(image_size: int) -> dict[str, Any]:
+    """What a checkpoint stores to redo this preprocessing: input size, cache side, normalisation."""
+    return {
+        "image_size": image_size,
+        "cache_side": cache_side(image_size),
+        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "gray_to_rgb": True},
+    }

@@ -1,0 +1,1 @@
+"""Metrics, the evaluation report, plots and the model card."""

@@ -1,0 +1,82 @@
+"""The training splits in Ray Data: decoded once into the object store, augmented each epoch.
+
+Decoding and resizing run once per image (``cached_training_split``
+materializes the squares); each epoch then re-runs only the random
+augmentation. Rows carry ``image_uri``, ``label`` and ``pixels``: the worker
+joins study and body part back from the catalog for its metrics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+from ray.data.expressions import col
+from ray.train import DataConfig
+
+from mura_ray.data import decoded_images
+from mura_ray.imaging.preprocess import EvalPreset, TrainPreset
+
+
+def cached_training_split(
+    catalog: pa.Table, *, split: str, side: int, fs: Any, shuffle_labels_seed: int | None = None, sink: Any = None
+) -> tuple[ray.data.Dataset, int]:
+    """Decode one labelled split once and keep it in the object store.
+
+    Returns ``(dataset, n_unreadable)``; the dataset has ``image_uri``,
+    ``pixels`` and ``label``, and no unreadable rows. ``shuffle_labels_seed`` permutes
+    labels across images (a leakage check: nothing real should be learnt).
+    """
+    part = catalog.filter(pc.and_(pc.equal(catalog["split"], split), pc.is_valid(catalog["label"])))
+    if shuffle_labels_seed is not None:
+        perm = np.random.default_rng(shuffle_labels_seed).permutation(part.num_rows)
+        part = part.set_column(part.schema.get_field_index("label"), "label", part["label"].take(perm))
+    ds = decoded_images(part.select(["image_uri", "label"]), side=side, fs=fs, sink=sink)
+    ds = ds.materialize()
+    clean = ds.filter(expr=col("error") == "").select_columns(["image_uri", "pixels", "label"]).materialize()
+    return clean, ds.count() - clean.count()
+
+
+def train_view(cached: ray.data.Dataset, *, size: int) -> ray.data.Dataset:
+    """Per-epoch random augmentation over the cached squares (re-run on every iteration).
+
+    Order is randomised cheaply: the blocks' order here, and rows within a
+    buffer where the worker iterates (``local_shuffle_buffer_size``); a full
+    ``random_shuffle`` would move every image through the object store each epoch.
+    """
+
+    def augment(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return TrainPreset(size=size)(batch)
+
+    return (
+        cached.select_columns(["pixels", "label"])
+        .randomize_block_order()
+        .map_batches(augment, batch_size=64, num_cpus=0.5)
+    )
+
+
+def eval_view(cached: ray.data.Dataset, *, size: int) -> ray.data.Dataset:
+    """Centre crop of the cached squares, with ``image_uri`` and ``label`` kept for metrics."""
+    return cached.map_batches(EvalPreset(size=size), batch_size=128, num_cpus=0.5)
+
+
+class ExactValidationConfig(DataConfig):
+    """Split ``train`` into equal shards (DDP steps must match), ``valid`` into uneven ones.
+
+    Every validation row then goes to exactly one worker, and the workers'
+    predictions are gathered before metrics are computed.
+    """
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        rest = {k: v for k, v in datasets.items() if k != "valid"}
+        output = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
+        if "valid" in datasets:
+            ds = datasets["valid"].copy(datasets["valid"])
+            ds.set_name("valid")
+            ds.context.execution_options = self._resolve_execution_options("valid")
+            for i, shard in enumerate(ds.streaming_split(world_size, equal=False)):
+                output[i]["valid"] = shard
+        return output

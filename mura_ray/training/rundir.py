@@ -1,0 +1,159 @@
+"""The run directory: what a training run leaves under RUN_DIR, and who writes it.
+
+```
+RUN_DIR/train_config.json     the settings (driver, before training)
+RUN_DIR/events.jsonl          started, resumed, epoch_done (rank 0, as they happen)
+RUN_DIR/metrics.{json,csv}    per-epoch history, and training_curves.png (rank 0, each epoch)
+RUN_DIR/ray_train/            Ray Train's checkpoints of the full training state
+RUN_DIR/model/                the kept model (the driver, once, when training ends)
+RUN_DIR/ray.log               Ray's own output (local RUN_DIR only)
+```
+
+Each file has one writer. Workers never write ``model/``: the best epoch's
+weights and predictions travel inside Ray Train's checkpoints, and the
+driver writes the model folder from the final one.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import time
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mura_ray.archive import storage
+from mura_ray.reporting import plots
+
+MODEL_DIR = "model"
+VALID_PREDICTIONS = "valid_predictions.parquet"
+CURVES = "training_curves.png"
+EVENTS = "events.jsonl"
+CONFIG = "train_config.json"
+TRAIN_RUN_NAME = "ray_train"  # Ray Train's own folder in RUN_DIR: per-epoch state for restarts and reruns
+
+
+def log_event(run_dir: str, **event: Any) -> None:
+    """Append one line to ``RUN_DIR/events.jsonl``: what happened when (epochs done, resumes)."""
+    path = storage.join(run_dir, EVENTS)
+    before = storage.read_text(path) if storage.exists(path) else ""
+    event = {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **event}
+    storage.write_text(path, before + json.dumps(event) + "\n")
+
+
+def read_events(run_dir: str) -> list[dict[str, Any]]:
+    path = storage.join(run_dir, EVENTS)
+    if not storage.exists(path):
+        return []
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+
+
+def write_history(run_dir: str, history: list[dict[str, Any]]) -> None:
+    """Per-epoch metrics as ``metrics.json`` and ``metrics.csv``, and the curves, under the run directory."""
+    storage.write_text(storage.join(run_dir, "metrics.json"), json.dumps(history, indent=2))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    storage.write_text(storage.join(run_dir, "metrics.csv"), buf.getvalue())
+    plots.training_curves(history, storage.join(run_dir, CURVES))
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def recorded_epoch(run_dir: str) -> int:
+    """The epoch of the latest checkpoint Ray Train has recorded for the run in ``run_dir`` (0: none yet)."""
+    try:
+        state = json.loads(storage.read_text(storage.join(run_dir, TRAIN_RUN_NAME, "checkpoint_manager_snapshot.json")))
+    except (FileNotFoundError, ValueError):
+        return 0
+    latest = state.get("latest_checkpoint_result") or {}
+    return int((latest.get("metrics") or {}).get("epoch", 0))
+
+
+def wait_for_recorded_epoch(run_dir: str, epoch: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while recorded_epoch(run_dir) < epoch and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in (
+        "mura-ray",
+        "ray",
+        "torch",
+        "torchvision",
+        "numpy",
+        "pyarrow",
+        "scikit-learn",
+        "pillow",
+        "pydicom",
+        "safetensors",
+    ):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def write_model_folder(
+    run_dir: str,
+    weights: bytes,
+    predictions: pa.Table,
+    metadata: dict[str, Any],
+    *,
+    target_sensitivity: float | None,
+    seed: int,
+) -> dict[str, Any]:
+    """Write ``RUN_DIR/model/`` once, complete: weights, the kept epoch's predictions, model card, metadata.
+
+    The threshold is chosen here on the kept epoch's validation predictions
+    (study level), and the report with intervals is computed from them.
+    ``metadata.json`` is written last: a folder without it is not a model.
+    Returns the metadata.
+    """
+    import numpy as np
+
+    from mura_ray.model.checkpoint import METADATA_FILE, model_id_of
+    from mura_ray.reporting.metrics import choose_threshold, full_report, study_scores
+    from mura_ray.reporting.modelcard import render_model_card
+
+    labels = predictions["label"].to_numpy().astype(np.int64)
+    probs = predictions["prob_abnormal"].to_numpy().astype(np.float64)
+    studies = np.asarray(predictions["study_uri"].to_pylist(), dtype=object)
+    parts = np.asarray(predictions["body_part"].to_pylist(), dtype=object)
+    _, s_probs, s_labels = study_scores(studies, probs, labels)
+    threshold = choose_threshold(s_labels, s_probs, target_sensitivity)
+    rule = (
+        f"highest threshold with study-level sensitivity >= {target_sensitivity} on validation"
+        if target_sensitivity is not None
+        else "maximises study-level Cohen's kappa on validation"
+    )
+    meta = dict(
+        metadata,
+        threshold=threshold,
+        threshold_rule=rule,
+        validation=full_report(labels, probs, studies, parts, threshold, seed=seed),
+        package_versions=package_versions(),
+        model_id=model_id_of(weights),
+    )
+    fs, path = storage.filesystem(storage.join(run_dir, MODEL_DIR))
+    if fs.exists(storage.join(path, METADATA_FILE)):
+        fs.rm(storage.join(path, METADATA_FILE))  # an earlier model here stops being one before it is replaced
+    storage.write_bytes(fs, storage.join(path, "model.safetensors"), weights)
+    storage.write_bytes(fs, storage.join(path, VALID_PREDICTIONS), parquet_bytes(predictions))
+    storage.write_bytes(fs, storage.join(path, "model_card.md"), render_model_card(meta).encode())
+    storage.write_bytes(fs, storage.join(path, METADATA_FILE), json.dumps(meta, indent=2, sort_keys=True).encode())
+    return meta

@@ -1,0 +1,192 @@
+"""One function per verb of ``mura-ray``: build the job's config from the arguments, run it, print the result.
+
+Each function's docstring is its ``--help``: the first line the summary,
+the rest the description.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Any
+
+from mura_ray import config as C
+
+
+def config_from(cls: type, args: argparse.Namespace) -> Any:
+    names = {f.name for f in dataclasses.fields(cls) if f.metadata.get("cli", True)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def sample(args: argparse.Namespace) -> int:
+    """write a synthetic archive in the MURA-v1.1 layout
+
+    Write a deterministic synthetic archive in the MURA-v1.1 layout (images, *_image_paths.csv,
+    *_labeled_studies.csv) under --out: MURA's class imbalance, PNGs of varied sizes, and an
+    abnormality (a displaced fracture) that a small network can learn.
+    """
+    from mura_ray.archive.sample import write_sample
+
+    cfg = config_from(C.SampleConfig, args)
+    plan = write_sample(cfg.out, studies=cfg.studies, seed=cfg.seed)
+    print(f"wrote {len(plan)} images in {len({i.study_rel for i in plan})} studies to {cfg.out}/MURA-v1.1")
+    return 0
+
+
+def train(args: argparse.Namespace) -> int:
+    """fine-tune ResNet18 with DDP on Ray Train
+
+    Fine-tune ResNet18 (normal/abnormal) with DDP on N Ray Train workers: GPUs when the cluster has
+    one per worker, CPUs otherwise. The best epoch (validation F1) is kept in RUN_DIR/model/
+    (safetensors, metadata.json with the decision threshold, model_card.md), with the per-epoch
+    history in RUN_DIR/metrics.{csv,json} and RUN_DIR/training_curves.png. Every epoch is
+    checkpointed: the same command with the same RUN_DIR resumes after the last completed epoch.
+    """
+    from mura_ray.reporting.metrics import fmt_ci
+    from mura_ray.training.driver import run_training
+
+    result = run_training(config_from(C.TrainConfig, args))
+    m, v = result["metrics"], result["validation"]["study"]
+    print(
+        f"best epoch {m['epoch']}: val F1 {m['val_f1']:.3f}, AUROC {m['val_auroc']:.3f}; threshold "
+        f"{result['threshold']:.3f}: study kappa {v['kappa']:.3f} {fmt_ci(v['kappa_ci'])}, "
+        f"sensitivity {v['sensitivity']:.3f}, specificity {v['specificity']:.3f}; model in {result['model_dir']} "
+        f"({result['wall_seconds']:.0f}s)"
+    )
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """MURA metrics with intervals, per body part, and plots
+
+    Score a labelled split with a model and write, under --out: report.json and report.md (image-
+    and study-level kappa, F1, precision, sensitivity, specificity, accuracy, AUROC; 95% bootstrap
+    intervals; the same per body part), predictions.parquet, and PNGs: confusion matrices, ROC with
+    the operating point, kappa per body part, the most confident false positives and negatives.
+    """
+    from mura_ray.reporting.evaluate import run_evaluation
+    from mura_ray.reporting.metrics import fmt, fmt_ci
+
+    cfg = config_from(C.EvalConfig, args)
+    r = run_evaluation(cfg)
+    for level in ("image", "study"):
+        m = r[level]
+        print(
+            f"{level:5s} n={m['n']}  kappa {fmt(m['kappa'])} {fmt_ci(m['kappa_ci'])}  "
+            f"AUROC {fmt(m['auroc'])} {fmt_ci(m['auroc_ci'])}  F1 {fmt(m['f1'])}  "
+            f"sensitivity {fmt(m['sensitivity'])}  specificity {fmt(m['specificity'])}"
+        )
+    print(f"threshold {r['threshold']:.3f}; report in {cfg.out}/report.md")
+    return 0
+
+
+def score(args: argparse.Namespace) -> int:
+    """score an archive to Parquet, incrementally (per image and per study)
+
+    Score the images under --data with a model and write Parquet under --out.
+
+    Run it every night: by default only images that no completed run of this
+    model has scored with the same size and ETag/mtime are scored (--full
+    rescores all). A run's files become visible only when it completes; a run
+    that died is cleaned up or finished by the next one.
+
+      OUT/images/run_date=D/*.parquet   one row per image file; undecodable
+                                        files have error set and a null score
+      OUT/studies/run_date=D/*.parquet  one row per study touched by the run,
+                                        covering all its images so far
+      OUT/_runs/<run_id>.json           one manifest per run
+
+    Exit status: 0; 2 for unusable arguments or input; 3 when more than
+    --max-error-rate of the scored images failed (the run is still committed).
+    """
+    from mura_ray.scoring.run import run_scoring
+
+    cfg = config_from(C.ScoreConfig, args)
+    m = run_scoring(cfg)
+    print(
+        f"scored {m['images']}, skipped {m['skipped']} (already scored), errors {m['errors']}, "
+        f"ignored {m['ignored_files']} non-image files; {m['studies']} studies updated; "
+        f"{m['images_per_second']:.1f} images/s; run {m['run_id']} in {m['output']}"
+    )
+    if m["images"] and m["errors"] / m["images"] > cfg.max_error_rate:
+        print(
+            f"mura-ray: {m['errors']} of {m['images']} images could not be scored "
+            f"({m['errors'] / m['images']:.1%}, over --max-error-rate {cfg.max_error_rate:.1%}); "
+            f"the run is committed, see the error column",
+            file=sys.stderr,
+        )
+        return 3
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    """sample -> train (2 workers) -> evaluate -> score, on this machine
+
+    Write a synthetic archive, train with 2 DDP workers on CPU, evaluate and score the validation
+    split, and print the metrics, the wall time of each step and where the outputs are.
+    Running it again starts over.
+    """
+    from mura_ray.demo import render_summary, run_demo
+
+    print(render_summary(run_demo(config_from(C.DemoConfig, args))))
+    return 0
+
+
+def doctor(args: argparse.Namespace) -> int:
+    """versions, CPU features, GPUs, the Ray cluster and storage access
+
+    Print what mura-ray runs on: versions of mura-ray, Ray, torch, torchvision and pydicom; the
+    CPU and the features that matter for speed (AVX2, AVX512, AVX512-BF16, AMX); the GPUs torch
+    sees; the Ray cluster a command would use (RAY_ADDRESS, or a local one) and its resources;
+    and, with --check, whether a path or s3:// prefix can be listed with the current credentials.
+    Exit 0 when all is usable, 1 with the reason otherwise.
+    """
+    from mura_ray.doctor import run_doctor
+
+    return run_doctor(checks=args.check)
+
+
+def bench(args: argparse.Namespace) -> int:
+    """benchmarks: scoring and training throughput
+
+    Throughput benchmarks on synthetic images of MURA-like size. 'score' measures the model alone,
+    decoding alone, the machine's limit, the notebook's DataLoader way and the mura-ray pipeline
+    side by side; 'train' measures the data pipeline's first and later epochs and training with 1
+    and 2 workers. Each prints the CPU's model and flags beside its figures.
+    """
+    from mura_ray.archive import storage
+    from mura_ray.bench import scoring, training
+
+    if args.bench == "score":
+        cfg = config_from(C.BenchScoreConfig, args)
+        result = scoring.bench_score(cfg.images, image_size=cfg.image_size, batch_size=cfg.batch_size)
+        print(scoring.score_table(result))
+        if cfg.plot:
+            scoring.plot_score(result, cfg.plot)
+    else:
+        cfg = config_from(C.BenchTrainConfig, args)
+        result = training.bench_train(studies=cfg.studies, image_size=cfg.image_size, batch_size=cfg.batch_size)
+        print(training.train_table(result))
+    if cfg.json:
+        storage.write_text(cfg.json, json.dumps(result, indent=2))
+    return 0
+
+
+def doctor_options(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--check",
+        action="append",
+        default=[],
+        metavar="URI",
+        help="a local path or s3://bucket/prefix that must be listable (repeatable)",
+    )
+
+
+def bench_options(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    kinds = p.add_subparsers(dest="bench", required=True, metavar="KIND")
+    b = kinds.add_parser("score", help="scoring throughput (a)-(e) and peak memory at N and 4N", parents=[common])
+    C.add_options(b, C.BenchScoreConfig)
+    b = kinds.add_parser("train", help="data pipeline and training throughput", parents=[common])
+    C.add_options(b, C.BenchTrainConfig)
