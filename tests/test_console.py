@@ -39,6 +39,7 @@ def test_progress_on_a_terminal_is_a_bar_redrawn_in_place():
 def test_ray_loggers_go_to_the_log_file_not_the_console(tmp_path, capsys):
     console.setup()
     console.set_ray_log(str(tmp_path / "ray.log"))
+    console.before_ray_init()  # what cluster.connect does before ray.init
     logging.getLogger("ray.data").warning("an execution plan nobody asked for")
     logging.getLogger("mura_ray.train").info("epoch 1/1 done")
     out = capsys.readouterr()

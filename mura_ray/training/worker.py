@@ -1,12 +1,9 @@
 """The Ray Train worker: set up, restore, then for each epoch train, validate, report.
 
-Every epoch ends with a checkpoint of the whole training state (weights,
-optimizer, scheduler, RNG, history, early stopping) and of the best epoch so
-far (its weights and validation predictions), so that a restarted worker
-group or a rerun of the same RUN_DIR continues after the latest epoch, and
-the driver can write the model folder from the last checkpoint alone.
-Rank 0 alone logs, writes the history and checkpoints; the driver hears of
-its progress through an event sink.
+Each epoch ends with a checkpoint of the whole training state and of the
+best epoch so far (weights, validation predictions): a restarted worker
+group or a rerun of RUN_DIR continues after it, and the driver writes the
+model folder from the last one. Rank 0 alone logs, writes and checkpoints.
 """
 
 from __future__ import annotations
@@ -279,8 +276,7 @@ def _report(run: _Setup, progress: _Progress, metrics: dict[str, Any], predictio
 
 
 def _write_best(directory: str, progress: _Progress, current: bool) -> None:
-    """The best epoch so far, beside the training state: its predictions, and its weights unless they are
-    this epoch's (then the state's own weights file is the best one, and is not written twice)."""
+    """The best epoch's predictions, and its weights unless they are this checkpoint's own."""
     if progress.best_weights is None:
         return
     best = os.path.join(directory, BEST_DIR)
