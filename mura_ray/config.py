@@ -22,46 +22,25 @@ from mura_ray.errors import UsageError
 # ---- value checks: each takes the text (or the value) and returns the value ----
 
 
-def positive_int(text: Any) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
+def _bounded(name: str, cast: Callable[[Any], Any], ok: Callable[[Any], bool], rule: str) -> Callable[[Any], Any]:
+    """A check that casts its input and refuses values outside ``rule``; ``name`` shows in argparse's errors."""
+
+    def check(text: Any) -> Any:
+        value = cast(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    check.__name__ = name
+    return check
 
 
-def non_negative_int(text: Any) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def positive_float(text: Any) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def fraction(text: Any) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
-
-
-def open_fraction(text: Any) -> float:
-    value = float(text)
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
-    return value
-
-
-def image_size(text: Any) -> int:
-    value = int(text)
-    if not 32 <= value <= 1024:
-        raise argparse.ArgumentTypeError(f"must be between 32 and 1024 pixels, got {text}")
-    return value
+positive_int = _bounded("positive_int", int, lambda v: v >= 1, ">= 1")
+non_negative_int = _bounded("non_negative_int", int, lambda v: v >= 0, ">= 0")
+positive_float = _bounded("positive_float", float, lambda v: v > 0, "> 0")
+fraction = _bounded("fraction", float, lambda v: 0.0 <= v <= 1.0, "between 0 and 1")
+open_fraction = _bounded("open_fraction", float, lambda v: 0.0 < v < 1.0, "between 0 and 1 (exclusive)")
+image_size = _bounded("image_size", int, lambda v: 32 <= v <= 1024, "between 32 and 1024 pixels")
 
 
 def run_name(text: Any) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mura_ray.reporting.metrics import fmt
+from mura_ray.reporting.metrics import fmt, fmt_ci
 
 
 def render_model_card(meta: dict[str, Any]) -> str:
@@ -69,17 +69,15 @@ def _threshold_and_metrics(meta: dict[str, Any]) -> list[str]:
         r = val.get(level)
         if r:
             lines.append(
-                f"| {level} | {r['n']} | {fmt(r['kappa'])} [{fmt(r['kappa_ci'][0])}, {fmt(r['kappa_ci'][1])}] | "
-                f"{fmt(r['auroc'])} [{fmt(r['auroc_ci'][0])}, {fmt(r['auroc_ci'][1])}] | {fmt(r['f1'])} | "
+                f"| {level} | {r['n']} | {fmt(r['kappa'])} {fmt_ci(r['kappa_ci'])} | "
+                f"{fmt(r['auroc'])} {fmt_ci(r['auroc_ci'])} | {fmt(r['f1'])} | "
                 f"{fmt(r['sensitivity'])} | {fmt(r['specificity'])} | {fmt(r['accuracy'])} |"
             )
     if val.get("per_body_part"):
         lines += ["", "| body part | studies | study kappa (95% CI) |", "|---|---|---|"]
         for part, levels in val["per_body_part"].items():
             r = levels["study"]
-            lines.append(
-                f"| {part} | {r['n']} | {fmt(r['kappa'])} [{fmt(r['kappa_ci'][0])}, {fmt(r['kappa_ci'][1])}] |"
-            )
+            lines.append(f"| {part} | {r['n']} | {fmt(r['kappa'])} {fmt_ci(r['kappa_ci'])} |")
     return [*lines, ""]
 
 
