@@ -52,6 +52,13 @@ def run_name(text: Any) -> str:
     return value
 
 
+def modality_list(text: Any) -> str:
+    values = [v.strip().upper() for v in str(text).split(",") if v.strip()]
+    if not values or not all(re.fullmatch(r"[A-Z0-9]{1,16}", v) for v in values):
+        raise argparse.ArgumentTypeError(f"must be DICOM modality codes separated by commas (e.g. CR,DX), got {text!r}")
+    return ",".join(values)
+
+
 def option(
     default: Any = MISSING,
     *,
@@ -194,7 +201,22 @@ class ScoreConfig(_Config):
     )
     cpus_per_actor: float | None = option(None, help="CPUs each model actor reserves", check=positive_float, cli=False)
     use_gpu: bool | None = option(None, help="use GPUs (default: when the cluster has any)", cli=False)
-    run_id: str | None = option(None, help="name of this run (default: UTC time and a random suffix)", check=run_name)
+    run_id: str | None = option(
+        None, help="name of this run, unused in OUT (default: UTC time and a random suffix)", check=run_name
+    )
+    commit_every: int = option(
+        10_000,
+        metavar="N",
+        check=positive_int,
+        help="commit every N scored images (and at the end): a run stopped after K chunks keeps them, "
+        "and the next run goes on from there",
+    )
+    modalities: str = option(
+        "CR,DX,RG",
+        metavar="LIST",
+        check=modality_list,
+        help="DICOM modalities to score, or 'all' (read from the header); files of others are counted, not scored",
+    )
 
 
 @dataclass

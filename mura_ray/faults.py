@@ -1,15 +1,20 @@
 """Fault injection for the crash tests: ``MURA_RAY_FAULT=point`` or ``point@N``.
 
 At the named point (on its Nth pass, default the first) the process kills
-itself with SIGKILL, as a node loss or the OOM killer would. Unset, every
-check is a dictionary lookup and nothing else. This is the only way faults
-are injected: no user-facing setting knows of them.
+itself with SIGKILL, as a node loss or the OOM killer would, or, at a
+``pause-`` point, stops itself with SIGSTOP, as a paused VM or a debugger
+would, until someone sends it SIGCONT. Unset, every check is a dictionary
+lookup and nothing else. This is the only way faults are injected: no
+user-facing setting knows of them.
 
 Points: ``score`` (the scoring driver, after writing a batch),
-``commit-move`` and ``commit-manifest`` (the ledger's commit), and
-``train-epoch@E`` (the last training worker, in the middle of epoch E, on
-the first attempt only). Ray Train's workers do not see the driver's
-environment, so the training driver hands them the setting (``spec()``).
+``commit-move`` and ``commit-manifest`` (the ledger's commit of a chunk),
+``chunk-committed@K`` (after the Kth chunk of a scoring run committed),
+``pause-after-lease`` (a scoring run that has just taken its lease, before
+it reads the ledger or starts Ray), and ``train-epoch@E`` (the last
+training worker, in the middle of epoch E, on the first attempt only). Ray
+Train's workers do not see the driver's environment, so the training driver
+hands them the setting (``spec()``).
 """
 
 from __future__ import annotations
@@ -49,6 +54,12 @@ def maybe_kill(point: str) -> None:
     """SIGKILL this process if ``MURA_RAY_FAULT`` names ``point`` and its pass has come."""
     if _armed(point):
         kill_now()
+
+
+def maybe_pause(point: str) -> None:
+    """SIGSTOP this process if ``MURA_RAY_FAULT`` names ``point`` and its pass has come."""
+    if _armed(point):
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def kill_now() -> None:

@@ -87,16 +87,23 @@ def score(args: argparse.Namespace) -> int:
 
     Score the images under --data with a model and write Parquet under --out.
 
-    Run it every night: by default only images that no completed run of this
-    model has scored with the same size and ETag/mtime are scored (--full
-    rescores all). A run's files become visible only when it completes; a run
-    that died is cleaned up or finished by the next one.
+    Run it every night: by default only images that no committed run of this
+    model has scored with the same size and ETag (object storage) or mtime,
+    ctime and inode (local disk) are scored (--full rescores all). A run
+    commits every --commit-every images and at its end: committed chunks stay
+    if the run is stopped, and the next run scores only the rest, so a
+    backlog larger than one night is worked off over several nights. One run
+    writes to an output at a time; a second one exits 2 naming the first.
 
       OUT/images/run_date=D/*.parquet   one row per image file; undecodable
                                         files have error set and a null score
-      OUT/studies/run_date=D/*.parquet  one row per study touched by the run,
+      OUT/studies/run_date=D/*.parquet  one row per study touched by a chunk,
                                         covering all its images so far
-      OUT/_runs/<run_id>.json           one manifest per run
+      OUT/_runs/<run_id>.<chunk>.json   one manifest per committed chunk
+
+    DICOM files of other modalities than --modalities (CT, MR, ...), files
+    the MURA CSVs list that are missing, and links that lead nowhere are
+    counted, not scored, and are not errors.
 
     Exit status: 0; 2 for unusable arguments or input; 3 when more than
     --max-error-rate of the scored images failed (the run is still committed).
@@ -110,6 +117,8 @@ def score(args: argparse.Namespace) -> int:
         f"ignored {m['ignored_files']} non-image files; {m['studies']} studies updated; "
         f"{m['images_per_second']:.1f} images/s; run {m['run_id']} in {m['output']}"
     )
+    for line in _not_scored_lines(m):
+        print(line)
     if m["images"] and m["errors"] / m["images"] > cfg.max_error_rate:
         print(
             f"mura-ray: {m['errors']} of {m['images']} images could not be scored "
@@ -119,6 +128,24 @@ def score(args: argparse.Namespace) -> int:
         )
         return 3
     return 0
+
+
+def _not_scored_lines(m: dict) -> list[str]:
+    """What the run found and did not score, one line each, with examples."""
+    lines = []
+    if m["not_radiographs"] or m["not_radiographs_known"]:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(m["not_radiographs"].items())) or "none new"
+        lines.append(
+            f"not radiographs (DICOM modality not in --modalities): {counts}; "
+            f"{m['not_radiographs_known']} found by earlier runs"
+        )
+    if m["missing_files"]:
+        lines.append(
+            f"missing: {m['missing_files']} files listed in the CSVs are not there, e.g. {m['missing_examples'][0]}"
+        )
+    if m["broken_links"]:
+        lines.append(f"broken links: {m['broken_links']} lead nowhere, e.g. {m['broken_link_examples'][0]}")
+    return lines
 
 
 def demo(args: argparse.Namespace) -> int:

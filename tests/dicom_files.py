@@ -6,13 +6,7 @@ import io
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import (
-    ExplicitVRLittleEndian,
-    JPEG2000Lossless,
-    RLELossless,
-    SecondaryCaptureImageStorage,
-    generate_uid,
-)
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 PHI = {
     "PatientName": "Doe^Jane",
@@ -30,8 +24,15 @@ def dicom_bytes(
     window: tuple[float, float] | None = None,
     rescale: tuple[float, float] | None = None,
     syntax=ExplicitVRLittleEndian,
+    corrupt: bool = False,
+    modality: str = "CR",
+    frames: int = 1,
 ) -> bytes:
-    """A single-frame grayscale DICOM file holding ``pixels`` (uint16), with PHI in its header."""
+    """A grayscale DICOM file holding ``pixels`` (uint16), with PHI in its header.
+
+    ``syntax``: the transfer syntax, compressed by pydicom's own encoders;
+    ``corrupt``: declared compressed with bytes no decoder reads; ``frames``:
+    that many frames, the first ``pixels`` and each next one brighter."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -42,7 +43,7 @@ def dicom_bytes(
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     for key, value in PHI.items():
         setattr(ds, key, value)
-    ds.Modality = "CR"
+    ds.Modality = modality
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = photometric
@@ -54,16 +55,18 @@ def dicom_bytes(
         ds.WindowCenter, ds.WindowWidth = window
     if rescale:
         ds.RescaleSlope, ds.RescaleIntercept = rescale
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    if syntax == RLELossless:
-        ds.compress(RLELossless)
-    elif syntax == JPEG2000Lossless:
-        # Declared compressed, with bytes no installed decoder reads.
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    stack = [np.minimum(pixels.astype(np.uint32) + 10 * i, (1 << bits) - 1) for i in range(frames)]
+    ds.PixelData = np.stack(stack).astype(np.uint16).tobytes()
+    if corrupt:
         from pydicom.encaps import encapsulate
 
-        ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+        ds.file_meta.TransferSyntaxUID = syntax
         ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 64])
         ds["PixelData"].VR = "OB"
+    elif syntax != ExplicitVRLittleEndian:
+        ds.compress(syntax)
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()

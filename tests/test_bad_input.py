@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import struct
 import zlib
 
@@ -13,12 +12,10 @@ import numpy as np
 import pytest
 from dicom_files import PHI, dicom_bytes, gradient
 from PIL import Image
-from pydicom.uid import JPEG2000Lossless, RLELossless
+from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from mura_ray import cli
-from mura_ray.errors import UsageError
 from mura_ray.imaging.decode import DecodeError, decode_gray
-from mura_ray.scoring.ledger import Lease, Ledger
 
 
 def _png(image: Image.Image) -> bytes:
@@ -60,11 +57,13 @@ def _bad_archive(root, good_png: bytes) -> tuple[dict[str, bool], list[str]]:
         "modes/one-pixel.png": (_png(Image.new("L", (1, 1), 200)), True),
         "dicom/mono1.dcm": (dicom_bytes(gradient(), bits=12, photometric="MONOCHROME1", window=(1024, 2048)), True),
         "dicom/rle.DCM": (dicom_bytes(gradient(), bits=16, syntax=RLELossless), True),
+        "dicom/jpeg-ls.dcm": (dicom_bytes(gradient(), bits=12, syntax=JPEGLSLossless), True),
+        "dicom/jpeg2000.dcm": (dicom_bytes(gradient(), bits=12, syntax=JPEG2000Lossless), True),
         "bad/truncated.png": (good_png[: len(good_png) // 2], False),
         "bad/empty.png": (b"", False),
         "bad/text.png": (b"this is a note, not an image\n" * 5, False),
         "bad/bomb.png": (_bomb_png(), False),
-        "bad/jpeg2000-undecodable.dcm": (dicom_bytes(gradient(), syntax=JPEG2000Lossless), False),
+        "bad/jpeg2000-undecodable.dcm": (dicom_bytes(gradient(), syntax=JPEG2000Lossless, corrupt=True), False),
         "bad/not-dicom.dcm": (b"\x00" * 300, False),
     }
     others = {"notes.txt": b"hello", ".DS_Store": b"\x00\x01", "ok/report.pdf": b"%PDF-1.4"}
@@ -73,7 +72,14 @@ def _bad_archive(root, good_png: bytes) -> tuple[dict[str, bool], list[str]]:
         (root / name).write_bytes(data)
     for name, data in others.items():
         (root / name).write_bytes(data)
-    return {k: ok for k, (_, ok) in files.items()}, sorted(others)
+    # A PACS export's other modalities are not radiographs; links lead to an image, or nowhere.
+    (root / "dicom" / "ct.dcm").write_bytes(dicom_bytes(gradient(), modality="CT"))
+    (root / "links").mkdir()
+    os.symlink("../ok/plain.png", root / "links" / "linked.png")
+    os.symlink("../ok/gone.png", root / "links" / "broken.png")
+    expected = {k: ok for k, (_, ok) in files.items()}
+    expected["links/linked.png"] = True
+    return expected, sorted(others)
 
 
 def _jpeg(gray: np.ndarray) -> bytes:
@@ -99,6 +105,8 @@ def test_bad_files_become_rows_and_the_error_rate_sets_the_exit(
     assert rc == 3, captured.err
     assert f"{n_bad} of {len(expected)} images could not be scored" in captured.err
     assert f"errors {n_bad}, ignored {len(others)} non-image files" in captured.out
+    assert "not radiographs (DICOM modality not in --modalities): CT 1; 0 found by earlier runs" in captured.out
+    assert f"broken links: 1 lead nowhere, e.g. {archive}/links/broken.png" in captured.out
 
     con = duckdb.connect()
     rows = con.execute(
@@ -127,7 +135,9 @@ def test_bad_files_become_rows_and_the_error_rate_sets_the_exit(
         ["-q", "score", "--model", model, "--data", str(archive), "--out", str(out), "--max-error-rate", "0.5"]
     )
     assert rc == 0
-    assert f"scored 0, skipped {len(expected)} " in capsys.readouterr().out
+    again = capsys.readouterr().out
+    assert f"scored 0, skipped {len(expected)} " in again
+    assert "CT 1" not in again and "none new; 1 found by earlier runs" in again  # not read again
     rc = cli.main(
         [
             "-q",
@@ -145,6 +155,10 @@ def test_bad_files_become_rows_and_the_error_rate_sets_the_exit(
     )
     assert rc == 0
     assert f"scored {len(expected)}, skipped 0" in capsys.readouterr().out
+    # Asked to score CT too, the next run scores the CT file it set aside.
+    rc = cli.main(["-q", "score", "--model", model, "--data", str(archive), "--out", str(out), "--modalities", "CR,CT"])
+    assert rc == 0
+    assert f"scored 1, skipped {len(expected)} " in capsys.readouterr().out
 
 
 def test_dicom_windows_inverts_and_scales():
@@ -165,25 +179,4 @@ def test_dicom_windows_inverts_and_scales():
     rescaled = decode_gray(dicom_bytes(g, bits=12, window=(1000, 400), rescale=(2.0, 0.0)))
     assert np.abs(rescaled.astype(int) - windowed.astype(int)).max() <= 2  # the window's half-pixel offsets
     with pytest.raises(DecodeError, match="JPEG 2000"):
-        decode_gray(dicom_bytes(g, syntax=JPEG2000Lossless))
-
-
-def test_one_run_at_a_time_and_a_dead_runs_lease_is_taken_over(tmp_path):
-    ledger = Ledger(str(tmp_path))
-    first = Lease(ledger.fs, ledger.base, "run-a")
-    first.acquire()
-    with pytest.raises(UsageError, match="another scoring run"):
-        Lease(ledger.fs, ledger.base, "run-b").acquire()
-    first.release()
-    Lease(ledger.fs, ledger.base, "run-c").acquire()
-    # A lease left by a process that no longer exists on this host is stale.
-    import json
-    import subprocess
-    import sys
-
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    body = json.loads((tmp_path / "_lock.json").read_text())
-    (tmp_path / "_lock.json").write_text(json.dumps(dict(body, pid=int(dead.stdout))))
-    Lease(ledger.fs, ledger.base, "run-d").acquire()
-    assert json.loads((tmp_path / "_lock.json").read_text())["run_id"] == "run-d"
-    shutil.rmtree(tmp_path)
+        decode_gray(dicom_bytes(g, syntax=JPEG2000Lossless, corrupt=True))

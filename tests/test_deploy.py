@@ -47,14 +47,13 @@ def test_cluster_yaml_is_valid_for_ray_and_secure_by_default():
     assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
     assert any("auth_token" in dst for dst in config["file_mounts"])
 
-    # Nothing opens the dashboard, GCS or client ports to the internet; the dashboard binds to localhost.
-    for rule in config["provider"].get("security_group", {}).get("IpPermissions", []):
-        ports = set(range(rule["FromPort"], rule["ToPort"] + 1))
-        open_to_all = any(r.get("CidrIp") == "0.0.0.0/0" for r in rule.get("IpRanges", [])) or any(
-            r.get("CidrIpv6") == "::/0" for r in rule.get("Ipv6Ranges", [])
-        )
-        assert not (ports & PRIVATE_PORTS), rule
-        assert not open_to_all, rule
+    # Every node is in a security group made beforehand (SSH from ADMIN_CIDR only, README): given
+    # none, Ray's AWS provider creates one itself and opens port 22 to 0.0.0.0/0.
+    assert "security_group" not in config["provider"]
+    assert all(v["node_config"].get("SecurityGroupIds") and v["node_config"].get("SubnetIds") for v in nodes.values())
+    readme = _load("README.md")
+    assert "authorize-security-group-ingress" in readme and "--cidr ADMIN_CIDR/32" in readme
+    assert "0.0.0.0/0" not in readme
     head_start = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in head_start
     assert any("pip install" in c and "mura-ray" in c for c in config["setup_commands"])
@@ -78,6 +77,9 @@ def _check_rayjob(job, entry_script):
         g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu") for g in groups
     )
     assert spec["shutdownAfterJobFinishes"] is True
+    assert spec["ttlSecondsAfterFinished"] <= 600  # the GPUs go within minutes of the job's end
+    if not cluster.get("enableInTreeAutoscaling"):
+        assert not any("maxReplicas" in g or "minReplicas" in g for g in groups)  # bounds would do nothing
     assert not re.search(r"AWS_SECRET_ACCESS_KEY|AWS_ACCESS_KEY_ID", json.dumps(job))
 
 
@@ -97,9 +99,28 @@ def test_kuberay_training_job_and_nightly_scoring():
     rayjob = yaml.safe_load(docs["ConfigMap"]["data"]["rayjob.yaml"])
     _check_rayjob(rayjob, "jobs/score.py")
     assert "NIGHT" in rayjob["metadata"]["name"]
-    assert {"create", "get"} <= set(docs["Role"]["rules"][0]["verbs"]) and docs["Role"]["rules"][0]["resources"] == [
-        "rayjobs"
-    ]
+    (rule,) = docs["Role"]["rules"]
+    assert rule["resources"] == ["rayjobs"] and set(rule["verbs"]) == {"create", "get", "list", "delete"}
+    assert "kubectl delete" in command and "head -n -7" in command  # old RayJobs are cleaned up
+    assert re.search(r"@sha256:\S+$", pod["containers"][0]["image"])  # the scheduler's image by digest
+    # What a RayJob created by the scheduler may hold: the mura-ray image and service account only.
+    policy = docs["ValidatingAdmissionPolicy"]["spec"]
+    assert "mura-ray-scheduler" in policy["matchConditions"][0]["expression"]
+    checks = " ".join(v["expression"] for v in policy["validations"])
+    image = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+    assert f"c.image == '{image}'" in checks and "serviceAccountName == 'mura-ray'" in checks
+    assert (
+        docs["ValidatingAdmissionPolicyBinding"]["spec"]["policyName"]
+        == docs["ValidatingAdmissionPolicy"]["metadata"]["name"]
+    )
+
+
+def test_every_service_account_the_manifests_use_is_defined_in_them():
+    docs = [d for name in sorted(os.listdir(os.path.join(ROOT, "k8s"))) for d in _docs(f"k8s/{name}")]
+    defined = {d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"}
+    text = "\n".join(_load(f"k8s/{name}") for name in os.listdir(os.path.join(ROOT, "k8s")))
+    used = set(re.findall(r"serviceAccountName: (\S+)", text))
+    assert used and used <= defined, used - defined
 
 
 def test_job_runtime_env_ships_the_code_and_not_the_environment():

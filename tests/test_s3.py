@@ -60,7 +60,7 @@ def test_s3_archive_and_outputs_match_local(ray_cluster, s3_server, s3_bucket, t
     for key, (prob, err) in local_scores.items():
         assert err is None and s3_scores[key][1] is None
         assert s3_scores[key][0] == pytest.approx(prob, abs=1e-6)
-    assert fs.exists(f"{s3_bucket}/scores/_runs/{m['run_id']}.json")
+    assert fs.exists(f"{s3_bucket}/scores/_runs/{m['run_id']}.00000.json")
     assert not fs.exists(f"{s3_bucket}/scores/_staging/{m['run_id']}")
 
 

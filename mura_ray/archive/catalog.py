@@ -10,18 +10,21 @@ Where labels come from, first match wins:
 2. folder names (``XR_<PART>/patientNNNNN/studyK_{positive,negative}/``);
 3. nothing: any tree of images is accepted, with null labels.
 
-Every image file under the root is in the catalog, also one the CSVs do not
-list (it gets its labels from its folders), so a scoring run misses nothing.
-Files that are not images (by extension: PNG, JPEG, DICOM, any case) are
-left out and counted.
+Every image file under the root is in the catalog once, also one the CSVs
+do not list (it gets its labels from its folders), so a scoring run misses
+nothing. Files that are not images (by extension: PNG, JPEG, DICOM, any
+case) are left out and counted; so are files the CSVs list that are not
+there, and symbolic links that lead nowhere.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import posixpath
 import re
-from dataclasses import dataclass
+import stat
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -58,25 +61,57 @@ _STUDY = re.compile(r"^study\d+_(positive|negative)$", re.IGNORECASE)
 
 @dataclass
 class Listing:
-    """Files under a root: image files with their listing info, and how many others were skipped."""
+    """Files under a root: image files with their listing info, the other files, links that lead nowhere."""
 
     images: dict[str, dict[str, Any]]  # path inside fs -> info
     others: list[str]
+    broken_links: list[str] = field(default_factory=list)
+
+
+def _follow(path: str) -> dict[str, Any] | None:
+    """Listing info of the file a local symbolic link leads to; None for a folder, {} when it leads nowhere."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return {}
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return {
+        "name": path,
+        "type": "file",
+        "size": st.st_size,
+        "mtime": st.st_mtime,
+        "created": st.st_ctime,
+        "ino": st.st_ino,
+    }
 
 
 def list_archive(fs, base: str) -> Listing:
-    """One recursive listing of ``base``; image files are kept, other files counted."""
+    """One recursive listing of ``base``; image files are kept, other files counted.
+
+    Local symbolic links to files are followed (the link's path is the
+    image's URI, the target's size and times its fingerprint); links to
+    folders are not, so a loop of them does no harm; links that lead
+    nowhere are counted."""
     found = fs.find(base, detail=True)
     images: dict[str, dict[str, Any]] = {}
     others: list[str] = []
+    broken: list[str] = []
     for path, info in found.items():
+        if info.get("islink"):
+            info = _follow(path)
+            if info is None:
+                continue
+            if not info:
+                broken.append(path)
+                continue
         if info.get("type", "file") != "file":
             continue
         if is_image_name(path):
             images[path] = info
         else:
             others.append(path)
-    return Listing(images=images, others=sorted(others))
+    return Listing(images=images, others=sorted(others), broken_links=sorted(broken))
 
 
 def parse_parts(path: str, rel_path: str | None = None) -> dict[str, Any]:
@@ -102,11 +137,16 @@ def parse_parts(path: str, rel_path: str | None = None) -> dict[str, Any]:
     return out
 
 
-def _csv_dir(fs, base: str) -> str | None:
-    for d in (base, storage.join(base, "MURA-v1.1")):
-        for split in SPLITS:
-            if fs.exists(storage.join(d, f"{split}_image_paths.csv")):
-                return d
+def _csv_dir(fs, base: str, listing: Listing) -> str | None:
+    """The folder holding MURA's CSVs: the root, or its ``MURA-v1.1`` folder (in any case)."""
+    names = {f"{split}_image_paths.csv" for split in SPLITS}
+    found = sorted(posixpath.dirname(p) for p in listing.others if posixpath.basename(p) in names)
+    for d in found:
+        if d == base:
+            return d
+    for d in found:
+        if posixpath.dirname(d) == base and posixpath.basename(d).lower() == "mura-v1.1":
+            return d
     return None
 
 
@@ -115,12 +155,14 @@ def _read_lines(fs, path: str) -> list[tuple[int, str]]:
     return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
-def _csv_rows(fs, csv_dir: str, listing: Listing) -> list[dict[str, Any]]:
-    """Rows from MURA's CSVs. Their paths start with the archive folder's own name (``MURA-v1.1/...``)."""
-    parent, name = posixpath.split(csv_dir)
+def _csv_rows(fs, csv_dir: str, listing: Listing, missing: list[str]) -> list[dict[str, Any]]:
+    """Rows from MURA's CSVs. Their paths start with the archive folder's name (``MURA-v1.1/...``),
+    whatever case that folder has on disk. A listed file that is not there goes to ``missing``."""
+    name = posixpath.basename(csv_dir)
 
     def resolve(rel: str) -> str:
-        return storage.join(parent, rel) if rel.split("/", 1)[0] == name else storage.join(csv_dir, rel)
+        first, _, rest = rel.partition("/")
+        return storage.join(csv_dir, rest) if first.lower() == name.lower() and rest else storage.join(csv_dir, rel)
 
     rows: list[dict[str, Any]] = []
     for split in SPLITS:
@@ -144,10 +186,13 @@ def _csv_rows(fs, csv_dir: str, listing: Listing) -> list[dict[str, Any]]:
                     f"got {line[:120]!r}"
                 )
             path = resolve(line)
+            info = listing.images.get(path)
+            if info is None:
+                missing.append(storage.to_uri(fs, path))
+                continue
             study = posixpath.dirname(path)
             parts = parse_parts(path)
             label = labels.get(study, parts["label"])
-            info = listing.images.get(path, {})
             rows.append(
                 dict(
                     image_uri=storage.to_uri(fs, path),
@@ -157,7 +202,7 @@ def _csv_rows(fs, csv_dir: str, listing: Listing) -> list[dict[str, Any]]:
                     study_uri=storage.to_uri(fs, study),
                     label=label,
                     source_size=info.get("size"),
-                    source_etag=storage.source_tag(info) if info else None,
+                    source_etag=storage.source_tag(info),
                 )
             )
     return rows
@@ -184,10 +229,13 @@ def _tree_rows(fs, base: str, listing: Listing) -> list[dict[str, Any]]:
 
 @dataclass
 class Scan:
-    """A catalog and the non-image files its listing skipped."""
+    """A catalog, the non-image files its listing skipped, the files the CSVs list that are not there,
+    and the links that lead nowhere."""
 
     table: pa.Table
     ignored: list[str]
+    missing: list[str] = field(default_factory=list)
+    broken_links: list[str] = field(default_factory=list)
 
 
 def build_catalog(root: str, *, split: str | None = None) -> pa.Table:
@@ -207,8 +255,9 @@ def scan_archive(root: str, *, split: str | None = None) -> Scan:
     if not fs.isdir(base):
         raise UsageError(f"archive root is a file, not a folder: {root!r}")
     listing = list_archive(fs, base)
-    csv_dir = _csv_dir(fs, base)
-    rows = _csv_rows(fs, csv_dir, listing) if csv_dir else []
+    csv_dir = _csv_dir(fs, base, listing)
+    missing: list[str] = []
+    rows = _csv_rows(fs, csv_dir, listing, missing) if csv_dir else []
     listed = {r["image_uri"] for r in rows}
     rows += [r for r in _tree_rows(fs, base, listing) if r["image_uri"] not in listed]
     if not rows:
@@ -222,7 +271,8 @@ def scan_archive(root: str, *, split: str | None = None) -> Scan:
             raise UsageError(f"no images in split {split!r} under {root!r}")
     csvs = re.compile(rf"(^|/)({'|'.join(SPLITS)})_(image_paths|labeled_studies)\.csv$")
     ignored = [storage.to_uri(fs, p) for p in listing.others if not csvs.search(p)]
-    return Scan(table=table, ignored=ignored)
+    broken = [storage.to_uri(fs, p) for p in listing.broken_links]
+    return Scan(table=table, ignored=ignored, missing=sorted(set(missing)), broken_links=broken)
 
 
 def fingerprint(table: pa.Table) -> str:

@@ -112,14 +112,20 @@ def exists(uri: str) -> bool:
 
 
 def source_tag(info: dict[str, Any]) -> str | None:
-    """A change tag for a listed file: its ETag in object storage, else its mtime."""
+    """A change tag for a listed file: its ETag in object storage; locally its mtime, ctime and inode.
+
+    A file rewritten with its mtime put back (``cp -p``, ``rsync -a``,
+    ``tar x``) still gets a new ctime (which no user call can set) or inode."""
     etag = info.get("ETag") or info.get("etag")
     if etag:
         return str(etag).strip('"')
     mtime = info.get("mtime") or info.get("LastModified")
     if mtime is None:
         return None
-    return f"mtime:{mtime.timestamp() if hasattr(mtime, 'timestamp') else mtime}"
+    tag = f"mtime:{mtime.timestamp() if hasattr(mtime, 'timestamp') else mtime}"
+    if info.get("created") is not None and info.get("ino") is not None:
+        tag += f";ctime:{info['created']};ino:{info['ino']}"
+    return tag
 
 
 def path_in(uri: str) -> str:
@@ -127,3 +133,61 @@ def path_in(uri: str) -> str:
     if uri.startswith("s3://"):
         return uri[len("s3://") :]
     return uri
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return protocol(fs) in ("file", "local")
+
+
+def fsync_dir(path: str) -> None:
+    """Make a local folder's entries (renames, new files) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _local_temp(path: str, data: bytes) -> str:
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data`` in one step, durably: rename and fsync locally, one PUT in object storage."""
+    if not is_local(fs):
+        fs.pipe_file(path, data)
+        return
+    os.replace(_local_temp(path, data), path)
+    fsync_dir(os.path.dirname(path))
+
+
+def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Create ``path`` with ``data`` only if nothing is there; ``FileExistsError`` otherwise.
+
+    One creator wins however many try at once: a conditional PUT
+    (``If-None-Match: *``) in object storage, a hard link locally (which
+    fails when the name exists, and shows the file whole or not at all)."""
+    if not is_local(fs):
+        fs.pipe_file(path, data, mode="create")
+        return
+    tmp = _local_temp(path, data)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: an exclusive create, then the bytes
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        os.unlink(tmp)
+    fsync_dir(os.path.dirname(path))

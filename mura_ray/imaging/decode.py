@@ -2,10 +2,15 @@
 
 DICOM goes through pydicom: the modality LUT (rescale) first, then the VOI
 LUT or the first window, MONOCHROME1 inverted so that bone is bright as in
-MURA's PNGs, and 12/16-bit values mapped onto 0..255. Compressed transfer
-syntaxes decode where an installed decoder handles them (RLE always; JPEG
-through Pillow; others need pylibjpeg or GDCM), and fail as an error row
-otherwise. No header value is returned, so none can reach the output.
+MURA's PNGs, and 12/16-bit values mapped onto 0..255. The transfer syntaxes
+of PACS exports decode with the decoders installed with mura-ray: RLE
+(pydicom), JPEG baseline and extended 8-bit (Pillow), JPEG-LS (pyjpegls),
+JPEG 2000 (pylibjpeg-openjpeg) and lossless JPEG (GDCM). The header is read
+first: a file whose Modality is not one of the radiograph modalities asked
+for raises ``NotScored``, and one whose frames x rows x columns x samples
+exceed the pixel limit is refused, both before any pixel is decoded; of a
+multi-frame file only the first frame is decoded. No header value but the
+modality is returned, so none can reach the output.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ from PIL import Image
 # Decompression-bomb guard: an image with more pixels than this is refused
 # before its pixels are decoded. MURA's largest images are about 4 megapixels.
 MAX_PIXELS = int(os.environ.get("MURA_RAY_MAX_PIXELS", 50_000_000))
+# No file larger than this is read whole: MURA's images are well under 10 MB, and an
+# uncompressed 16-bit radiograph of 4300 x 3500 pixels about 30 MB.
+MAX_BYTES = int(os.environ.get("MURA_RAY_MAX_BYTES", 256 * 2**20))
 
 # Prefix of the error of a file that could not be read (as opposed to decoded):
 # such a failure may pass, so the next scoring run tries the file again.
@@ -33,6 +41,14 @@ def one_line(text: str, limit: int = 500) -> str:
 
 class DecodeError(ValueError):
     """The bytes are not an image this package can read."""
+
+
+class NotScored(Exception):
+    """A DICOM file of a modality that is not to be scored (``modality``)."""
+
+    def __init__(self, modality: str) -> None:
+        super().__init__(f"modality {modality}")
+        self.modality = modality
 
 
 def _to_gray(image: Image.Image) -> np.ndarray:
@@ -68,28 +84,42 @@ def _first(value: Any) -> float:
     return float(value[0] if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else value)
 
 
-def decode_dicom(data: bytes) -> np.ndarray:
-    """DICOM bytes -> (H, W) uint8, bone bright. Raises ``DecodeError``."""
+def _header(data: bytes, modalities: frozenset[str] | None) -> tuple[Any, int]:
+    """A DICOM file's header (no pixels), checked against the modalities and the pixel limit; and its frames."""
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
-        rows, cols = int(ds.Rows), int(ds.Columns)
+        head = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        rows, cols = int(head.Rows), int(head.Columns)
     except Exception as exc:
         raise DecodeError(f"cannot read DICOM: {type(exc).__name__}: {exc}") from None
-    if rows * cols > MAX_PIXELS:
-        raise DecodeError(f"image of {cols}x{rows} pixels is over the limit of {MAX_PIXELS} pixels")
+    modality = str(head.get("Modality", "") or "").strip().upper()
+    if modalities is not None and modality and modality not in modalities:
+        raise NotScored(modality)
+    frames = int(head.get("NumberOfFrames", 1) or 1)
+    samples = int(head.get("SamplesPerPixel", 1) or 1)
+    values = frames * rows * cols * samples
+    if rows * cols > MAX_PIXELS or values > MAX_PIXELS:
+        raise DecodeError(
+            f"image of {frames} frame(s) of {cols}x{rows} pixels x {samples} sample(s) ({values} values) "
+            f"is over the limit of {MAX_PIXELS} (MURA_RAY_MAX_PIXELS)"
+        )
+    return head, frames
+
+
+def decode_dicom(data: bytes, modalities: frozenset[str] | None = None) -> np.ndarray:
+    """DICOM bytes -> (H, W) uint8, bone bright. Raises ``DecodeError`` or ``NotScored``."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
+
+    ds, frames = _header(data, modalities)
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
     try:
-        arr = ds.pixel_array
+        # From the buffer, pydicom reads only the frame asked for; the header's LUTs apply below.
+        arr = pixel_array(io.BytesIO(data), index=0 if frames > 1 else None)
     except Exception as exc:
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", syntax)
         raise DecodeError(f"cannot decode DICOM pixels ({name}): {type(exc).__name__}: {exc}") from None
-    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-    if frames > 1:
-        arr = arr[0]
     if arr.ndim == 3:  # colour (pydicom gives RGB): luminance
         return _to_gray(Image.fromarray(arr.astype(np.uint8), mode="RGB"))
     if arr.ndim != 2 or min(arr.shape) < 1:
@@ -108,16 +138,18 @@ def decode_dicom(data: bytes) -> np.ndarray:
     return out
 
 
-def decode_gray(data: bytes, *, target: int | None = None) -> np.ndarray:
+def decode_gray(data: bytes, *, target: int | None = None, modalities: frozenset[str] | None = None) -> np.ndarray:
     """Decode PNG/JPEG/DICOM bytes to an (H, W) uint8 array.
 
     ``target`` lets JPEG decoding use DCT scaling down to about that short
-    side. Raises ``DecodeError`` with the reason for unreadable input.
+    side. ``modalities``: the DICOM modalities to decode (None: all).
+    Raises ``DecodeError`` with the reason for unreadable input, ``NotScored``
+    for a DICOM file of another modality.
     """
     if not data:
         raise DecodeError("empty file (0 bytes)")
     if is_dicom(data):
-        return decode_dicom(data)
+        return decode_dicom(data, modalities)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

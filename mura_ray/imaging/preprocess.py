@@ -26,7 +26,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from mura_ray.archive import storage
-from mura_ray.imaging.decode import READ_ERROR, DecodeError, decode_gray, one_line
+from mura_ray.imaging.decode import MAX_BYTES, READ_ERROR, DecodeError, NotScored, decode_gray, one_line
 
 RESIZE_RATIO = 256 / 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -48,37 +48,56 @@ def resize_center_square(gray: np.ndarray, side: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)[top : top + side, left : left + side]
 
 
-def load_square(data: bytes, side: int) -> np.ndarray:
+def load_square(data: bytes, side: int, modalities: frozenset[str] | None = None) -> np.ndarray:
     """Bytes of one image -> (side, side) uint8 gray square (the cached form)."""
-    return resize_center_square(decode_gray(data, target=side), side)
+    return resize_center_square(decode_gray(data, target=side, modalities=modalities), side)
 
 
-def read_and_decode(batch: dict[str, np.ndarray], *, side: int, fs: Any) -> dict[str, np.ndarray]:
+def read_capped(fs: Any, uri: str, max_bytes: int) -> bytes:
+    """The bytes of ``uri``, reading at most ``max_bytes + 1`` of them; ``DecodeError`` when there are more."""
+    data = fs.cat_file(storage.path_in(uri), start=0, end=max_bytes + 1)
+    if len(data) > max_bytes:
+        raise DecodeError(f"file of more than {max_bytes} bytes is over the limit (MURA_RAY_MAX_BYTES)")
+    return data
+
+
+def read_and_decode(
+    batch: dict[str, np.ndarray], *, side: int, fs: Any, modalities: tuple[str, ...] | None = None
+) -> dict[str, np.ndarray]:
     """Read each ``image_uri`` through ``fs`` and turn it into its cached (side, side) uint8 square.
 
     Adds ``pixels`` (zeros where unreadable), ``error`` (the reason, or ""
     when fine: an all-empty string column keeps its type through Arrow,
-    where an all-null one would not) and ``read_size`` (bytes read; -1 when
-    the file could not be read). Other columns pass through. A bad file
-    never raises: it becomes a row with ``error`` set.
+    where an all-null one would not), ``modality`` (a DICOM file's modality
+    when it is not one of ``modalities``, which are not decoded; else "")
+    and ``read_size`` (bytes read; -1 when the file could not be read).
+    Other columns pass through. A bad file never raises: it becomes a row
+    with ``error`` set. No file is read past ``MAX_BYTES``.
     """
     uris = batch["image_uri"]
     pixels = np.zeros((len(uris), side, side), dtype=np.uint8)
     errors = np.full(len(uris), "", dtype=object)
+    skipped = np.full(len(uris), "", dtype=object)
     sizes = np.full(len(uris), -1, dtype=np.int64)
+    accept = frozenset(modalities) if modalities is not None else None
     for i, uri in enumerate(uris):
         try:
-            data = storage.read_bytes(fs, storage.path_in(uri))
+            data = read_capped(fs, uri, MAX_BYTES)
+        except DecodeError as exc:
+            errors[i] = one_line(str(exc))
+            continue
         except Exception as exc:  # missing file, permission, network
             errors[i] = one_line(f"{READ_ERROR}: {type(exc).__name__}: {exc}")
             continue
         sizes[i] = len(data)
         try:
-            pixels[i] = load_square(data, side)
+            pixels[i] = load_square(data, side, accept)
         except DecodeError as exc:
             errors[i] = one_line(str(exc))
+        except NotScored as exc:
+            skipped[i] = exc.modality
     out = dict(batch)
-    out.update(pixels=pixels, error=errors, read_size=sizes)
+    out.update(pixels=pixels, error=errors, modality=skipped, read_size=sizes)
     return out
 
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import time
 from typing import Any
 
 import torch
@@ -47,13 +50,41 @@ def model_id_of(weights: bytes) -> str:
     return hashlib.sha256(weights).hexdigest()
 
 
+def write_checkpoint(directory: str, files: dict[str, bytes]) -> None:
+    """Write a checkpoint folder's files (``METADATA_FILE`` among them) so that no reader mixes two models.
+
+    Locally the folder is written beside its place and renamed into it, so a
+    reader sees the old model or the new one whole. In object storage the
+    files go one by one and the metadata, which names the weights' hash,
+    last; a reader that meets the halves of two models sees the hashes
+    disagree and reads again (``read_checkpoint``)."""
+    fs, path = storage.filesystem(directory)
+    order = sorted(files, key=lambda name: name == METADATA_FILE)
+    if not storage.is_local(fs):
+        for name in order:
+            storage.write_bytes(fs, storage.join(path, name), files[name])
+        return
+    tag = f"{os.getpid()}-{os.urandom(3).hex()}"
+    staged, old = f"{path}.new-{tag}", f"{path}.old-{tag}"
+    os.makedirs(staged)
+    for name in order:
+        with open(os.path.join(staged, name), "wb") as f:
+            f.write(files[name])
+            f.flush()
+            os.fsync(f.fileno())
+    if os.path.isdir(path):
+        os.rename(path, old)  # a folder cannot replace a folder in one rename: the old one steps aside
+    os.rename(staged, path)
+    storage.fsync_dir(os.path.dirname(path))
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(directory: str, model: nn.Module, metadata: dict[str, Any]) -> str:
     """Write weights and metadata under ``directory`` (path or s3://); return the model id."""
     weights = state_dict_bytes(model)
     meta = dict(metadata, model_id=model_id_of(weights))
-    fs, path = storage.filesystem(directory)
-    storage.write_bytes(fs, storage.join(path, WEIGHTS_FILE), weights)
-    storage.write_bytes(fs, storage.join(path, METADATA_FILE), json.dumps(meta, indent=2, sort_keys=True).encode())
+    body = json.dumps(meta, indent=2, sort_keys=True).encode()
+    write_checkpoint(directory, {WEIGHTS_FILE: weights, METADATA_FILE: body})
     return meta["model_id"]
 
 
@@ -81,21 +112,35 @@ def resolve_model_dir(model: str) -> str:
     return model
 
 
-def load_checkpoint(directory: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``(state_dict, metadata)`` of a checkpoint directory; the model id is checked against the bytes."""
+def read_checkpoint(directory: str, attempts: int = 5) -> tuple[bytes, dict[str, Any]]:
+    """``(weights bytes, metadata)`` of a checkpoint directory, read once and checked against each other.
+
+    ``metadata["model_id"]`` is the sha256 of the returned bytes. A folder
+    caught in the middle of being rewritten is read again."""
     fs, path = storage.filesystem(directory)
     meta_path = storage.join(path, METADATA_FILE)
     weights_path = storage.join(path, WEIGHTS_FILE)
-    if not fs.exists(meta_path) or not fs.exists(weights_path):
-        raise UsageError(
-            f"{directory!r} is not a mura-ray checkpoint: expected {WEIGHTS_FILE} and {METADATA_FILE} in it"
-        )
-    meta = json.loads(storage.read_bytes(fs, meta_path))
-    weights = storage.read_bytes(fs, weights_path)
-    actual = model_id_of(weights)
-    if meta.get("model_id") not in (None, actual):
-        raise UsageError(f"{directory!r}: weights do not match the model_id in {METADATA_FILE}")
-    meta["model_id"] = actual
+    for attempt in range(attempts):
+        try:
+            meta = json.loads(storage.read_bytes(fs, meta_path))
+            weights = storage.read_bytes(fs, weights_path)
+        except FileNotFoundError:
+            if fs.exists(path) and attempt == 0:
+                time.sleep(0.5)  # a local folder being renamed into place
+                continue
+            raise UsageError(
+                f"{directory!r} is not a mura-ray checkpoint: expected {WEIGHTS_FILE} and {METADATA_FILE} in it"
+            ) from None
+        actual = model_id_of(weights)
+        if meta.get("model_id") in (None, actual):
+            return weights, dict(meta, model_id=actual)
+        time.sleep(0.5 * (attempt + 1))
+    raise UsageError(f"{directory!r}: weights do not match the model_id in {METADATA_FILE}")
+
+
+def load_checkpoint(directory: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(state_dict, metadata)`` of a checkpoint directory; the model id is checked against the bytes."""
+    weights, meta = read_checkpoint(directory)
     return st_load(weights), meta
 
 

@@ -27,7 +27,7 @@ from mura_ray.archive.catalog import build_catalog
 from mura_ray.config import EvalConfig, ScoreConfig
 from mura_ray.errors import UsageError
 from mura_ray.imaging.preprocess import load_square
-from mura_ray.model.checkpoint import load_checkpoint, resolve_model_dir
+from mura_ray.model.checkpoint import read_checkpoint, resolve_model_dir
 from mura_ray.progress import Progress
 from mura_ray.reporting import plots
 from mura_ray.reporting.metrics import fmt, fmt_ci, full_report, study_scores
@@ -44,15 +44,15 @@ PLOTS = {
 }
 
 
-def predict(model_dir: str, meta: dict[str, Any], data: str, split: str, batch_size: int) -> pa.Table:
+def predict(weights: bytes, meta: dict[str, Any], data: str, split: str, batch_size: int) -> pa.Table:
     """Labelled images of ``split``: their catalog columns, ``prob_abnormal`` (null where unreadable) and ``error``."""
     catalog = build_catalog(data, split=split)
     labelled = catalog.filter(pc.is_valid(catalog["label"]))
     if labelled.num_rows == 0:
         raise UsageError(f"no labelled images in split {split!r} under {data!r}: evaluation needs labels")
-    cfg = ScoreConfig(model=model_dir, data=data, out="", batch_size=batch_size)
+    cfg = ScoreConfig(model="", data=data, out="", batch_size=batch_size, modalities="ALL")
     parts = []
-    ds = scored_dataset(labelled, model_dir, meta, cfg)
+    ds = scored_dataset(labelled, weights, meta, cfg)
     with Progress(f"scoring split {split}", labelled.num_rows) as bar:
         for batch in ds.iter_batches(batch_size=128, batch_format="numpy"):
             parts.append(results_table(batch))
@@ -67,11 +67,11 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     """Predict, compute the report, write report.json/.md, predictions.parquet and the plots under ``cfg.out``."""
     t0 = time.monotonic()
     model_dir = resolve_model_dir(cfg.model)
-    _, meta = load_checkpoint(model_dir)
+    weights, meta = read_checkpoint(model_dir)
     threshold = float(cfg.threshold if cfg.threshold is not None else meta.get("threshold", 0.5))
     if not storage.is_remote(cfg.out):
         console.set_ray_log(storage.join(cfg.out, "ray.log"))
-    table = predict(model_dir, meta, cfg.data, cfg.split, cfg.batch_size)
+    table = predict(weights, meta, cfg.data, cfg.split, cfg.batch_size)
     fs, out = storage.filesystem(cfg.out)
     fs.makedirs(out, exist_ok=True)
     with fs.open(storage.join(out, "predictions.parquet"), "wb") as f:

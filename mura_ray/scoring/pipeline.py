@@ -2,9 +2,12 @@
 
 The dataset carries only ``image_uri`` in, and ``image_uri``,
 ``prob_abnormal`` (NaN where the file failed) and ``error`` out; the driver
-joins results back onto its catalog. Each model actor loads the weights
-once, checks that they are the ones the run is recorded under, and scores
-under ``torch.inference_mode()``.
+joins results back onto its catalog. The driver reads the weights once and
+hands their bytes to every model actor through Ray's object store; each
+actor checks that their sha256 is the run's ``model_id`` before it scores,
+so every row is computed with the weights its ``model_id`` names, whatever
+happens to the model folder during the run. DICOM files of modalities not
+asked for come out with ``modality`` set and no score.
 """
 
 from __future__ import annotations
@@ -15,58 +18,71 @@ import numpy as np
 import pyarrow as pa
 import ray
 import torch
+from safetensors.torch import load as st_load
 
 from mura_ray import cluster
 from mura_ray.archive import storage
 from mura_ray.config import ScoreConfig
 from mura_ray.data import catalog_dataset
 from mura_ray.imaging.preprocess import EvalPreset, read_and_decode
-from mura_ray.model.checkpoint import load_checkpoint
+from mura_ray.model.checkpoint import model_id_of
 from mura_ray.model.resnet import build_model, for_inference
 from mura_ray.model.steps import score_step
 
 
 class Scorer:
-    """Model-holding actor: loads the weights once, scores batches of cached squares."""
+    """Model-holding actor: takes the run's weights once, scores batches of cached squares."""
 
-    def __init__(self, model_dir: str, model_id: str, image_size: int, threads: int, use_gpu: bool) -> None:
+    def __init__(self, weights: list[ray.ObjectRef], model_id: str, image_size: int, threads: int, use_gpu: bool):
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        state, meta = load_checkpoint(model_dir)
-        if meta["model_id"] != model_id:
-            # The folder changed since the run started: rows must never carry another model's id.
-            raise RuntimeError(
-                f"the model in {model_dir} changed during the run ({model_id[:12]} -> {meta['model_id'][:12]})"
-            )
+        data = ray.get(weights[0])
+        if model_id_of(data) != model_id:
+            raise RuntimeError(f"the weights handed to this actor are not model {model_id[:12]}")
         model = build_model()
-        model.load_state_dict(state)
+        model.load_state_dict(st_load(data))
         self.model = for_inference(model, self.device)
         self.crop = EvalPreset(size=image_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = batch["error"] == ""
+        ok = (batch["error"] == "") & (batch["modality"] == "")
         probs = np.full(len(ok), np.nan, dtype=np.float32)
         if ok.any():
             pixels = self.crop({"pixels": batch["pixels"][ok]})["pixels"]
             probs[ok] = score_step(self.model, torch.from_numpy(pixels).to(self.device)).cpu().numpy()
-        return {"image_uri": batch["image_uri"], "prob_abnormal": probs, "error": batch["error"]}
+        return {
+            "image_uri": batch["image_uri"],
+            "prob_abnormal": probs,
+            "error": batch["error"],
+            "modality": batch["modality"],
+        }
 
 
-def scored_dataset(keys: pa.Table, model_dir: str, meta: dict[str, Any], cfg: ScoreConfig) -> ray.data.Dataset:
-    """``image_uri`` rows -> rows with ``prob_abnormal`` (NaN where ``error`` is set).
+def accepted_modalities(setting: str) -> tuple[str, ...] | None:
+    """``--modalities`` as the decoder takes it: the codes, or None for ``all``."""
+    return None if setting == "ALL" else tuple(setting.split(","))
 
-    Decode tasks read and decode; model actors score."""
+
+def scored_dataset(keys: pa.Table, weights: bytes, meta: dict[str, Any], cfg: ScoreConfig) -> ray.data.Dataset:
+    """``image_uri`` rows -> rows with ``prob_abnormal`` (NaN where ``error`` or ``modality`` is set).
+
+    Decode tasks read and decode; model actors score with ``weights`` (the
+    safetensors bytes whose sha256 is ``meta["model_id"]``)."""
 
     cluster.connect()
+    weights_ref = ray.put(weights)
     actors, cpus, threads, use_gpu = cluster.scoring_plan(cfg.actors, cfg.use_gpu, cfg.cpus_per_actor)
     fs, _ = storage.filesystem(cfg.data)
     ds = catalog_dataset(keys.select(["image_uri"])).map_batches(
-        read_and_decode, fn_kwargs={"side": int(meta["cache_side"]), "fs": fs}, batch_size=16, num_cpus=0.5
+        read_and_decode,
+        fn_kwargs={"side": int(meta["cache_side"]), "fs": fs, "modalities": accepted_modalities(cfg.modalities)},
+        batch_size=16,
+        num_cpus=0.5,
     )
     return ds.map_batches(
         Scorer,
         fn_constructor_kwargs={
-            "model_dir": model_dir,
+            "weights": [weights_ref],
             "model_id": meta["model_id"],
             "image_size": int(meta["image_size"]),
             "threads": threads,
@@ -80,12 +96,14 @@ def scored_dataset(keys: pa.Table, model_dir: str, meta: dict[str, Any], cfg: Sc
 
 
 def results_table(batch: dict[str, np.ndarray]) -> pa.Table:
-    """A batch of the pipeline's output as Arrow: ``image_uri``, ``prob_abnormal`` (null on error), ``error``."""
+    """A batch of the pipeline's output as Arrow: ``image_uri``, ``prob_abnormal`` (null on error), ``error``,
+    ``modality`` ("" unless the file is a DICOM of a modality not scored)."""
     probs = np.asarray(batch["prob_abnormal"], dtype=np.float32)
     return pa.table(
         {
             "image_uri": pa.array(batch["image_uri"].astype(str), pa.string()),
             "prob_abnormal": pa.array(probs, pa.float32(), mask=np.isnan(probs)),
             "error": pa.array([e or None for e in batch["error"].tolist()], pa.string()),
+            "modality": pa.array(batch["modality"].astype(str), pa.string()),
         }
     )

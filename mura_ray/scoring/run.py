@@ -11,8 +11,9 @@ small result rows into staged Parquet: one row per image file, errors
 included. Each study with a new or changed image gets a fresh row that
 covers all its images, tonight's and those scored before, so the latest
 row of a study is its current one. ``scoring.ledger`` commits the run's
-files into ``images/`` and ``studies/`` (partitioned by ``run_date``) only
-once all of them are written.
+files into ``images/`` and ``studies/`` (partitioned by ``run_date``) every
+``commit_every`` images and at the end, each chunk once; a run stopped
+after K chunks keeps them, and the next run scores only the rest.
 """
 
 from __future__ import annotations
@@ -25,115 +26,167 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from safetensors.torch import load as st_load
 
+from mura_ray import faults
 from mura_ray.archive.catalog import scan_archive
 from mura_ray.config import ScoreConfig
 from mura_ray.imaging.decode import READ_ERROR
-from mura_ray.model.checkpoint import load_checkpoint, resolve_model_dir
+from mura_ray.model.checkpoint import read_checkpoint, resolve_model_dir
 from mura_ray.model.resnet import build_model
 from mura_ray.progress import Progress
-from mura_ray.scoring.ledger import Lease, Ledger
-from mura_ray.scoring.pipeline import results_table, scored_dataset
+from mura_ray.scoring.lease import Lease
+from mura_ray.scoring.ledger import Ledger
+from mura_ray.scoring.pipeline import accepted_modalities, results_table, scored_dataset
 from mura_ray.scoring.writer import RunWriter
 
 log = logging.getLogger(__name__)
 
 
-def plan_run(catalog: pa.Table, earlier: pa.Table, *, full: bool) -> tuple[pa.Table, pa.Table]:
+def plan_run(
+    catalog: pa.Table, earlier: pa.Table, *, full: bool, not_scored: pa.Table | None = None
+) -> tuple[pa.Table, pa.Table]:
     """Split the catalog into (to score, skipped) against the earlier current rows of this model.
 
     An image is skipped when an earlier row has the same size and tag, unless
     that row failed to read the file (which may work tonight) or ``full``.
+    A file an earlier run found to be a DICOM of a modality not scored
+    (``not_scored``) is skipped while its size and tag stay the same.
     """
+    if not_scored is not None and not_scored.num_rows:
+        known = not_scored.select(["image_uri", "source_size", "source_etag"]).rename_columns(
+            ["image_uri", "prior_size", "prior_etag"]
+        )
+        joined = catalog.join(known, keys="image_uri", join_type="left outer")
+        same = pc.and_(_same(joined["source_size"], joined["prior_size"]), _same_tag(joined))
+        catalog = joined.filter(pc.invert(same)).select(catalog.column_names).sort_by("image_uri")
     if full or earlier.num_rows == 0:
         return catalog, catalog.slice(0, 0)
     prior = earlier.select(["image_uri", "source_size", "source_etag", "error"]).rename_columns(
         ["image_uri", "prior_size", "prior_etag", "prior_error"]
     )
     joined = catalog.join(prior, keys="image_uri", join_type="left outer")
-    same_size = pc.fill_null(pc.equal(joined["source_size"], joined["prior_size"]), False)
-    same_tag = pc.or_(
-        pc.fill_null(pc.equal(joined["source_etag"], joined["prior_etag"]), False),
-        pc.and_(
-            pc.is_null(joined["source_etag"]),
-            pc.and_(pc.is_null(joined["prior_etag"]), pc.is_valid(joined["prior_size"])),
-        ),
-    )
     retry = pc.fill_null(pc.starts_with(joined["prior_error"], READ_ERROR), False)
-    skip = pc.and_(pc.and_(same_size, same_tag), pc.invert(retry))
+    skip = pc.and_(pc.and_(_same(joined["source_size"], joined["prior_size"]), _same_tag(joined)), pc.invert(retry))
     columns = catalog.column_names
     todo = joined.filter(pc.invert(skip)).select(columns).sort_by("image_uri")
     skipped = joined.filter(skip).select(columns).sort_by("image_uri")
     return todo, skipped
 
 
+def _same(a: pa.ChunkedArray, b: pa.ChunkedArray) -> pa.ChunkedArray:
+    return pc.fill_null(pc.equal(a, b), False)
+
+
+def _same_tag(joined: pa.Table) -> pa.ChunkedArray:
+    """Same change tag, or no tag on either side of a row that was found before."""
+    return pc.or_(
+        _same(joined["source_etag"], joined["prior_etag"]),
+        pc.and_(
+            pc.is_null(joined["source_etag"]),
+            pc.and_(pc.is_null(joined["prior_etag"]), pc.is_valid(joined["prior_size"])),
+        ),
+    )
+
+
 def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
-    """Score what is new under ``cfg.data`` and commit the run's Parquet under ``cfg.out``."""
+    """Score what is new under ``cfg.data`` and commit the run's Parquet under ``cfg.out``, chunk by chunk."""
     t0 = time.monotonic()
     started_at = dt.datetime.now(dt.timezone.utc)
-    model_dir = resolve_model_dir(cfg.model)
-    state, meta = load_checkpoint(model_dir)
-    build_model().load_state_dict(state)  # fail here, not in every actor, if the weights do not fit
+    weights, meta = read_checkpoint(resolve_model_dir(cfg.model))
+    build_model().load_state_dict(st_load(weights))  # fail here, not in every actor, if the weights do not fit
     scan = scan_archive(cfg.data, split=cfg.split)
-    run_id = cfg.run_id or started_at.strftime("%Y%m%dT%H%M%SZ-") + secrets.token_hex(3)
     ledger = Ledger(cfg.out)
+    run_id = cfg.run_id or started_at.strftime("%Y%m%dT%H%M%SZ-") + secrets.token_hex(3)
+    ledger.check_new_run_id(run_id)
     lease = Lease(ledger.fs, ledger.base, run_id)
     lease.acquire()
+    faults.maybe_pause("pause-after-lease")
     try:
-        recovered = ledger.recover(active_run_id=run_id)
-        earlier = ledger.scored(meta["model_id"])
-        todo, skipped = plan_run(scan.table, earlier, full=cfg.full)
-        log.info(
-            "%d images under %s (%d other files ignored): %d to score, %d already scored by model %s",
-            scan.table.num_rows,
-            cfg.data,
-            len(scan.ignored),
-            todo.num_rows,
-            skipped.num_rows,
-            meta["model_id"][:12],
-        )
-        writer = RunWriter(ledger, todo, run_id, meta["model_id"], float(meta.get("threshold", 0.5)))
-        if todo.num_rows:
-            _score_into(writer, todo, meta, model_dir, cfg, lease)
-        if writer.parts and skipped.num_rows:
-            writer.add_earlier(earlier.filter(pc.is_in(earlier["image_uri"], skipped["image_uri"])))
-        seconds = time.monotonic() - t0
-        manifest = writer.commit(
+        if lease.taken_from is not None:
+            ledger.fence(lease.taken_from["run_id"], by=run_id, lease=lease)
+        recovered = ledger.recover(active_run_id=run_id, lease=lease)
+        earlier, todo, skipped = _plan(ledger, scan, meta["model_id"], cfg)
+        writer = RunWriter(
+            ledger,
+            lease,
+            todo,
+            earlier,
+            run_id,
+            meta["model_id"],
+            float(meta.get("threshold", 0.5)),
             started_at.strftime("%Y-%m-%d"),
-            {
-                "input": cfg.data,
-                "split": cfg.split,
-                "full": cfg.full,
-                "started_at": started_at.isoformat(),
-                "skipped": skipped.num_rows,
-                "ignored_files": len(scan.ignored),
-                "seconds": round(seconds, 3),
-                "images_per_second": round(writer.rows / seconds, 3) if seconds else 0.0,
-                "recovered": recovered,
-            },
         )
+        head = {"input": cfg.data, "split": cfg.split, "full": cfg.full, "started_at": started_at.isoformat()}
+        if todo.num_rows:
+            _score_into(writer, todo, weights, meta, cfg, head)
+        seconds = time.monotonic() - t0
+        totals = {
+            "run_id": run_id,
+            "model_id": meta["model_id"],
+            "images": writer.rows,
+            "errors": writer.errors,
+            "skipped": skipped.num_rows,
+            "not_radiographs": writer.not_radiographs,
+            "not_radiographs_known": scan.table.num_rows - todo.num_rows - skipped.num_rows,
+            "ignored_files": len(scan.ignored),
+            "missing_files": len(scan.missing),
+            "broken_links": len(scan.broken_links),
+            "seconds": round(seconds, 3),
+            "images_per_second": round(writer.rows / seconds, 3) if seconds else 0.0,
+            "recovered": recovered,
+        }
+        last = writer.commit(dict(head, final=True, run=totals))
+        ledger.drop_staging(run_id)
     finally:
         lease.release()
-    log.info(
-        "committed run %s: %d image rows, %d study rows under %s",
-        run_id,
-        manifest["images"],
-        manifest["studies"],
-        cfg.out,
+    totals = dict(last["run"], chunks=last["chunk"] + 1)
+    log.info("committed run %(run_id)s: %(images)d image rows, %(studies)d study rows in %(chunks)d chunk(s)", totals)
+    examples = {"ignored": scan.ignored, "missing": scan.missing, "broken_link": scan.broken_links}
+    return dict(totals, output=cfg.out, **{f"{k}_examples": v[:5] for k, v in examples.items()})
+
+
+def _plan(ledger: Ledger, scan: Any, model_id: str, cfg: ScoreConfig) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """(earlier current rows of the archive's images, to score, skipped) for this run."""
+    earlier = ledger.scored(model_id)
+    earlier = earlier.filter(pc.is_in(earlier["image_uri"], scan.table["image_uri"]))
+    not_scored = ledger.not_scored()
+    accepted = accepted_modalities(cfg.modalities)
+    # Set aside while their modality is still not asked for: with --modalities extended, they are scored.
+    keep = (
+        pc.invert(pc.is_in(not_scored["modality"], pa.array(accepted, pa.string())))
+        if accepted is not None
+        else pa.array([False] * not_scored.num_rows, pa.bool_())
     )
-    return dict(manifest, output=cfg.out, ignored_examples=scan.ignored[:5])
+    todo, skipped = plan_run(scan.table, earlier, full=cfg.full, not_scored=not_scored.filter(keep))
+    log.info(
+        "%d images under %s (%d other files ignored): %d to score, %d already scored by model %s",
+        scan.table.num_rows,
+        cfg.data,
+        len(scan.ignored),
+        todo.num_rows,
+        skipped.num_rows,
+        model_id[:12],
+    )
+    return earlier, todo, skipped
 
 
 def _score_into(
-    writer: RunWriter, todo: pa.Table, meta: dict[str, Any], model_dir: str, cfg: ScoreConfig, lease: Lease
+    writer: RunWriter, todo: pa.Table, weights: bytes, meta: dict[str, Any], cfg: ScoreConfig, head: dict[str, Any]
 ) -> None:
-    """Run the Ray pipeline over ``todo`` and stream every result into ``writer``."""
-    ds = scored_dataset(todo, model_dir, meta, cfg)
+    """Run the Ray pipeline over ``todo``, streaming every result into ``writer`` and committing every
+    ``cfg.commit_every`` images."""
+    ds = scored_dataset(todo, weights, meta, cfg)
+    seen = 0
     with Progress("scoring", todo.num_rows) as bar:
-        for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
-            writer.add(results_table(batch))
-            lease.refresh()
-            bar.set(writer.rows, postfix=f"{writer.errors} errors" if writer.errors else "")
-    log.info("scored %d images in %.1fs (%.1f images/s), %d errors", writer.rows, bar.seconds, bar.rate, writer.errors)
-    if writer.rows != todo.num_rows:
-        raise RuntimeError(f"scored {writer.rows} rows for {todo.num_rows} images; nothing committed")
+        for batch in ds.iter_batches(batch_size=min(256, cfg.commit_every), batch_format="numpy"):
+            results = results_table(batch)
+            seen += results.num_rows
+            writer.add(results)
+            if writer.pending >= cfg.commit_every:
+                writer.commit(dict(head, final=False))
+                faults.maybe_kill("chunk-committed")
+            bar.set(seen, postfix=f"{writer.errors} errors" if writer.errors else "")
+    log.info("scored %d images in %.1fs (%.1f images/s), %d errors", seen, bar.seconds, bar.rate, writer.errors)
+    if seen != todo.num_rows:
+        raise RuntimeError(f"scored {seen} rows for {todo.num_rows} images; the rest is not committed")

@@ -1,14 +1,16 @@
-"""A scoring run's Parquet: image rows streamed to staged files, study rows at the end.
+"""A scoring run's Parquet: image rows streamed to staged files, committed in chunks.
 
-The pipeline's results (``image_uri``, ``prob_abnormal``, ``error``) are
-joined onto the run's catalog by key; study totals are partial
-``Table.group_by`` aggregates per batch, combined when the run commits.
-Files are staged under ``_staging/<run_id>/`` and made visible by the ledger.
+The pipeline's results (``image_uri``, ``prob_abnormal``, ``error``,
+``modality``) are joined onto the run's catalog by key. Each chunk's files
+are staged under ``_staging/<run_id>/<chunk>/`` and made visible by the
+ledger; each chunk also writes a row for every study it touched, and the
+DICOM files it found not to be radiographs (``not_scored/``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +20,7 @@ import pyarrow.parquet as pq
 
 from mura_ray import faults
 from mura_ray.archive import storage
+from mura_ray.scoring.lease import Lease
 from mura_ray.scoring.ledger import Ledger
 
 IMAGES_SCHEMA = pa.schema(
@@ -70,20 +73,47 @@ def at_or_above(prob: pa.ChunkedArray | pa.Array, threshold: float) -> pa.Chunke
     return pc.greater_equal(pc.cast(prob, pa.float64()), pa.scalar(threshold, pa.float64()))
 
 
+NOT_SCORED_SCHEMA = pa.schema(
+    [
+        ("image_uri", pa.string()),
+        ("source_size", pa.int64()),
+        ("source_etag", pa.string()),
+        ("modality", pa.string()),
+        ("run_id", pa.string()),
+        ("scored_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
 @dataclass
 class RunWriter:
-    """Streams one run's image rows to staged Parquet and keeps the partial study totals."""
+    """Streams one run's image rows to staged Parquet and commits them chunk by chunk.
+
+    A study row is written with each chunk that scores one of the study's
+    images; it covers the study's current rows at that commit: this run's
+    rows so far and, for its other images, the rows of earlier runs
+    (``earlier``). So the latest row of a study is its current one, and
+    after the run's last chunk it covers every image of the study."""
 
     ledger: Ledger
+    lease: Lease
     catalog: pa.Table  # the images this run scores, with every catalog column
+    earlier: pa.Table  # earlier runs' current rows of this model for the archive's images
     run_id: str
     model_id: str
     threshold: float
-    staged: list[str] = field(default_factory=list)  # relative to the output root
-    parts: list[pa.Table] = field(default_factory=list)
+    run_date: str
+    chunk: int = 0
     rows: int = 0
     errors: int = 0
-    scored_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
+    studies: int = 0
+    not_radiographs: dict[str, int] = field(default_factory=dict)
+    _staged: list[str] = field(default_factory=list)  # this chunk's image files, relative to the output root
+    _mine: list[pa.Table] = field(default_factory=list)  # image_uri, study_uri, prob_abnormal of this run's rows
+    _chunk_start: int = 0
+    _chunk_errors: int = 0
+    _chunk_tables: int = 0
+    _others: list[pa.Table] = field(default_factory=list)
     _writer: pq.ParquetWriter | None = None
     _file_rows: int = 0
 
@@ -94,9 +124,22 @@ class RunWriter:
     def fs(self) -> Any:
         return self.ledger.fs
 
+    @property
+    def pending(self) -> int:
+        """Image rows written since the last commit."""
+        return self.rows - self._chunk_start
+
     def add(self, results: pa.Table) -> None:
-        """Write the image rows of a batch of results (``image_uri``, ``prob_abnormal``, ``error``)."""
+        """Write a batch of results (``image_uri``, ``prob_abnormal``, ``error``, ``modality``)."""
+        if self.lease.lost is not None:
+            self.lease.check()
+        skipped = pc.fill_null(pc.not_equal(results["modality"], ""), False)
+        if pc.any(skipped).as_py():
+            self._add_not_scored(results.filter(skipped))
+            results = results.filter(pc.invert(skipped))
         n = results.num_rows
+        if n == 0:
+            return
         known = self.catalog.take(pa.array([self._index[u] for u in results["image_uri"].to_pylist()], pa.int64()))
         prob = results["prob_abnormal"]
         table = pa.table(
@@ -122,23 +165,39 @@ class RunWriter:
         self._file_rows += n
         self.rows += n
         self.errors += prob.null_count
-        self.parts.append(study_parts(table))
+        self._chunk_errors += prob.null_count
+        self._mine.append(table.select(["image_uri", "study_uri", "prob_abnormal"]))
+        self._chunk_tables += 1
         faults.maybe_kill("score")
 
-    def add_earlier(self, earlier: pa.Table) -> None:
-        """Earlier runs' current rows of skipped images, counted into the studies this run touches."""
-        touched = self.touched()
-        self.parts.append(study_parts(earlier.filter(pc.is_in(earlier["study_uri"], touched))))
+    def _add_not_scored(self, results: pa.Table) -> None:
+        known = self.catalog.take(pa.array([self._index[u] for u in results["image_uri"].to_pylist()], pa.int64()))
+        n = results.num_rows
+        self._others.append(
+            pa.table(
+                {
+                    "image_uri": known["image_uri"],
+                    "source_size": known["source_size"],
+                    "source_etag": known["source_etag"],
+                    "modality": results["modality"],
+                    "run_id": pa.array([self.run_id] * n, pa.string()),
+                    "scored_at": pa.array([dt.datetime.now(dt.timezone.utc)] * n, pa.timestamp("us", tz="UTC")),
+                },
+                schema=NOT_SCORED_SCHEMA,
+            )
+        )
+        for modality in results["modality"].to_pylist():
+            self.not_radiographs[modality] = self.not_radiographs.get(modality, 0) + 1
 
-    def touched(self) -> pa.Array:
-        if not self.parts:
-            return pa.array([], pa.string())
-        return pc.unique(pa.concat_tables(self.parts)["study_uri"])
-
-    def studies_table(self) -> pa.Table:
-        """One row per study this run touched, over all its images so far."""
+    def studies_table(self, touched: pa.Array) -> pa.Table:
+        """One row per study in ``touched``, over its current rows (this run's, else earlier runs')."""
+        mine = pa.concat_tables(self._mine)
+        earlier = self.earlier.select(["image_uri", "study_uri", "prob_abnormal"])
+        earlier = earlier.filter(pc.invert(pc.is_in(earlier["image_uri"], mine["image_uri"])))
+        rows = pa.concat_tables([mine, earlier])
+        rows = rows.filter(pc.is_in(rows["study_uri"], touched))
         totals = (
-            pa.concat_tables(self.parts)
+            study_parts(rows)
             .group_by("study_uri", use_threads=False)
             .aggregate([("image_uri_count", "sum"), ("prob_abnormal_sum", "sum"), ("prob_abnormal_count", "sum")])
         )
@@ -152,7 +211,6 @@ class RunWriter:
             totals["prob_abnormal_sum_sum"],
             pc.if_else(pc.equal(scored, 0), pa.scalar(None, pa.float64()), pc.cast(scored, pa.float64())),
         )
-        prob = pc.cast(mean, pa.float32())
         n = totals.num_rows
         return pa.table(
             {
@@ -161,52 +219,82 @@ class RunWriter:
                 "body_part": totals["body_part_first"],
                 "n_images": pc.cast(n_images, pa.int32()),
                 "n_errors": pc.cast(pc.subtract(n_images, scored), pa.int32()),
-                "prob_abnormal": prob,
+                "prob_abnormal": pc.cast(mean, pa.float32()),
                 "predicted_abnormal": at_or_above(mean, self.threshold),
                 "label": totals["label_first"],
                 "model_id": pa.array([self.model_id] * n, pa.string()),
                 "run_id": pa.array([self.run_id] * n, pa.string()),
-                "scored_at": pa.array([self.scored_at] * n, pa.timestamp("us", tz="UTC")),
+                "scored_at": pa.array([dt.datetime.now(dt.timezone.utc)] * n, pa.timestamp("us", tz="UTC")),
             },
             schema=STUDIES_SCHEMA,
         )
 
-    def commit(self, run_date: str, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Stage the studies file, then commit every staged file through the ledger."""
+    def _stage_table(self, folder: str, table: pa.Table) -> str:
+        rel = storage.join(self._staged_root(), folder, "part-00000.parquet")
+        self.fs.makedirs(self.ledger.path(self._staged_root(), folder), exist_ok=True)
+        with self.fs.open(self.ledger.path(rel), "wb") as f:
+            pq.write_table(table, f)
+        self._sync(rel)
+        return rel
+
+    def commit(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Commit what was written since the last commit as the next chunk; return its manifest."""
         self._close()
+        stem = f"{self.run_id}-{self.chunk:05d}"
+        partition = f"run_date={self.run_date}"
         moves = [
-            (rel, storage.join("images", f"run_date={run_date}", f"{self.run_id}-{i:05d}.parquet"))
-            for i, rel in enumerate(self.staged)
+            (rel, storage.join("images", partition, f"{stem}-{i:02d}.parquet")) for i, rel in enumerate(self._staged)
         ]
-        studies = self.studies_table() if self.parts else None
-        if studies is not None and studies.num_rows:
-            rel = storage.join("_staging", self.run_id, "studies", "part-00000.parquet")
-            self.fs.makedirs(self.ledger.path("_staging", self.run_id, "studies"), exist_ok=True)
-            with self.fs.open(self.ledger.path(rel), "wb") as f:
-                pq.write_table(studies, f)
-            moves.append((rel, storage.join("studies", f"run_date={run_date}", f"{self.run_id}.parquet")))
+        chunk_studies = 0
+        if self.pending:
+            touched = pc.unique(pa.concat_tables(self._mine[-self._chunk_tables :])["study_uri"])
+            studies = self.studies_table(touched)
+            chunk_studies = studies.num_rows
+            moves.append((self._stage_table("studies", studies), storage.join("studies", partition, f"{stem}.parquet")))
+        if self._others:
+            rel = self._stage_table("not_scored", pa.concat_tables(self._others))
+            moves.append((rel, storage.join("not_scored", partition, f"{stem}.parquet")))
+        self.studies += chunk_studies
+        if "run" in manifest:  # the run's totals, in its last chunk's manifest
+            manifest = dict(manifest, run=dict(manifest["run"], studies=self.studies))
         manifest = dict(
             manifest,
             run_id=self.run_id,
+            chunk=self.chunk,
             model_id=self.model_id,
-            run_date=run_date,
+            run_date=self.run_date,
             threshold=self.threshold,
-            images=self.rows,
-            errors=self.errors,
-            studies=studies.num_rows if studies is not None else 0,
+            images=self.pending,
+            errors=self._chunk_errors,
+            studies=chunk_studies,
+            not_radiographs=sum(len(t) for t in self._others),
         )
-        return self.ledger.commit(manifest, moves)
+        committed = self.ledger.commit(manifest, moves, self.lease)
+        self.chunk += 1
+        self._staged, self._others = [], []
+        self._chunk_start, self._chunk_errors, self._chunk_tables = self.rows, 0, 0
+        return committed
+
+    def _staged_root(self) -> str:
+        return storage.join("_staging", self.run_id, f"{self.chunk:05d}")
+
+    def _sync(self, rel: str) -> None:
+        """Staged files reach the disk before any manifest can name them committed."""
+        if storage.is_local(self.fs):
+            with open(self.ledger.path(rel), "rb+") as f:
+                os.fsync(f.fileno())
 
     def _open(self) -> None:
-        rel = storage.join("_staging", self.run_id, "images", f"part-{len(self.staged):05d}.parquet")
-        self.fs.makedirs(self.ledger.path("_staging", self.run_id, "images"), exist_ok=True)
+        rel = storage.join(self._staged_root(), "images", f"part-{len(self._staged):05d}.parquet")
+        self.fs.makedirs(self.ledger.path(self._staged_root(), "images"), exist_ok=True)
         self._sink = self.fs.open(self.ledger.path(rel), "wb")
         self._writer = pq.ParquetWriter(self._sink, IMAGES_SCHEMA)
-        self.staged.append(rel)
+        self._staged.append(rel)
         self._file_rows = 0
 
     def _close(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._sink.close()
+            self._sync(self._staged[-1])
             self._writer = None

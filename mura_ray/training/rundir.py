@@ -121,12 +121,13 @@ def write_model_folder(
 
     The threshold is chosen here on the kept epoch's validation predictions
     (study level), and the report with intervals is computed from them.
-    ``metadata.json`` is written last: a folder without it is not a model.
+    The folder is replaced whole (``write_checkpoint``): a reader sees the
+    earlier model or this one, never a mix.
     Returns the metadata.
     """
     import numpy as np
 
-    from mura_ray.model.checkpoint import METADATA_FILE, model_id_of
+    from mura_ray.model.checkpoint import METADATA_FILE, WEIGHTS_FILE, model_id_of, write_checkpoint
     from mura_ray.reporting.metrics import choose_threshold, full_report, study_scores
     from mura_ray.reporting.modelcard import render_model_card
 
@@ -149,11 +150,11 @@ def write_model_folder(
         package_versions=package_versions(),
         model_id=model_id_of(weights),
     )
-    fs, path = storage.filesystem(storage.join(run_dir, MODEL_DIR))
-    if fs.exists(storage.join(path, METADATA_FILE)):
-        fs.rm(storage.join(path, METADATA_FILE))  # an earlier model here stops being one before it is replaced
-    storage.write_bytes(fs, storage.join(path, "model.safetensors"), weights)
-    storage.write_bytes(fs, storage.join(path, VALID_PREDICTIONS), parquet_bytes(predictions))
-    storage.write_bytes(fs, storage.join(path, "model_card.md"), render_model_card(meta).encode())
-    storage.write_bytes(fs, storage.join(path, METADATA_FILE), json.dumps(meta, indent=2, sort_keys=True).encode())
+    files = {
+        WEIGHTS_FILE: weights,
+        VALID_PREDICTIONS: parquet_bytes(predictions),
+        "model_card.md": render_model_card(meta).encode(),
+        METADATA_FILE: json.dumps(meta, indent=2, sort_keys=True).encode(),
+    }
+    write_checkpoint(storage.join(run_dir, MODEL_DIR), files)
     return meta
