@@ -1,5 +1,6 @@
 """Scoring on a real local Ray cluster, Parquet read back with DuckDB."""
 
+import json
 import os
 import shutil
 
@@ -64,6 +65,8 @@ def test_scores_every_file_and_study_with_contract_types(trained_run, small_arch
     assert con.execute(f"SELECT count(*), count(DISTINCT image_uri) FROM {images}").fetchone() == (n_files, n_files)
     assert con.execute(f"SELECT count(*) FROM {studies}").fetchone()[0] == n_studies
     assert manifest["images"] == n_files and manifest["errors"] == 1
+    threshold = json.load(open(os.path.join(trained["model_dir"], "metadata.json")))["threshold"]
+    assert manifest["threshold"] == threshold and manifest["chunks"] == 1
 
     err = con.execute(
         f"SELECT image_uri, prob_abnormal, predicted_abnormal, error FROM {images} WHERE error IS NOT NULL"

@@ -124,6 +124,7 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
         totals = {
             "run_id": run_id,
             "model_id": meta["model_id"],
+            "threshold": writer.threshold,
             "images": writer.rows,
             "errors": writer.errors,
             "skipped": skipped.num_rows,
