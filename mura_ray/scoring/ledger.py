@@ -44,6 +44,17 @@ from mura_ray.scoring.lease import Lease
 log = logging.getLogger(__name__)
 
 PRIOR_COLUMNS = ["image_uri", "study_uri", "prob_abnormal", "error", "source_size", "source_etag", "scored_at"]
+# The DICOM files a chunk found not to be radiographs, with the fingerprint that sets them aside.
+NOT_SCORED_SCHEMA = pa.schema(
+    [
+        ("image_uri", pa.string()),
+        ("source_size", pa.int64()),
+        ("source_etag", pa.string()),
+        ("modality", pa.string()),
+        ("run_id", pa.string()),
+        ("scored_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
 NOT_SCORED_COLUMNS = ["image_uri", "source_size", "source_etag", "modality"]
 
 
@@ -203,7 +214,7 @@ class Ledger:
         """DICOM files committed runs found not to be radiographs: ``image_uri``, fingerprint, ``modality``."""
         files = self._committed_files("not_scored")
         if not files:
-            return pa.table({c: pa.array([], t) for c, t in NOT_SCORED_TYPES.items()})
+            return NOT_SCORED_SCHEMA.empty_table().select(NOT_SCORED_COLUMNS)
         table = pads.dataset(files, filesystem=self.fs, format="parquet").to_table(columns=NOT_SCORED_COLUMNS)
         return table
 
@@ -229,10 +240,4 @@ _PRIOR_TYPES = {
     "source_size": pa.int64(),
     "source_etag": pa.string(),
     "scored_at": pa.timestamp("us", tz="UTC"),
-}
-NOT_SCORED_TYPES = {
-    "image_uri": pa.string(),
-    "source_size": pa.int64(),
-    "source_etag": pa.string(),
-    "modality": pa.string(),
 }

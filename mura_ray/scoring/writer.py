@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from mura_ray import faults
 from mura_ray.archive import storage
 from mura_ray.scoring.lease import Lease
-from mura_ray.scoring.ledger import Ledger
+from mura_ray.scoring.ledger import NOT_SCORED_SCHEMA, Ledger
 
 IMAGES_SCHEMA = pa.schema(
     [
@@ -71,18 +71,6 @@ def study_parts(rows: pa.Table) -> pa.Table:
 def at_or_above(prob: pa.ChunkedArray | pa.Array, threshold: float) -> pa.ChunkedArray:
     """``prob >= threshold`` in float64, as the threshold was chosen (null where there is no score)."""
     return pc.greater_equal(pc.cast(prob, pa.float64()), pa.scalar(threshold, pa.float64()))
-
-
-NOT_SCORED_SCHEMA = pa.schema(
-    [
-        ("image_uri", pa.string()),
-        ("source_size", pa.int64()),
-        ("source_etag", pa.string()),
-        ("modality", pa.string()),
-        ("run_id", pa.string()),
-        ("scored_at", pa.timestamp("us", tz="UTC")),
-    ]
-)
 
 
 @dataclass
@@ -140,7 +128,7 @@ class RunWriter:
         n = results.num_rows
         if n == 0:
             return
-        known = self.catalog.take(pa.array([self._index[u] for u in results["image_uri"].to_pylist()], pa.int64()))
+        known = self._catalog_rows(results)
         prob = results["prob_abnormal"]
         table = pa.table(
             {
@@ -170,8 +158,12 @@ class RunWriter:
         self._chunk_tables += 1
         faults.maybe_kill("score")
 
+    def _catalog_rows(self, results: pa.Table) -> pa.Table:
+        """The catalog rows of a batch of results, in the batch's order."""
+        return self.catalog.take(pa.array([self._index[u] for u in results["image_uri"].to_pylist()], pa.int64()))
+
     def _add_not_scored(self, results: pa.Table) -> None:
-        known = self.catalog.take(pa.array([self._index[u] for u in results["image_uri"].to_pylist()], pa.int64()))
+        known = self._catalog_rows(results)
         n = results.num_rows
         self._others.append(
             pa.table(
@@ -275,7 +267,7 @@ class RunWriter:
         self._chunk_start, self._chunk_errors, self._chunk_tables = self.rows, 0, 0
         return committed
 
-    def _staged_root(self) -> str:
+    def _staged_root(self) -> str:  # this chunk's staging folder, relative to the output root
         return storage.join("_staging", self.run_id, f"{self.chunk:05d}")
 
     def _sync(self, rel: str) -> None:
