@@ -11,52 +11,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field
 from typing import Any
 
 from mura_ray.archive import storage
+from mura_ray.checks import (
+    fraction,
+    image_size,
+    int_list,
+    modality_list,
+    non_negative_int,
+    open_fraction,
+    positive_float,
+    positive_int,
+    run_name,
+)
 from mura_ray.errors import UsageError
-
-# ---- value checks: each takes the text (or the value) and returns the value ----
-
-
-def _bounded(name: str, cast: Callable[[Any], Any], ok: Callable[[Any], bool], rule: str) -> Callable[[Any], Any]:
-    """A check that casts its input and refuses values outside ``rule``; ``name`` shows in argparse's errors."""
-
-    def check(text: Any) -> Any:
-        value = cast(text)
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
-        return value
-
-    check.__name__ = name
-    return check
-
-
-positive_int = _bounded("positive_int", int, lambda v: v >= 1, ">= 1")
-non_negative_int = _bounded("non_negative_int", int, lambda v: v >= 0, ">= 0")
-positive_float = _bounded("positive_float", float, lambda v: v > 0, "> 0")
-fraction = _bounded("fraction", float, lambda v: 0.0 <= v <= 1.0, "between 0 and 1")
-open_fraction = _bounded("open_fraction", float, lambda v: 0.0 < v < 1.0, "between 0 and 1 (exclusive)")
-image_size = _bounded("image_size", int, lambda v: 32 <= v <= 1024, "between 32 and 1024 pixels")
-
-
-def run_name(text: Any) -> str:
-    value = str(text)
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", value):
-        raise argparse.ArgumentTypeError(
-            f"must be 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit, got {text!r}"
-        )
-    return value
-
-
-def modality_list(text: Any) -> str:
-    values = [v.strip().upper() for v in str(text).split(",") if v.strip()]
-    if not values or not all(re.fullmatch(r"[A-Z0-9]{1,16}", v) for v in values):
-        raise argparse.ArgumentTypeError(f"must be DICOM modality codes separated by commas (e.g. CR,DX), got {text!r}")
-    return ",".join(values)
 
 
 def option(
@@ -140,6 +111,19 @@ class TrainConfig(_Config):
     )
     lr_factor: float = option(0.3, help="ReduceLROnPlateau: factor applied to the learning rate", check=open_fraction)
     seed: int = option(0, help="random seed", check=non_negative_int)
+    precision: str = option(
+        "auto",
+        help="bf16 autocast where the CPU (AVX512-BF16, AMX) or GPU computes it natively (auto), or fp32|bf16",
+        choices=("auto", "fp32", "bf16"),
+        resumable=True,
+    )
+    guard_images: int = option(
+        500,
+        help="validation images on which each inference engine is checked against torch fp32 after training "
+        "(recorded in the model's metadata; --backend auto skips an engine that failed); 0: none",
+        check=non_negative_int,
+        resumable=True,
+    )
     use_gpu: bool | None = option(
         None, help="use GPUs (default: when the cluster has one per worker)", cli=False, resumable=True
     )
@@ -183,6 +167,16 @@ class EvalConfig(_Config):
     batch_size: int = option(64, help="images per model call", check=positive_int)
     resamples: int = option(1000, help="bootstrap resamples for the 95%% intervals", check=positive_int)
     seed: int = option(0, help="random seed of the bootstrap", check=non_negative_int)
+    backend: str = option(
+        "auto",
+        help="inference engine: the fastest that passes the accuracy guard on this node (auto), or one by name",
+        choices=("auto", "torch", "openvino", "onnxruntime"),
+    )
+    precision: str = option(
+        "auto",
+        help="bf16 where the CPU (AVX512-BF16, AMX) or GPU computes it natively (auto), or fp32|bf16",
+        choices=("auto", "fp32", "bf16"),
+    )
 
 
 @dataclass
@@ -217,6 +211,16 @@ class ScoreConfig(_Config):
         check=modality_list,
         help="DICOM modalities to score, or 'all' (read from the header); files of others are counted, not scored",
     )
+    backend: str = option(
+        "auto",
+        help="inference engine: the fastest that passes the accuracy guard on this node (auto), or one by name",
+        choices=("auto", "torch", "openvino", "onnxruntime"),
+    )
+    precision: str = option(
+        "auto",
+        help="bf16 where the CPU (AVX512-BF16, AMX) or GPU computes it natively (auto), or fp32|bf16",
+        choices=("auto", "fp32", "bf16"),
+    )
 
 
 @dataclass
@@ -235,6 +239,24 @@ class BenchScoreConfig(_Config):
     batch_size: int = option(64, help="images per forward pass", check=positive_int)
     json: str | None = option(None, metavar="FILE", help="also write the figures as JSON", path=True)
     plot: str | None = option(None, metavar="PNG", help="also draw images/s per stage as PNG", path=True)
+
+
+@dataclass
+class BenchGuardConfig(_Config):
+    model: str = option(help="checkpoint folder (RUN_DIR/model) or a training RUN_DIR", metavar="MODEL", path=True)
+    data: str = option(help="archive root with labels", metavar="ROOT", path=True)
+    split: str = option("valid", help="labelled split to compare on", choices=("train", "valid"))
+    json: str | None = option(None, metavar="FILE", help="also write the figures as JSON", path=True)
+
+
+@dataclass
+class BenchNightlyConfig(_Config):
+    sizes: tuple[int, ...] = option((100_000, 1_000_000), help="archive sizes in files", metavar="N,N", check=int_list)
+    nights: tuple[int, ...] = option(
+        (1, 100), help="committed nights behind the timed one", metavar="K,K", check=int_list
+    )
+    new: int = option(1000, help="new images the timed night finds", check=positive_int)
+    json: str | None = option(None, metavar="FILE", help="also write the figures as JSON", path=True)
 
 
 @dataclass

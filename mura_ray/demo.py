@@ -97,6 +97,7 @@ def _summary(
         "best_epoch": trained["metrics"],
         "images_scored": scored["images"],
         "scoring_errors": scored["errors"],
+        "scored_by": scored["engines"],
         "wall_seconds": {
             "total": round(total, 1),
             "sample": round(t_sample, 1),
@@ -135,7 +136,9 @@ def render_summary(s: dict[str, Any]) -> str:
     p = s["validation_study_metrics_from_parquet"]
     lines += [
         f"  study kappa read back from the scored Parquet: {p['kappa']:.3f} ({s['images_scored']} images, "
-        f"{s['scoring_errors']} errors)",
+        f"{s['scoring_errors']} errors; scored by "
+        + ", ".join(f"{k} ({n})" for k, n in s.get("scored_by", {}).items())
+        + ")",
         "",
         f"wall time: sample {w['sample']:.0f}s, train {w['train']:.0f}s, evaluate {w['evaluate']:.0f}s, "
         f"score {w['score']:.0f}s; total {w['total']:.0f}s",

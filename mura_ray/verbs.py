@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from mura_ray import config as C
+from mura_ray import hardware
 
 
 def config_from(cls: type, args: argparse.Namespace) -> Any:
@@ -78,7 +79,8 @@ def evaluate(args: argparse.Namespace) -> int:
             f"AUROC {fmt(m['auroc'])} {fmt_ci(m['auroc_ci'])}  F1 {fmt(m['f1'])}  "
             f"sensitivity {fmt(m['sensitivity'])}  specificity {fmt(m['specificity'])}"
         )
-    print(f"threshold {r['threshold']:.3f}; report in {cfg.out}/report.md")
+    engines = ", ".join(f"{k} ({n} images)" for k, n in r["engines"].items())
+    print(f"threshold {r['threshold']:.3f}; scored by {engines}; report in {cfg.out}/report.md")
     return 0
 
 
@@ -117,6 +119,8 @@ def score(args: argparse.Namespace) -> int:
         f"ignored {m['ignored_files']} non-image files; {m['studies']} studies updated; "
         f"{m['images_per_second']:.1f} images/s; run {m['run_id']} in {m['output']}"
     )
+    if m["engines"]:
+        print("scored by " + ", ".join(f"{k} ({n} images)" for k, n in sorted(m["engines"].items())))
     for line in _not_scored_lines(m):
         print(line)
     if m["images"] and m["errors"] / m["images"] > cfg.max_error_rate:
@@ -178,13 +182,15 @@ def doctor(args: argparse.Namespace) -> int:
 def bench(args: argparse.Namespace) -> int:
     """benchmarks: scoring and training throughput
 
-    Throughput benchmarks on synthetic images of MURA-like size. 'score' measures the model alone,
-    decoding alone, the machine's limit, the notebook's DataLoader way and the mura-ray pipeline
-    side by side; 'train' measures the data pipeline's first and later epochs and training with 1
-    and 2 workers. Each prints the CPU's model and flags beside its figures.
+        Throughput benchmarks on synthetic images of MURA-like size. 'score' measures the model alone,
+        decoding alone, the machine's limit, the notebook's DataLoader way and the mura-ray pipeline
+        side by side; 'train' measures the data pipeline's first and later epochs and training with 1
+        and 2 workers; 'nightly' times a night that finds new images in a large archive with 1 and 100
+        committed nights behind it; 'guard' compares every inference engine installed here with torch
+    fp32 on a model and a labelled split (the accuracy guard). Each prints the CPU's model and flags beside its figures.
     """
     from mura_ray.archive import storage
-    from mura_ray.bench import scoring, training
+    from mura_ray.bench import nightly, scoring, training
 
     if args.bench == "score":
         cfg = config_from(C.BenchScoreConfig, args)
@@ -192,6 +198,17 @@ def bench(args: argparse.Namespace) -> int:
         print(scoring.score_table(result))
         if cfg.plot:
             scoring.plot_score(result, cfg.plot)
+    elif args.bench == "guard":
+        from mura_ray.reporting import guard
+
+        cfg = config_from(C.BenchGuardConfig, args)
+        result = guard.check_model(cfg.model, cfg.data, cfg.split)
+        print(guard.guard_table(result))
+        print(hardware.cpu_line())
+    elif args.bench == "nightly":
+        cfg = config_from(C.BenchNightlyConfig, args)
+        result = nightly.bench_nightly(cfg.sizes, cfg.nights, cfg.new)
+        print(nightly.nightly_table(result))
     else:
         cfg = config_from(C.BenchTrainConfig, args)
         result = training.bench_train(studies=cfg.studies, image_size=cfg.image_size, batch_size=cfg.batch_size)
@@ -217,3 +234,9 @@ def bench_options(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -
     C.add_options(b, C.BenchScoreConfig)
     b = kinds.add_parser("train", help="data pipeline and training throughput", parents=[common])
     C.add_options(b, C.BenchTrainConfig)
+    b = kinds.add_parser(
+        "guard", help="each inference engine's accuracy against torch fp32 on a model and split", parents=[common]
+    )
+    C.add_options(b, C.BenchGuardConfig)
+    b = kinds.add_parser("nightly", help="a night's fixed cost at archive scale and history", parents=[common])
+    C.add_options(b, C.BenchNightlyConfig)

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 
 # Ray replaces 127.0.0.1 with the machine's network address unless this is off; it is read
 # when ray is first imported, so it is set before anything imports ray.
 LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 os.environ[LOOPBACK_ONLY] = "0"
+# Exported inference engines are cached per model; the tests' cache is their own.
+os.environ.setdefault("MURA_RAY_CACHE", tempfile.mkdtemp(prefix="mura-ray-cache-"))
 
 import pytest
 import torch

@@ -3,9 +3,11 @@
 import json
 
 import pytest
+import torch
 
 from mura_ray import cli
 from mura_ray.bench import training
+from mura_ray.model import backends
 
 SCORE_KEYS = {
     "model_ips",
@@ -24,6 +26,7 @@ SCORE_KEYS = {
     "date",
     "settings",
 }
+PER_ENGINE = {"forward_ips", "limit_by_engine_ips"}
 
 
 @pytest.mark.timeout(600)
@@ -33,13 +36,18 @@ def test_bench_score_reports_every_field(ray_cluster, tmp_path, monkeypatch, cap
     args = ["bench", "score", "--images", "6", "--image-size", "32", "--batch-size", "4"]
     assert cli.main([*args, "--json", "out/b.json", "--plot", "b.png"]) == 0
     result = json.loads((tmp_path / "out" / "b.json").read_text())
-    assert result.keys() >= SCORE_KEYS
+    assert result.keys() >= SCORE_KEYS | PER_ENGINE | {"pipeline_engine", "decode_per_core_ips"}
     assert result["images"] == 6
     assert all(result[k] > 0 for k in SCORE_KEYS - {"date", "settings", "cpu"})
+    engines = {f"{b} {p}" for b, p in backends.all_engines(torch.device("cpu"))}
+    for key in PER_ENGINE:
+        assert set(result[key]) == engines and all(v > 0 for v in result[key].values())
+    assert result["pipeline_engine"] in engines
+    assert set(result["decode_per_core_ips"]) == {"PNG", "JPEG", "DICOM", "mean_pixels"}
     assert result["limit_ips"] <= min(result["model_ips"], result["decode_ips"])
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
-    assert "e / c" in printed and f"CPU: {result['cpu']['model']}" in printed
+    assert "e / c" in printed and result["pipeline_engine"] in printed and f"CPU: {result['cpu']['model']}" in printed
 
 
 @pytest.mark.slow
@@ -52,3 +60,18 @@ def test_bench_train_reports_epochs_and_workers(ray_cluster, tmp_path):
     assert all(v > 0 for w in result["training"].values() for v in w.values())
     table = training.train_table(result)
     assert "later epochs" in table and "CPU: " in table
+
+
+@pytest.mark.timeout(600)
+def test_bench_nightly_times_a_night_per_size_and_history(ray_cluster, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["bench", "nightly", "--sizes", "30,60", "--nights", "1,3", "--new", "4", "--json", "n.json"]
+    assert cli.main(args) == 0
+    result = json.loads((tmp_path / "n.json").read_text())
+    rows = {(r["archive_files"], r["nights_behind"]): r for r in result["rows"]}
+    assert set(rows) == {(30, 1), (30, 3), (60, 1), (60, 3)}
+    for row in rows.values():
+        assert row["scored"] == 4 and 0 < row["plan_seconds"] < row["seconds"] and row["driver_peak_bytes"] > 0
+    assert set(result["nights_ratio"]) == {"30", "60"} and set(result["size_ratio"]) == {"1", "3"}
+    printed = capsys.readouterr().out
+    assert "most nights / one night" in printed and f"CPU: {result['cpu']['model']}" in printed

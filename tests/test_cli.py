@@ -30,9 +30,11 @@ def run_main(capsys, *args):
     return code, out.out, out.err
 
 
-@pytest.mark.parametrize("verb", ["sample", "train", "evaluate", "score", "bench", "demo"])
+@pytest.mark.parametrize(
+    "verb", ["sample", "train", "evaluate", "score", "bench", "demo", "bench nightly", "bench guard"]
+)
 def test_help_explains_each_verb(capsys, verb):
-    code, out, _ = run_main(capsys, verb, "--help")
+    code, out, _ = run_main(capsys, *verb.split(), "--help")
     assert code == 0
     assert "usage: mura-ray " + verb in out and len(out.splitlines()) > 5
 
@@ -60,6 +62,16 @@ def test_sample_verb_writes_an_archive(tmp_path):
             "between 0 and 1",
         ),
         (["evaluate", "--model", "{tmp}/nomodel", "--data", "{tmp}", "--out", "{tmp}/e"], "not a mura-ray checkpoint"),
+        (
+            ["score", "--model", "{tmp}", "--data", "{tmp}", "--out", "{tmp}/o", "--backend", "onnxruntime"]
+            + ["--precision", "bf16"],
+            "fp32 only",
+        ),
+        (
+            ["score", "--model", "{tmp}", "--data", "{tmp}", "--out", "{tmp}/o", "--backend", "tensorrt"],
+            "invalid choice",
+        ),
+        (["bench", "nightly", "--sizes", "10,-3"], "positive whole numbers"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(capsys, tmp_path, args, needle):

@@ -159,7 +159,8 @@ def test_staged_files_and_their_folders_reach_the_disk_before_the_manifest_says_
     )
     writer = RunWriter(ledger, lease, catalog, ledger.scored("m"), "run-1", "m", 0.5, "2026-11-28")
     results = {"image_uri": uris, "prob_abnormal": [0.1, 0.9, None], "error": [None, None, "bad"]}
-    writer.add(pa.table(dict(results, modality=["", "", ""]), schema=None))
+    engine = {"backend": ["torch", "torch", None], "precision": ["fp32", "fp32", None]}
+    writer.add(pa.table(dict(results, modality=["", "", ""], **engine), schema=None))
     writer.commit({})
     lease.release()
     committed = next(i for i, e in enumerate(events) if e[0] == "write" and e[2] == "committed")

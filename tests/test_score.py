@@ -6,8 +6,10 @@ import shutil
 
 import duckdb
 import pytest
+import torch
 
 from mura_ray.config import ScoreConfig
+from mura_ray.model import backends
 from mura_ray.scoring.run import run_scoring
 
 IMAGE_TYPES = {
@@ -25,6 +27,8 @@ IMAGE_TYPES = {
     "source_size": "BIGINT",
     "source_etag": "VARCHAR",
     "error": "VARCHAR",
+    "backend": "VARCHAR",
+    "precision": "VARCHAR",
 }
 STUDY_TYPES = {
     "study_uri": "VARCHAR",
@@ -73,6 +77,15 @@ def test_scores_every_file_and_study_with_contract_types(trained_run, small_arch
     ).fetchall()
     assert len(err) == 1 and err[0][0].endswith("patient99999/study1_positive/image1.png")
     assert err[0][1] is None and err[0][2] is None and "decode" in err[0][3]
+    # Each score names the engine that computed it: the one --backend auto picked on this machine.
+    engines = con.execute(
+        f"SELECT backend, precision, count(*) FROM {images} WHERE error IS NULL GROUP BY ALL"
+    ).fetchall()
+    meta = json.load(open(os.path.join(trained["model_dir"], "metadata.json")))
+    refused = backends.failed_guard(meta)
+    first = next(c for c in backends.candidates("auto", "auto", torch.device("cpu")) if " ".join(c) not in refused)
+    assert engines == [(*first, n_files - 1)] and manifest["engines"] == {" ".join(first): n_files - 1}
+    assert con.execute(f"SELECT backend, precision FROM {images} WHERE error IS NOT NULL").fetchall() == [(None, None)]
     lo, hi, nulls = con.execute(
         f"SELECT min(prob_abnormal), max(prob_abnormal), count(*) - count(prob_abnormal) FROM {images}"
     ).fetchone()

@@ -20,7 +20,7 @@ import time
 import torch
 
 from mura_ray.archive.sample import encode_png, render_radiograph
-from mura_ray.doctor import cpu_line
+from mura_ray.hardware import cpu_line
 from mura_ray.imaging.preprocess import cache_side, load_square
 from mura_ray.model.resnet import BLOCKS, DEFAULT_TRAINABLE, build_model, for_inference, set_trainable
 from mura_ray.model.steps import score_step, train_step

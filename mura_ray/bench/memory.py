@@ -31,10 +31,19 @@ def _tree_rss(root_pid: int) -> int:
 
 
 class PeakMemory:
-    """Samples the resident memory of this process tree every 0.2 s while in use."""
+    """Samples the resident memory of this process tree (or of this process alone) every 0.2 s while in use."""
+
+    def __init__(self, tree: bool = True) -> None:
+        self.tree = tree
+
+    def _rss(self) -> int:
+        if self.tree:
+            return _tree_rss(os.getpid())
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     def __enter__(self) -> PeakMemory:
-        self.peak = _tree_rss(os.getpid())
+        self.peak = self._rss()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -42,7 +51,7 @@ class PeakMemory:
 
     def _run(self) -> None:
         while not self._stop.wait(0.2):
-            self.peak = max(self.peak, _tree_rss(os.getpid()))
+            self.peak = max(self.peak, self._rss())
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()

@@ -1,13 +1,15 @@
 """``mura-ray bench score``: scoring throughput, measured side by side in one run.
 
 ``bench_score`` measures on the same N synthetic images of MURA-like size:
-(a) the model's forward pass alone on pre-decoded images, all cores;
-(b) decoding and preprocessing alone, all cores;
-(c) the machine's limit for the whole job: (a) and (b) sharing the cores,
-    1 / (1/a + 1/b);
+(a) the model's forward pass alone on pre-decoded images, all cores, per
+    inference engine installed here (``bench.engines``);
+(b) decoding and preprocessing alone, all cores, and per core per format;
+(c) the machine's limit for the whole job with each engine: (a) and (b)
+    sharing the cores, 1 / (1/a + 1/b);
 (d) the original notebook's way: one process, a torch DataLoader with
     workers decoding, fp32 forward;
-(e) mura-ray's Ray pipeline end to end, Parquet written;
+(e) mura-ray's Ray pipeline end to end, Parquet written, with the engine
+    ``--backend auto`` picked (compared with that engine's limit);
 and the job's peak memory (driver and every process it started) at N and 4N.
 """
 
@@ -28,11 +30,12 @@ from PIL import Image
 
 from mura_ray import __version__
 from mura_ray.archive.sample import encode_png, render_radiograph
+from mura_ray.bench import engines
 from mura_ray.bench.memory import PeakMemory
-from mura_ray.doctor import cpu_info
-from mura_ray.imaging.preprocess import IMAGENET_MEAN, IMAGENET_STD, EvalPreset, cache_side, load_square, to_input
+from mura_ray.hardware import cpu_info
+from mura_ray.imaging.preprocess import IMAGENET_MEAN, IMAGENET_STD, EvalPreset, cache_side, load_square
 from mura_ray.model.checkpoint import model_metadata, save_checkpoint
-from mura_ray.model.resnet import build_model, for_inference
+from mura_ray.model.resnet import build_model
 
 log = logging.getLogger(__name__)
 
@@ -63,23 +66,6 @@ def write_bench_model(directory: str, image_size: int) -> str:
     meta = {**model_metadata(image_size), "threshold": 0.5, "package_version": __version__}
     save_checkpoint(directory, build_model(), meta)
     return directory
-
-
-# ---- (a) model alone ----
-
-
-def model_ips(pixels: np.ndarray, n: int, batch_size: int, threads: int) -> float:
-    """Forward passes over ``n`` images cycled from ``pixels`` ((M, S, S) uint8): the scorer's fp32 model."""
-    torch.set_num_threads(threads)
-    model = for_inference(build_model())
-    batch = torch.from_numpy(np.resize(pixels, (batch_size, *pixels.shape[1:])))
-    with torch.inference_mode():
-        model(to_input(batch))  # warm-up
-        done, t0 = 0, time.perf_counter()
-        while done < n:
-            model(to_input(batch))
-            done += batch_size
-    return done / (time.perf_counter() - t0)
 
 
 # ---- (b) decode alone ----
@@ -177,18 +163,20 @@ def bench_score(
         paths = make_images(first, images)
         model_dir = write_bench_model(os.path.join(tmp, "model"), image_size)
 
-        log.info("(b) decode alone on %d processes", cpus)
+        log.info("(b) decode alone on %d processes, and per core per format", cpus)
         b = decode_ips(paths, image_size, cpus)
+        per_core = engines.decode_per_core(paths, image_size)
         sample = decode_and_crop(paths[:batch_size], image_size)
-        log.info("(a) model alone, %d threads", cpus)
-        a = model_ips(sample, images, batch_size, cpus)
-        c = 1.0 / (1.0 / a + 1.0 / b)
+        log.info("(a) forward alone per engine, %d threads", cpus)
+        a = engines.forward_ips(sample, images, batch_size, cpus)
+        c = {name: 1.0 / (1.0 / ips + 1.0 / b) for name, ips in a.items()}
         log.info("(d) the notebook's way: DataLoader with %d workers", cpus)
         d = naive_ips(paths, image_size, batch_size, cpus)
 
-        log.info("(e) mura-ray pipeline at N and 4N")
+        log.info("(e) mura-ray pipeline at N and 4N, --backend auto --precision auto")
         cluster.connect()
-        e, peak_n, _ = pipeline_run(model_dir, first, os.path.join(tmp, "out-n"), batch_size)
+        e, peak_n, manifest = pipeline_run(model_dir, first, os.path.join(tmp, "out-n"), batch_size)
+        chosen = max(manifest["engines"], key=manifest["engines"].get)
         make_images(os.path.join(tmp, "n4"), 3 * images, start=images)
         # 4N: the first N plus 3N more, in one input tree.
         os.rename(first, os.path.join(tmp, "n4", "first"))
@@ -204,16 +192,19 @@ def bench_score(
         "settings": {
             "image_size": image_size,
             "batch_size": batch_size,
-            "dtype": "float32",
             "channels_last": True,
             "batch_norm_folded": True,
         },
-        "model_ips": a,
+        "forward_ips": a,
+        "model_ips": a[chosen],
         "decode_ips": b,
-        "limit_ips": c,
+        "decode_per_core_ips": per_core,
+        "limit_by_engine_ips": c,
+        "limit_ips": c[chosen],
         "naive_ips": d,
         "pipeline_ips": e,
-        "ratio_limit": e / c,
+        "pipeline_engine": chosen,
+        "ratio_limit": e / c[chosen],
         "ratio_naive": e / d,
         "peak_rss_n_bytes": peak_n,
         "peak_rss_4n_bytes": peak_4n,
@@ -222,12 +213,18 @@ def bench_score(
 
 def score_table(r: dict[str, Any]) -> str:
     """The figures as a Markdown table."""
-    rows = [
-        ("(a) model forward alone, pre-decoded", r["model_ips"]),
-        ("(b) decode + preprocess alone", r["decode_ips"]),
-        ("(c) machine limit, (a) and (b) sharing cores", r["limit_ips"]),
+    chosen = r["pipeline_engine"]
+    rows = [(f"(a) forward alone, pre-decoded: {name}", ips) for name, ips in r["forward_ips"].items()]
+    rows.append((f"(b) decode + preprocess alone, {r['cpus']} processes (PNG)", r["decode_ips"]))
+    rows += [
+        (f"(b) decode + preprocess per core: {fmt}", ips)
+        for fmt, ips in r["decode_per_core_ips"].items()
+        if fmt != "mean_pixels"
+    ]
+    rows += [(f"(c) machine limit, (a) and (b) sharing cores: {n}", ips) for n, ips in r["limit_by_engine_ips"].items()]
+    rows += [
         ("(d) notebook way: DataLoader + fp32 forward", r["naive_ips"]),
-        ("(e) mura-ray Ray pipeline, Parquet written", r["pipeline_ips"]),
+        (f"(e) mura-ray Ray pipeline, Parquet written (auto: {chosen})", r["pipeline_ips"]),
     ]
     lines = [
         f"| stage ({r['images']} images, {r['cpus']} CPUs, {r['settings']['image_size']} px) | images/s |",
@@ -235,7 +232,7 @@ def score_table(r: dict[str, Any]) -> str:
     ]
     lines += [f"| {name} | {value:.1f} |" for name, value in rows]
     lines += [
-        f"| e / c | {r['ratio_limit']:.2f} |",
+        f"| e / c ({chosen}) | {r['ratio_limit']:.2f} |",
         f"| e / d | {r['ratio_naive']:.2f} |",
         f"| peak memory at N / 4N | {r['peak_rss_n_bytes'] / 2**20:.0f} MiB / "
         f"{r['peak_rss_4n_bytes'] / 2**20:.0f} MiB |",
@@ -255,16 +252,17 @@ def plot_score(r: dict[str, Any], path: str) -> None:
 
     from mura_ray.reporting import plots
 
-    names = [
-        "(a) model\nalone",
-        "(b) decode\nalone",
-        "(c) machine\nlimit",
-        "(d) notebook\nDataLoader",
-        "(e) mura-ray\npipeline",
-    ]
-    values = [r["model_ips"], r["decode_ips"], r["limit_ips"], r["naive_ips"], r["pipeline_ips"]]
-    fig, ax = plt.subplots(figsize=(8, 4.2))
-    bars = ax.bar(names, values, color=["#8da0cb", "#8da0cb", "#66c2a5", "#fc8d62", "#e78ac3"])
+    chosen = r["pipeline_engine"]
+    named = {f"(a) forward\n{n}": v for n, v in r["forward_ips"].items()}
+    named[f"(b) decode\n{r['cpus']} procs"] = r["decode_ips"]
+    named[f"(c) limit\n{chosen}"] = r["limit_ips"]
+    named["(d) notebook\nDataLoader"] = r["naive_ips"]
+    named[f"(e) mura-ray\n{chosen}"] = r["pipeline_ips"]
+    names, values = list(named), list(named.values())
+    colors = ["#8da0cb"] * (len(names) - 3) + ["#66c2a5", "#fc8d62", "#e78ac3"]
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(names)), 4.4))
+    bars = ax.bar(names, values, color=colors)
+    ax.tick_params(axis="x", labelsize=8)
     ax.bar_label(bars, fmt="%.0f")
     ax.set_yscale("log")
     ax.set_ylabel("images / s (log scale)")

@@ -15,7 +15,7 @@ from mura_ray.archive.catalog import build_catalog
 from mura_ray.archive.sample import write_sample
 from mura_ray.bench.scoring import cpu_text
 from mura_ray.config import TrainConfig
-from mura_ray.doctor import cpu_info
+from mura_ray.hardware import cpu_info
 from mura_ray.imaging.preprocess import cache_side
 from mura_ray.training.dataset import cached_training_split, train_view
 from mura_ray.training.driver import run_training

@@ -17,6 +17,7 @@ from torch import nn
 
 from mura_ray.errors import UsageError
 from mura_ray.imaging.preprocess import to_input
+from mura_ray.model.backends import bf16_native
 from mura_ray.model.resnet import NUM_CLASSES
 
 
@@ -28,10 +29,11 @@ def class_weights(labels: np.ndarray) -> list[float]:
     return (counts.sum() / (NUM_CLASSES * counts)).tolist()
 
 
-def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on GPUs that have it; full precision elsewhere."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast_for(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """bf16 autocast where asked, or under ``auto`` where the device computes bf16 natively (GPUs that have it,
+    CPUs with AVX512-BF16 or AMX); full precision elsewhere."""
+    if precision == "bf16" or (precision == "auto" and bf16_native(device)):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -46,9 +48,10 @@ def train_step(
     labels: torch.Tensor,
     loss_fn: nn.Module,
     optimizer: torch.optim.Optimizer,
+    precision: str = "auto",
 ) -> torch.Tensor:
     """Forward, backward and update on one batch already on the model's device; returns the detached loss."""
-    with autocast_for(pixels.device):
+    with autocast_for(pixels.device, precision):
         logits = model(to_input(pixels))
         loss = loss_fn(logits.float(), labels)
     optimizer.zero_grad(set_to_none=True)
@@ -64,6 +67,7 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     device: torch.device,
     on_batch: Callable[[int, float], None] | None = None,
+    precision: str = "auto",
 ) -> dict[str, float]:
     """Train over ``batches``; returns ``{"loss": mean loss per image, "images": n}``."""
     model.train()
@@ -72,7 +76,7 @@ def train_one_epoch(
     for i, batch in enumerate(batches):
         pixels = _tensor(batch["pixels"], device)
         labels = _tensor(batch["label"], device, torch.long)
-        loss = train_step(model, pixels, labels, loss_fn, optimizer)
+        loss = train_step(model, pixels, labels, loss_fn, optimizer, precision)
         total += loss * len(labels)
         seen += len(labels)
         if on_batch is not None:
@@ -81,9 +85,9 @@ def train_one_epoch(
 
 
 @torch.inference_mode()
-def score_step(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+def score_step(model: nn.Module, pixels: torch.Tensor, precision: str = "auto") -> torch.Tensor:
     """(B, S, S) uint8 on the model's device -> (B,) float32 probability of abnormal."""
-    with autocast_for(pixels.device):
+    with autocast_for(pixels.device, precision):
         logits = model(to_input(pixels))
     return torch.softmax(logits.float(), dim=1)[:, 1]
 
@@ -95,6 +99,7 @@ def evaluate(
     device: torch.device,
     loss_fn: nn.Module | None = None,
     keep: tuple[str, ...] = (),
+    precision: str = "auto",
 ) -> dict[str, np.ndarray]:
     """Probabilities (and the summed loss when ``loss_fn`` is given) over ``batches``.
 
@@ -107,7 +112,7 @@ def evaluate(
     kept: dict[str, list] = {k: [] for k in keep}
     for batch in batches:
         pixels = _tensor(batch["pixels"], device)
-        with autocast_for(device):
+        with autocast_for(device, precision):
             logits = model(to_input(pixels)).float()
         probs.append(torch.softmax(logits, dim=1)[:, 1].cpu().numpy())
         if "label" in batch:

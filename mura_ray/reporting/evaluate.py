@@ -27,6 +27,7 @@ from mura_ray.archive.catalog import build_catalog
 from mura_ray.config import EvalConfig, ScoreConfig
 from mura_ray.errors import UsageError
 from mura_ray.imaging.preprocess import load_square
+from mura_ray.model import backends
 from mura_ray.model.checkpoint import read_checkpoint, resolve_model_dir
 from mura_ray.progress import Progress
 from mura_ray.reporting import plots
@@ -36,6 +37,7 @@ from mura_ray.scoring.pipeline import results_table, scored_dataset
 log = logging.getLogger(__name__)
 
 GALLERY_SIZE = 6
+AUTO = ("auto", "auto")  # (--backend, --precision)
 PLOTS = {
     "confusion": "confusion_matrix.png",
     "roc": "roc.png",
@@ -44,13 +46,18 @@ PLOTS = {
 }
 
 
-def predict(weights: bytes, meta: dict[str, Any], data: str, split: str, batch_size: int) -> pa.Table:
+def predict(
+    weights: bytes, meta: dict[str, Any], data: str, split: str, batch_size: int, engine: tuple[str, str] = AUTO
+) -> pa.Table:
     """Labelled images of ``split``: their catalog columns, ``prob_abnormal`` (null where unreadable) and ``error``."""
     catalog = build_catalog(data, split=split)
     labelled = catalog.filter(pc.is_valid(catalog["label"]))
     if labelled.num_rows == 0:
         raise UsageError(f"no labelled images in split {split!r} under {data!r}: evaluation needs labels")
-    cfg = ScoreConfig(model="", data=data, out="", batch_size=batch_size, modalities="ALL")
+    backend, precision = engine
+    cfg = ScoreConfig(
+        model="", data=data, out="", batch_size=batch_size, modalities="ALL", backend=backend, precision=precision
+    )
     parts = []
     ds = scored_dataset(labelled, weights, meta, cfg)
     with Progress(f"scoring split {split}", labelled.num_rows) as bar:
@@ -66,12 +73,13 @@ def predict(weights: bytes, meta: dict[str, Any], data: str, split: str, batch_s
 def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     """Predict, compute the report, write report.json/.md, predictions.parquet and the plots under ``cfg.out``."""
     t0 = time.monotonic()
+    backends.check_choice(cfg.backend, cfg.precision)
     model_dir = resolve_model_dir(cfg.model)
     weights, meta = read_checkpoint(model_dir)
     threshold = float(cfg.threshold if cfg.threshold is not None else meta.get("threshold", 0.5))
     if not storage.is_remote(cfg.out):
         console.set_ray_log(storage.join(cfg.out, "ray.log"))
-    table = predict(weights, meta, cfg.data, cfg.split, cfg.batch_size)
+    table = predict(weights, meta, cfg.data, cfg.split, cfg.batch_size, (cfg.backend, cfg.precision))
     fs, out = storage.filesystem(cfg.out)
     fs.makedirs(out, exist_ok=True)
     with fs.open(storage.join(out, "predictions.parquet"), "wb") as f:
@@ -92,6 +100,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
         threshold_source="--threshold" if cfg.threshold is not None else meta.get("threshold_rule", "checkpoint"),
         unreadable_images=unreadable,
         bootstrap_resamples=cfg.resamples,
+        engines=engines_used(scored),
     )
     storage.write_bytes(fs, storage.join(out, "report.json"), json.dumps(report, indent=2).encode())
     storage.write_bytes(fs, storage.join(out, "report.md"), render_markdown(report).encode())
@@ -105,6 +114,13 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     report["seconds"] = time.monotonic() - t0
     report["out"] = cfg.out
     return report
+
+
+def engines_used(rows: pa.Table) -> dict[str, int]:
+    """Images scored per engine, e.g. ``{"openvino bf16": 2000}``."""
+    names = pc.binary_join_element_wise(rows["backend"], rows["precision"], " ")
+    counts = pc.value_counts(names.filter(pc.is_valid(names)))
+    return {c["values"].as_py(): c["counts"].as_py() for c in counts}
 
 
 def _gallery_items(
@@ -136,7 +152,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"Data: `{report['data']}`, split `{report['split']}`. Threshold {report['threshold']:.3f} "
         f"({report['threshold_source']}). Intervals: 95% percentile bootstrap, "
-        f"{report['bootstrap_resamples']} resamples.",
+        f"{report['bootstrap_resamples']} resamples. Scored by: "
+        + (", ".join(f"{k} ({n} images)" for k, n in report.get("engines", {}).items()) or "-")
+        + ".",
         "",
         "| level | n | kappa (95% CI) | AUROC (95% CI) | F1 | precision | sensitivity | specificity | accuracy |",
         "|---|---|---|---|---|---|---|---|---|",

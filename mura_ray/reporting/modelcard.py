@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from mura_ray.reporting.guard import engine_rows
 from mura_ray.reporting.metrics import fmt, fmt_ci
 
 
 def render_model_card(meta: dict[str, Any]) -> str:
     """``model_card.md`` of a checkpoint, from its metadata."""
-    sections = (_what_it_is, _data_and_configuration, _threshold_and_metrics, _use_and_limits)
+    sections = (_what_it_is, _data_and_configuration, _threshold_and_metrics, _engines, _use_and_limits)
     return "\n".join(line for section in sections for line in section(meta)) + "\n"
 
 
@@ -78,6 +79,21 @@ def _threshold_and_metrics(meta: dict[str, Any]) -> list[str]:
         for part, levels in val["per_body_part"].items():
             r = levels["study"]
             lines.append(f"| {part} | {r['n']} | {fmt(r['kappa'])} {fmt_ci(r['kappa_ci'])} |")
+    return [*lines, ""]
+
+
+def _engines(meta: dict[str, Any]) -> list[str]:
+    record = meta.get("engine_guard")
+    if not record:
+        return []
+    lines = [
+        "## Inference engines",
+        "",
+        f"Each engine against torch fp32 on {record['images']} validation images ({record['measured_on']}); "
+        "`--backend auto` does not use an engine that fails.",
+        "",
+        *engine_rows(record["engines"]),
+    ]
     return [*lines, ""]
 
 

@@ -8,6 +8,7 @@ Under ``OUTPUT/`` (a folder or an s3:// prefix)::
     _runs/<run_id>.<chunk>.json                     one manifest per chunk
     _staging/<run_id>/<chunk>/                      a chunk's files before it commits
     _lease/<generation>.json                        who may write here (``scoring.lease``)
+    _index/<model_id>.parquet                       what the model already scored (``scoring.index``)
 
 A run commits its work in chunks. A chunk's files are written under
 ``_staging/<run_id>/<chunk>/``; to commit, the run *creates* the chunk's
@@ -31,14 +32,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from mura_ray import faults
 from mura_ray.archive import storage
 from mura_ray.errors import UsageError
+from mura_ray.scoring import index
 from mura_ray.scoring.lease import Lease
 
 log = logging.getLogger(__name__)
@@ -219,17 +219,43 @@ class Ledger:
         return table
 
     def scored(self, model_id: str) -> pa.Table:
-        """The current row (latest ``scored_at``) of each image scored by ``model_id`` in committed runs."""
-        files = self._committed_files("images", model_id)
-        if not files:
-            return pa.table({c: pa.array([], t) for c, t in _PRIOR_TYPES.items()})
-        table = pads.dataset(files, filesystem=self.fs, format="parquet").to_table(columns=PRIOR_COLUMNS)
-        table = table.sort_by([("image_uri", "ascending"), ("scored_at", "descending")])
-        uris = table["image_uri"].combine_chunks()
-        first = np.ones(table.num_rows, dtype=bool)
-        if table.num_rows > 1:
-            first[1:] = pc.not_equal(uris.slice(1), uris.slice(0, table.num_rows - 1)).to_numpy(zero_copy_only=False)
-        return table.filter(pa.array(first))
+        """The current row (latest ``scored_at``) of each image scored by ``model_id`` in committed runs:
+        the model's index (``scoring.index``) and the committed chunks it does not cover."""
+        table, _ = self._scored(model_id)
+        return table
+
+    def update_index(self, model_id: str, lease: Lease) -> None:
+        """Rewrite the model's index to cover every committed chunk of it, if any is not covered yet."""
+        self._manifests = None
+        table, fresh = self._scored(model_id)
+        if fresh:
+            covers = {index.chunk_key(m) for m in self._committed(model_id)}
+            lease.check()
+            index.write_index(self.fs, self._index_path(model_id), table, covers)
+
+    def _scored(self, model_id: str) -> tuple[pa.Table, int]:
+        """(current rows, number of committed image files the index did not cover)."""
+        prior, covered = index.read_index(self.fs, self._index_path(model_id))
+        files = [
+            self.path(dst)
+            for m in self._committed(model_id)
+            if index.chunk_key(m) not in covered
+            for _, dst in m.get("moves", [])
+            if dst.startswith("images/")
+        ]
+        parts = [prior.select(PRIOR_COLUMNS)] if prior is not None else []
+        if files:
+            parts.append(pads.dataset(files, filesystem=self.fs, format="parquet").to_table(columns=PRIOR_COLUMNS))
+        if not parts:
+            return pa.table({c: pa.array([], t) for c, t in _PRIOR_TYPES.items()}), 0
+        table = parts[0] if len(parts) == 1 else pa.concat_tables(parts, promote_options="permissive")
+        return (table if not files else index.latest_rows(table)), len(files)
+
+    def _committed(self, model_id: str) -> list[dict[str, Any]]:
+        return [m for m in self.manifests() if m.get("status") == "committed" and m.get("model_id") == model_id]
+
+    def _index_path(self, model_id: str) -> str:
+        return self.path("_index", f"{model_id}.parquet")
 
 
 _PRIOR_TYPES = {

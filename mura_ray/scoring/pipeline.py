@@ -25,15 +25,30 @@ from mura_ray.archive import storage
 from mura_ray.config import ScoreConfig
 from mura_ray.data import catalog_dataset
 from mura_ray.imaging.preprocess import EvalPreset, read_and_decode
+from mura_ray.model import backends
 from mura_ray.model.checkpoint import model_id_of
 from mura_ray.model.resnet import build_model, for_inference
-from mura_ray.model.steps import score_step
+
+GUARD_IMAGES = 16
 
 
 class Scorer:
-    """Model-holding actor: takes the run's weights once, scores batches of cached squares."""
+    """Model-holding actor: takes the run's weights once, scores batches of cached squares.
 
-    def __init__(self, weights: list[ray.ObjectRef], model_id: str, image_size: int, threads: int, use_gpu: bool):
+    The inference engine is chosen on the first batch that has images to
+    score, whose first images serve as the accuracy guard's batch."""
+
+    def __init__(
+        self,
+        weights: list[ray.ObjectRef],
+        model_id: str,
+        image_size: int,
+        threads: int,
+        use_gpu: bool,
+        backend: str = "auto",
+        precision: str = "auto",
+        refused: tuple[str, ...] = (),
+    ):
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         data = ray.get(weights[0])
@@ -42,19 +57,34 @@ class Scorer:
         model = build_model()
         model.load_state_dict(st_load(data))
         self.model = for_inference(model, self.device)
+        self.model_id, self.image_size, self.setting, self.refused = model_id, image_size, (backend, precision), refused
         self.crop = EvalPreset(size=image_size)
+        self.engine: backends.Engine | None = None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = (batch["error"] == "") & (batch["modality"] == "")
         probs = np.full(len(ok), np.nan, dtype=np.float32)
         if ok.any():
             pixels = self.crop({"pixels": batch["pixels"][ok]})["pixels"]
-            probs[ok] = score_step(self.model, torch.from_numpy(pixels).to(self.device)).cpu().numpy()
+            if self.engine is None:
+                self.engine = backends.select(
+                    self.model,
+                    *self.setting,
+                    self.device,
+                    self.image_size,
+                    self.model_id,
+                    pixels[:GUARD_IMAGES],
+                    tuple(self.refused),
+                )
+            probs[ok] = self.engine(pixels)
+        engine = self.engine
         return {
             "image_uri": batch["image_uri"],
             "prob_abnormal": probs,
             "error": batch["error"],
             "modality": batch["modality"],
+            "backend": np.where(ok, engine.backend if engine else "", ""),
+            "precision": np.where(ok, engine.precision if engine else "", ""),
         }
 
 
@@ -69,6 +99,7 @@ def scored_dataset(keys: pa.Table, weights: bytes, meta: dict[str, Any], cfg: Sc
     Decode tasks read and decode; model actors score with ``weights`` (the
     safetensors bytes whose sha256 is ``meta["model_id"]``)."""
 
+    backends.check_choice(cfg.backend, cfg.precision)
     cluster.connect()
     weights_ref = ray.put(weights)
     actors, cpus, threads, use_gpu = cluster.scoring_plan(cfg.actors, cfg.use_gpu, cfg.cpus_per_actor)
@@ -87,6 +118,9 @@ def scored_dataset(keys: pa.Table, weights: bytes, meta: dict[str, Any], cfg: Sc
             "image_size": int(meta["image_size"]),
             "threads": threads,
             "use_gpu": use_gpu,
+            "backend": cfg.backend,
+            "precision": cfg.precision,
+            "refused": backends.failed_guard(meta),
         },
         batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=actors),
@@ -97,7 +131,8 @@ def scored_dataset(keys: pa.Table, weights: bytes, meta: dict[str, Any], cfg: Sc
 
 def results_table(batch: dict[str, np.ndarray]) -> pa.Table:
     """A batch of the pipeline's output as Arrow: ``image_uri``, ``prob_abnormal`` (null on error), ``error``,
-    ``modality`` ("" unless the file is a DICOM of a modality not scored)."""
+    ``modality`` ("" unless the file is a DICOM of a modality not scored), and the ``backend`` and
+    ``precision`` that computed the score (null where there is none)."""
     probs = np.asarray(batch["prob_abnormal"], dtype=np.float32)
     return pa.table(
         {
@@ -105,5 +140,6 @@ def results_table(batch: dict[str, np.ndarray]) -> pa.Table:
             "prob_abnormal": pa.array(probs, pa.float32(), mask=np.isnan(probs)),
             "error": pa.array([e or None for e in batch["error"].tolist()], pa.string()),
             "modality": pa.array(batch["modality"].astype(str), pa.string()),
+            **{k: pa.array([v or None for v in batch[k].tolist()], pa.string()) for k in ("backend", "precision")},
         }
     )

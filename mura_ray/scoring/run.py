@@ -32,6 +32,7 @@ from mura_ray import faults
 from mura_ray.archive.catalog import scan_archive
 from mura_ray.config import ScoreConfig
 from mura_ray.imaging.decode import READ_ERROR
+from mura_ray.model import backends
 from mura_ray.model.checkpoint import read_checkpoint, resolve_model_dir
 from mura_ray.model.resnet import build_model
 from mura_ray.progress import Progress
@@ -93,6 +94,7 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     """Score what is new under ``cfg.data`` and commit the run's Parquet under ``cfg.out``, chunk by chunk."""
     t0 = time.monotonic()
     started_at = dt.datetime.now(dt.timezone.utc)
+    backends.check_choice(cfg.backend, cfg.precision)
     weights, meta = read_checkpoint(resolve_model_dir(cfg.model))
     build_model().load_state_dict(st_load(weights))  # fail here, not in every actor, if the weights do not fit
     scan = scan_archive(cfg.data, split=cfg.split)
@@ -107,6 +109,7 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
             ledger.fence(lease.taken_from["run_id"], by=run_id, lease=lease)
         recovered = ledger.recover(active_run_id=run_id, lease=lease)
         earlier, todo, skipped = _plan(ledger, scan, meta["model_id"], cfg)
+        plan_seconds = time.monotonic() - t0
         writer = RunWriter(
             ledger,
             lease,
@@ -129,15 +132,18 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
             "errors": writer.errors,
             "skipped": skipped.num_rows,
             "not_radiographs": writer.not_radiographs,
+            "engines": writer.engines,
             "not_radiographs_known": scan.table.num_rows - todo.num_rows - skipped.num_rows,
             "ignored_files": len(scan.ignored),
             "missing_files": len(scan.missing),
             "broken_links": len(scan.broken_links),
             "seconds": round(seconds, 3),
+            "plan_seconds": round(plan_seconds, 3),
             "images_per_second": round(writer.rows / seconds, 3) if seconds else 0.0,
             "recovered": recovered,
         }
         last = writer.commit(dict(head, final=True, run=totals))
+        ledger.update_index(meta["model_id"], lease)
         ledger.drop_staging(run_id)
     finally:
         lease.release()

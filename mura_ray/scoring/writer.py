@@ -22,6 +22,7 @@ from mura_ray import faults
 from mura_ray.archive import storage
 from mura_ray.scoring.lease import Lease
 from mura_ray.scoring.ledger import NOT_SCORED_SCHEMA, Ledger
+from mura_ray.scoring.studies import StudyTotals, at_or_above
 
 IMAGES_SCHEMA = pa.schema(
     [
@@ -39,38 +40,11 @@ IMAGES_SCHEMA = pa.schema(
         ("source_size", pa.int64()),
         ("source_etag", pa.string()),
         ("error", pa.string()),
-    ]
-)
-STUDIES_SCHEMA = pa.schema(
-    [
-        ("study_uri", pa.string()),
-        ("patient_id", pa.string()),
-        ("body_part", pa.string()),
-        ("n_images", pa.int32()),
-        ("n_errors", pa.int32()),
-        ("prob_abnormal", pa.float32()),
-        ("predicted_abnormal", pa.bool_()),
-        ("label", pa.int8()),
-        ("model_id", pa.string()),
-        ("run_id", pa.string()),
-        ("scored_at", pa.timestamp("us", tz="UTC")),
+        ("backend", pa.string()),
+        ("precision", pa.string()),
     ]
 )
 ROWS_PER_FILE = 500_000
-STUDY_PARTS = [("image_uri", "count"), ("prob_abnormal", "sum"), ("prob_abnormal", "count")]
-
-
-def study_parts(rows: pa.Table) -> pa.Table:
-    """Partial study totals of some image rows: images, sum and count of the scores (errors have none)."""
-    rows = rows.select(["study_uri", "image_uri"]).append_column(
-        "prob_abnormal", pc.cast(rows["prob_abnormal"], pa.float64())
-    )
-    return rows.group_by("study_uri", use_threads=False).aggregate(STUDY_PARTS)
-
-
-def at_or_above(prob: pa.ChunkedArray | pa.Array, threshold: float) -> pa.ChunkedArray:
-    """``prob >= threshold`` in float64, as the threshold was chosen (null where there is no score)."""
-    return pc.greater_equal(pc.cast(prob, pa.float64()), pa.scalar(threshold, pa.float64()))
 
 
 @dataclass
@@ -96,16 +70,16 @@ class RunWriter:
     errors: int = 0
     studies: int = 0
     not_radiographs: dict[str, int] = field(default_factory=dict)
+    engines: dict[str, int] = field(default_factory=dict)  # images scored per "backend precision"
     _staged: list[str] = field(default_factory=list)  # this chunk's image files, relative to the output root
-    _mine: list[pa.Table] = field(default_factory=list)  # image_uri, study_uri, prob_abnormal of this run's rows
     _chunk_start: int = 0
     _chunk_errors: int = 0
-    _chunk_tables: int = 0
     _others: list[pa.Table] = field(default_factory=list)
     _writer: pq.ParquetWriter | None = None
     _file_rows: int = 0
 
     def __post_init__(self) -> None:
+        self._studies = StudyTotals(self.catalog, self.earlier, self.model_id, self.run_id, self.threshold)
         self._index = {uri: i for i, uri in enumerate(self.catalog["image_uri"].to_pylist())}
 
     @property
@@ -143,6 +117,8 @@ class RunWriter:
                 "source_size": known["source_size"],
                 "source_etag": known["source_etag"],
                 "error": results["error"],
+                "backend": results["backend"],
+                "precision": results["precision"],
             },
             schema=IMAGES_SCHEMA,
         )
@@ -154,9 +130,15 @@ class RunWriter:
         self.rows += n
         self.errors += prob.null_count
         self._chunk_errors += prob.null_count
-        self._mine.append(table.select(["image_uri", "study_uri", "prob_abnormal"]))
-        self._chunk_tables += 1
+        self._studies.add(table)
+        self._count_engines(table)
         faults.maybe_kill("score")
+
+    def _count_engines(self, table: pa.Table) -> None:
+        names = pc.binary_join_element_wise(table["backend"], table["precision"], " ")
+        for row in pc.value_counts(names.filter(pc.is_valid(names))):
+            name = row["values"].as_py()
+            self.engines[name] = self.engines.get(name, 0) + row["counts"].as_py()
 
     def _catalog_rows(self, results: pa.Table) -> pa.Table:
         """The catalog rows of a batch of results, in the batch's order."""
@@ -181,46 +163,6 @@ class RunWriter:
         for modality in results["modality"].to_pylist():
             self.not_radiographs[modality] = self.not_radiographs.get(modality, 0) + 1
 
-    def studies_table(self, touched: pa.Array) -> pa.Table:
-        """One row per study in ``touched``, over its current rows (this run's, else earlier runs')."""
-        mine = pa.concat_tables(self._mine)
-        earlier = self.earlier.select(["image_uri", "study_uri", "prob_abnormal"])
-        earlier = earlier.filter(pc.invert(pc.is_in(earlier["image_uri"], mine["image_uri"])))
-        rows = pa.concat_tables([mine, earlier])
-        rows = rows.filter(pc.is_in(rows["study_uri"], touched))
-        totals = (
-            study_parts(rows)
-            .group_by("study_uri", use_threads=False)
-            .aggregate([("image_uri_count", "sum"), ("prob_abnormal_sum", "sum"), ("prob_abnormal_count", "sum")])
-        )
-        known = self.catalog.group_by("study_uri", use_threads=False).aggregate(
-            [("patient_id", "first"), ("body_part", "first"), ("label", "first")]
-        )
-        totals = totals.join(known, "study_uri", join_type="inner").sort_by("study_uri")
-        n_images = totals["image_uri_count_sum"]
-        scored = totals["prob_abnormal_count_sum"]
-        mean = pc.divide(
-            totals["prob_abnormal_sum_sum"],
-            pc.if_else(pc.equal(scored, 0), pa.scalar(None, pa.float64()), pc.cast(scored, pa.float64())),
-        )
-        n = totals.num_rows
-        return pa.table(
-            {
-                "study_uri": totals["study_uri"],
-                "patient_id": totals["patient_id_first"],
-                "body_part": totals["body_part_first"],
-                "n_images": pc.cast(n_images, pa.int32()),
-                "n_errors": pc.cast(pc.subtract(n_images, scored), pa.int32()),
-                "prob_abnormal": pc.cast(mean, pa.float32()),
-                "predicted_abnormal": at_or_above(mean, self.threshold),
-                "label": totals["label_first"],
-                "model_id": pa.array([self.model_id] * n, pa.string()),
-                "run_id": pa.array([self.run_id] * n, pa.string()),
-                "scored_at": pa.array([dt.datetime.now(dt.timezone.utc)] * n, pa.timestamp("us", tz="UTC")),
-            },
-            schema=STUDIES_SCHEMA,
-        )
-
     def _stage_table(self, folder: str, table: pa.Table) -> str:
         rel = storage.join(self._staged_root(), folder, "part-00000.parquet")
         self.fs.makedirs(self.ledger.path(self._staged_root(), folder), exist_ok=True)
@@ -239,8 +181,7 @@ class RunWriter:
         ]
         chunk_studies = 0
         if self.pending:
-            touched = pc.unique(pa.concat_tables(self._mine[-self._chunk_tables :])["study_uri"])
-            studies = self.studies_table(touched)
+            studies = self._studies.chunk_table()
             chunk_studies = studies.num_rows
             moves.append((self._stage_table("studies", studies), storage.join("studies", partition, f"{stem}.parquet")))
         if self._others:
@@ -264,7 +205,7 @@ class RunWriter:
         committed = self.ledger.commit(manifest, moves, self.lease)
         self.chunk += 1
         self._staged, self._others = [], []
-        self._chunk_start, self._chunk_errors, self._chunk_tables = self.rows, 0, 0
+        self._chunk_start, self._chunk_errors = self.rows, 0
         return committed
 
     def _staged_root(self) -> str:  # this chunk's staging folder, relative to the output root

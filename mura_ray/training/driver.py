@@ -16,6 +16,7 @@ import os
 import time
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
@@ -67,7 +68,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         display.close()
     if result.error:
         raise result.error
-    meta = _write_model(cfg, result.checkpoint, weights, fingerprint(catalog))
+    sample = _guard_sample(valid_cached, catalog, cfg.guard_images)
+    meta = _write_model(cfg, result.checkpoint, weights, fingerprint(catalog), sample)
     return {
         "model_dir": storage.join(cfg.out, rundir.MODEL_DIR),
         "metrics": meta["metrics"],
@@ -176,7 +178,22 @@ def _decode_splits(cfg: TrainConfig, catalog: Any) -> tuple[Any, Any, int]:
     return train, valid, bad_train + bad_valid
 
 
-def _write_model(cfg: TrainConfig, checkpoint: Any, weights: list[float], data_fingerprint: str) -> dict[str, Any]:
+def _guard_sample(valid: Any, catalog: Any, n: int) -> dict[str, Any] | None:
+    """Up to ``n`` cached validation squares with their labels and studies, for the engines' accuracy guard."""
+    if n == 0:
+        return None
+    rows = valid.limit(n).take_all()
+    study_of = dict(zip(catalog["image_uri"].to_pylist(), catalog["study_uri"].to_pylist()))
+    return {
+        "pixels": np.stack([r["pixels"] for r in rows]) if rows else np.zeros((0, 1, 1), np.uint8),
+        "label": np.array([r["label"] for r in rows]),
+        "study_uri": np.array([study_of[r["image_uri"]] for r in rows], dtype=object),
+    }
+
+
+def _write_model(
+    cfg: TrainConfig, checkpoint: Any, weights: list[float], data_fingerprint: str, guard_sample: Any = None
+) -> dict[str, Any]:
     """The model folder, from the best epoch kept in the run's last checkpoint."""
     if checkpoint is None:
         raise RuntimeError(f"training of {cfg.out} finished without a checkpoint")
@@ -197,7 +214,13 @@ def _write_model(cfg: TrainConfig, checkpoint: Any, weights: list[float], data_f
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     meta = rundir.write_model_folder(
-        cfg.out, best_weights, predictions, metadata, target_sensitivity=cfg.target_sensitivity, seed=cfg.seed
+        cfg.out,
+        best_weights,
+        predictions,
+        metadata,
+        target_sensitivity=cfg.target_sensitivity,
+        seed=cfg.seed,
+        guard_sample=guard_sample,
     )
     log.info(
         "kept epoch %d; threshold %.3f (%s); study kappa %.3f [%.3f, %.3f]",

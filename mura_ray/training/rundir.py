@@ -116,13 +116,17 @@ def write_model_folder(
     *,
     target_sensitivity: float | None,
     seed: int,
+    guard_sample: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``RUN_DIR/model/`` once, complete: weights, the kept epoch's predictions, model card, metadata.
 
     The threshold is chosen here on the kept epoch's validation predictions
     (study level), and the report with intervals is computed from them.
     The folder is replaced whole (``write_checkpoint``): a reader sees the
-    earlier model or this one, never a mix.
+    earlier model or this one, never a mix. With ``guard_sample`` (cached
+    validation squares, ``label`` and ``study_uri``), every inference engine
+    is checked against torch fp32 at the chosen threshold and the figures
+    kept in the metadata (``engine_guard``), which ``--backend auto`` obeys.
     Returns the metadata.
     """
     import numpy as np
@@ -150,6 +154,12 @@ def write_model_folder(
         package_versions=package_versions(),
         model_id=model_id_of(weights),
     )
+    if guard_sample is not None and len(guard_sample["pixels"]):
+        from mura_ray.reporting.guard import check_sample
+
+        meta["engine_guard"] = check_sample(
+            weights, meta, guard_sample["pixels"], guard_sample["label"], guard_sample["study_uri"]
+        )
     files = {
         WEIGHTS_FILE: weights,
         VALID_PREDICTIONS: parquet_bytes(predictions),

@@ -179,7 +179,9 @@ def _train(run: _Setup, shard: Any, epoch: int, steps: int, resumed_from: int) -
         pin_memory=run.device.type == "cuda",
         prefetch_batches=2,
     )
-    result = train_one_epoch(run.model, batches, run.loss_fn, run.optimizer, run.device, on_batch=on_batch)
+    result = train_one_epoch(
+        run.model, batches, run.loss_fn, run.optimizer, run.device, on_batch=on_batch, precision=run.cfg.precision
+    )
     return mean_over_workers(result["loss"], result["images"])
 
 
@@ -191,6 +193,7 @@ def _validate(run: _Setup, shard: Any) -> tuple[pa.Table, float]:
         run.device,
         run.loss_fn,
         keep=("image_uri",),
+        precision=run.cfg.precision,
     )
     allv = gather_arrays(local)
     predictions = (

@@ -1,0 +1,182 @@
+"""``mura-ray bench nightly``: a night's fixed cost at archive scale, against the nights behind it.
+
+For each archive size (zero-byte ``.png`` files in study folders: listing
+and planning never read pixels) and each history (1 or K committed nights
+behind it, the same images in all), the bench times one real
+``run_scoring`` that finds ``new`` new (real, small PNG) images: wall time
+and the driver's peak resident memory. The history is written through the
+ledger's own commit path (``RunWriter``, one chunk per night, then the
+model's index), without a model: its rows are placeholders.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from mura_ray.archive.catalog import scan_archive
+from mura_ray.bench.memory import PeakMemory
+from mura_ray.bench.scoring import make_images, write_bench_model
+from mura_ray.hardware import cpu_info
+from mura_ray.model.checkpoint import read_checkpoint
+from mura_ray.scoring.lease import Lease
+from mura_ray.scoring.ledger import Ledger
+from mura_ray.scoring.writer import RunWriter
+
+log = logging.getLogger(__name__)
+
+IMAGES_PER_STUDY = 4
+STUDIES_PER_FOLDER = 1000
+
+
+def make_empty_archive(root: str, n: int) -> None:
+    """``n`` zero-byte images in ``root/partNNN/studyNNNNNNN/imageK.png``."""
+    for s in range((n + IMAGES_PER_STUDY - 1) // IMAGES_PER_STUDY):
+        folder = os.path.join(root, f"part{s // STUDIES_PER_FOLDER:04d}", f"study{s:07d}")
+        os.makedirs(folder)
+        for k in range(min(IMAGES_PER_STUDY, n - s * IMAGES_PER_STUDY)):
+            os.close(os.open(os.path.join(folder, f"image{k + 1}.png"), os.O_CREAT | os.O_WRONLY, 0o644))
+
+
+def write_history(out: str, data: str, model_id: str, nights: int) -> None:
+    """Commit the archive's images as ``nights`` runs (the first takes what the others leave, each other
+    takes 1/(10 x nights) of it), through the ledger's commit path, then write the model's index."""
+    catalog = scan_archive(data).table
+    n = catalog.num_rows
+    later = n // (10 * nights) if nights > 1 else 0
+    bounds = [0, n - later * (nights - 1)] + [n - later * (nights - 1 - i) for i in range(1, nights)]
+    ledger = Ledger(out)
+    day = dt.date(2026, 1, 1)
+    for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+        run_id = f"history-{i:04d}"
+        lease = Lease(ledger.fs, ledger.base, run_id)
+        lease.acquire()
+        try:
+            part = catalog.slice(lo, hi - lo)
+            writer = RunWriter(ledger, lease, part, _no_rows(), run_id, model_id, 0.5, str(day + dt.timedelta(i)))
+            probs = np.random.default_rng(i).random(part.num_rows).astype(np.float32)
+            writer.add(
+                pa.table(
+                    {
+                        "image_uri": part["image_uri"],
+                        "prob_abnormal": pa.array(probs),
+                        "error": pa.nulls(part.num_rows, pa.string()),
+                        "modality": pa.array([""] * part.num_rows),
+                        "backend": pa.array(["torch"] * part.num_rows),
+                        "precision": pa.array(["fp32"] * part.num_rows),
+                    }
+                )
+            )
+            writer.commit({"final": True, "started_at": f"{day + dt.timedelta(i)}T00:00:00+00:00"})
+            ledger.drop_staging(run_id)
+        finally:
+            lease.release()
+    lease = Lease(ledger.fs, ledger.base, "history-index")
+    lease.acquire()
+    try:
+        ledger.update_index(model_id, lease)
+    finally:
+        lease.release()
+
+
+def _no_rows() -> pa.Table:
+    return pa.table({"image_uri": pa.array([], pa.string()), "study_uri": pa.array([], pa.string())}).append_column(
+        "prob_abnormal", pa.array([], pa.float32())
+    )
+
+
+def timed_night(model_dir: str, data: str, out: str) -> dict[str, Any]:
+    from mura_ray.config import ScoreConfig
+    from mura_ray.scoring.run import run_scoring
+
+    with PeakMemory(tree=False) as mem:
+        t0 = time.perf_counter()
+        manifest = run_scoring(ScoreConfig(model=model_dir, data=data, out=out, run_id="tonight"))
+        seconds = time.perf_counter() - t0
+    return {
+        "seconds": seconds,
+        "plan_seconds": manifest["plan_seconds"],
+        "driver_peak_bytes": mem.peak,
+        "scored": manifest["images"],
+    }
+
+
+def bench_nightly(
+    sizes: tuple[int, ...], nights: tuple[int, ...], new: int, workdir: str | None = None
+) -> dict[str, Any]:
+    """Time a night finding ``new`` images, per archive size and per number of nights behind it."""
+    from mura_ray import cluster
+
+    cluster.connect()
+    rows = []
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        model_dir = write_bench_model(os.path.join(tmp, "model"), image_size=64)
+        model_id = read_checkpoint(model_dir)[1]["model_id"]
+        fresh = os.path.join(tmp, "fresh")
+        make_images(fresh, new)
+        for size in sizes:
+            data = os.path.join(tmp, f"archive-{size}")
+            t0 = time.perf_counter()
+            make_empty_archive(data, size)
+            log.info("archive of %d empty files written in %.0fs", size, time.perf_counter() - t0)
+            for k in nights:
+                out = os.path.join(tmp, f"out-{size}-{k}")
+                t0 = time.perf_counter()
+                write_history(out, data, model_id, k)
+                log.info("%d night(s) of history over %d images written in %.0fs", k, size, time.perf_counter() - t0)
+                shutil.copytree(fresh, os.path.join(data, "tonight"))
+                row = {"archive_files": size, "nights_behind": k, "new_files": new, **timed_night(model_dir, data, out)}
+                shutil.rmtree(os.path.join(data, "tonight"))
+                shutil.rmtree(out)
+                log.info("%s", row)
+                rows.append(row)
+            shutil.rmtree(data)
+    return {
+        "cpu": cpu_info(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "rows": rows,
+        **ratios(rows),
+    }
+
+
+def ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Most nights / one night at each size; largest / smallest size at each history."""
+    out: dict[str, Any] = {}
+    for key in ("seconds", "plan_seconds"):
+        by = {(r["archive_files"], r["nights_behind"]): r[key] for r in rows}
+        sizes, nights = sorted({s for s, _ in by}), sorted({k for _, k in by})
+        prefix = "" if key == "seconds" else "plan_"
+        out[prefix + "nights_ratio"] = {str(s): by[s, nights[-1]] / by[s, nights[0]] for s in sizes if len(nights) > 1}
+        out[prefix + "size_ratio"] = {str(k): by[sizes[-1], k] / by[sizes[0], k] for k in nights if len(sizes) > 1}
+    out["size_factor"] = sizes[-1] / sizes[0] if rows else 1
+    return out
+
+
+def nightly_table(r: dict[str, Any]) -> str:
+    lines = [
+        "| archive files | nights behind | new files | night's wall time (s) | of which listing + planning (s) "
+        "| driver peak memory (MiB) |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in r["rows"]:
+        lines.append(
+            f"| {row['archive_files']:,} | {row['nights_behind']} | {row['new_files']:,} | {row['seconds']:.1f} | "
+            f"{row['plan_seconds']:.1f} | "
+            f"{row['driver_peak_bytes'] / 2**20:.0f} |"
+        )
+    for size, ratio in r["nights_ratio"].items():
+        lines.append(f"\nat {int(size):,} files: most nights / one night = {ratio:.2f}")
+    for k, ratio in r["size_ratio"].items():
+        lines.append(
+            f"with {k} night(s) behind: largest / smallest archive = {ratio:.2f} (files x{r['size_factor']:g})"
+        )
+    cpu = r["cpu"]
+    return "\n".join(lines) + f"\n\nCPU: {cpu['model']}; features: {', '.join(cpu['flags']) or 'none'}"

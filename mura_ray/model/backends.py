@@ -1,0 +1,267 @@
+"""Inference engines for scoring: torch, OpenVINO and ONNX Runtime, in fp32 or bf16. No Ray here.
+
+Every engine takes what the scorer has, a (B, S, S) uint8 batch of
+centre-cropped squares, and returns (B,) float32 probabilities of abnormal.
+They are all built from the same folded module (``for_inference``), with the
+normalisation inside the exported graph, so the engines differ only in how
+they run it. Exports are cached on local disk per model_id and backend
+(``MURA_RAY_CACHE``, default ``~/.cache/mura-ray``); nothing is downloaded.
+
+``auto`` tries, in order, the engines that are fastest on this node
+(measured by ``mura-ray bench score``): on a GPU torch with bf16 where the GPU
+has it; on a CPU with AVX512-BF16 or AMX, OpenVINO bf16 then torch bf16; on
+other CPUs OpenVINO fp32 then ONNX Runtime fp32; torch fp32 last. The first
+one that builds and passes the accuracy guard on the run's first batch is
+kept (``select``).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mura_ray.errors import UsageError
+from mura_ray.hardware import cpu_has_bf16
+from mura_ray.imaging.preprocess import to_input
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "openvino", "onnxruntime")
+PRECISIONS = ("auto", "fp32", "bf16")
+INSTALL = {"openvino": "openvino", "onnxruntime": "mura-ray[onnxruntime]"}
+GUARD_MAX_ABS = 0.01  # the largest |P - P_fp32| an engine may show on the guard batch
+
+
+@dataclass
+class Engine:
+    """A built engine: ``engine(pixels)`` -> probabilities, and what it is, for the output's columns."""
+
+    backend: str
+    precision: str
+    run: Callable[[np.ndarray], np.ndarray]
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        return np.asarray(self.run(np.ascontiguousarray(pixels, dtype=np.uint8)), dtype=np.float32).reshape(-1)
+
+    @property
+    def name(self) -> str:
+        return f"{self.backend} {self.precision}"
+
+
+class ProbabilityOf(nn.Module):
+    """uint8 squares -> P(abnormal): the graph every backend runs, normalisation included."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(to_input(pixels)).float(), dim=1)[:, 1]
+
+
+def installed(backend: str) -> bool:
+    return backend == "torch" or importlib.util.find_spec(backend) is not None
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether bf16 runs natively here: a GPU with bf16, or a CPU with AVX512-BF16 or AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_bf16()
+
+
+def check_choice(backend: str, precision: str) -> None:
+    """Exit 2 (before any work) for an engine that cannot run: an uninstalled backend, ONNX Runtime in bf16."""
+    if backend not in BACKENDS or precision not in PRECISIONS:
+        raise UsageError(f"--backend takes {'|'.join(BACKENDS)} and --precision {'|'.join(PRECISIONS)}")
+    if backend == "onnxruntime" and precision == "bf16":
+        raise UsageError("--backend onnxruntime runs fp32 only on CPUs; use openvino or torch for bf16")
+    if backend != "auto" and not installed(backend):
+        raise UsageError(f"--backend {backend} needs its runtime: pip install '{INSTALL[backend]}'")
+
+
+def candidates(backend: str, precision: str, device: torch.device) -> list[tuple[str, str]]:
+    """The (backend, precision) pairs to try, best first, for the settings asked for on ``device``."""
+    bf16 = bf16_native(device)
+    if device.type == "cuda":
+        order = [("torch", "bf16")] if bf16 else []
+    elif bf16:
+        order = [("openvino", "bf16"), ("torch", "bf16"), ("openvino", "fp32"), ("onnxruntime", "fp32")]
+    else:
+        order = [("openvino", "fp32"), ("onnxruntime", "fp32")]
+    order.append(("torch", "fp32"))
+    if backend != "auto":
+        order = [(b, p) for b, p in order if b == backend] or [(backend, "fp32")]
+    if precision != "auto":
+        order = [(b, p) for b, p in order if p == precision] or [(order[0][0], precision)]
+    return [(b, p) for b, p in order if installed(b)]
+
+
+def all_engines(device: torch.device) -> list[tuple[str, str]]:
+    """Every (backend, precision) installed here that runs natively on ``device``, torch fp32 last."""
+    bf16 = bf16_native(device)
+    pairs = [("torch", "bf16")] if bf16 else []
+    if device.type == "cpu":
+        pairs += [("openvino", "fp32"), ("onnxruntime", "fp32")] + ([("openvino", "bf16")] if bf16 else [])
+    return [(b, p) for b, p in pairs if installed(b)] + [("torch", "fp32")]
+
+
+def failed_guard(meta: dict[str, Any]) -> list[str]:
+    """Engines the accuracy guard recorded at training (``engine_guard`` in the metadata) found not to score
+    the validation split as torch fp32 does: ``--backend auto`` does not use them for this model."""
+    record = meta.get("engine_guard") or {}
+    return sorted(name for name, figures in record.get("engines", {}).items() if not figures["passes"])
+
+
+def cache_dir(model_id: str) -> Path:
+    root = Path(os.environ.get("MURA_RAY_CACHE") or Path.home() / ".cache" / "mura-ray")
+    return root / "engines" / model_id[:32]
+
+
+def _publish(folder: Path, write: Callable[[Path], None]) -> Path:
+    """Write a cache folder beside its place and rename it in, so concurrent actors never read half an export."""
+    if not folder.exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        write(tmp)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another actor published it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _example(side: int) -> torch.Tensor:
+    return torch.zeros((2, side, side), dtype=torch.uint8)
+
+
+def build_torch(graph: nn.Module, precision: str, device: torch.device, side: int, model_id: str) -> Engine:
+    dtype = torch.bfloat16 if precision == "bf16" else None
+
+    @torch.inference_mode()
+    def run(pixels: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(pixels).to(device)
+        if dtype is None:
+            return graph(x).cpu().numpy()
+        with torch.autocast(device.type, dtype=dtype):
+            return graph(x).float().cpu().numpy()
+
+    return Engine("torch", precision, run)
+
+
+def build_openvino(graph: nn.Module, precision: str, device: torch.device, side: int, model_id: str) -> Engine:
+    import openvino as ov
+
+    def export(folder: Path) -> None:
+        with warnings.catch_warnings():  # tracing notes the normalisation's constants, which are constants
+            warnings.simplefilter("ignore")
+            ir = ov.convert_model(copy.deepcopy(graph).cpu(), example_input=_example(side))
+        ov.save_model(ir, str(folder / "model.xml"), compress_to_fp16=False)
+
+    xml = _publish(cache_dir(model_id) / f"openvino-{side}", export) / "model.xml"
+    core = ov.Core()
+    threads = torch.get_num_threads()
+    hint = "bf16" if precision == "bf16" else "f32"
+    compiled = core.compile_model(
+        core.read_model(str(xml)), "CPU", {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads}
+    )
+    actual = str(compiled.get_property("INFERENCE_PRECISION_HINT")).lower()  # "<type: 'bfloat16'>"
+    request = compiled.create_infer_request()
+    return Engine(
+        "openvino",
+        "bf16" if "bfloat16" in actual or "bf16" in actual else "fp32",
+        lambda p: request.infer([p])[0].copy(),
+    )
+
+
+def build_onnxruntime(graph: nn.Module, precision: str, device: torch.device, side: int, model_id: str) -> Engine:
+    import onnxruntime as ort
+
+    def export(folder: Path) -> None:
+        # The TorchScript exporter: the torch.export one needs onnxscript, one more dependency for the same graph.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                copy.deepcopy(graph).cpu(),
+                (_example(side),),
+                str(folder / "model.onnx"),
+                input_names=["pixels"],
+                output_names=["prob_abnormal"],
+                dynamic_axes={"pixels": {0: "batch"}},
+                dynamo=False,
+            )
+
+    path = _publish(cache_dir(model_id) / f"onnx-{side}", export) / "model.onnx"
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return Engine("onnxruntime", "fp32", lambda p: session.run(None, {"pixels": p})[0])
+
+
+BUILDERS = {"torch": build_torch, "openvino": build_openvino, "onnxruntime": build_onnxruntime}
+
+
+def guard_failure(engine: Engine, reference: Engine, pixels: np.ndarray) -> str | None:
+    """Why ``engine`` fails the accuracy guard against ``reference`` (torch fp32) on ``pixels``, or None.
+
+    Within 0.01 of fp32, a decision can differ only for an image that close to the threshold."""
+    got, want = engine(pixels), reference(pixels)
+    worst = float(np.max(np.abs(got - want))) if len(got) else 0.0
+    if not np.isfinite(got).all() or worst > GUARD_MAX_ABS:
+        return f"max |P - P_fp32| = {worst:.4f} > {GUARD_MAX_ABS}"
+    return None
+
+
+def select(
+    model: nn.Module,
+    backend: str,
+    precision: str,
+    device: torch.device,
+    side: int,
+    model_id: str,
+    guard_pixels: np.ndarray,
+    refused: tuple[str, ...] = (),
+) -> Engine:
+    """The first engine of ``candidates`` that builds and passes the guard on ``guard_pixels``.
+
+    ``model`` is the folded model (``for_inference``). An engine asked for
+    by name that fails to build or fails the guard is an error; under
+    ``auto`` the next candidate is tried, down to torch fp32, and engines
+    named in ``refused`` (``failed_guard``) are not tried."""
+    graph = ProbabilityOf(model).eval()
+    reference = build_torch(graph, "fp32", device, side, model_id)
+    named = backend != "auto" and precision != "auto"
+    for name, prec in candidates(backend, precision, device):
+        if (name, prec) == ("torch", "fp32"):
+            return reference
+        if not named and f"{name} {prec}" in refused:
+            log.info("engine %s %s failed this model's recorded accuracy guard; not used", name, prec)
+            continue
+        try:
+            engine = BUILDERS[name](graph, prec, device, side, model_id)
+        except Exception as exc:  # a runtime that cannot build this graph here: try the next one
+            if named:
+                raise
+            log.warning("engine %s %s could not be built (%s); trying the next", name, prec, exc)
+            continue
+        failure = guard_failure(engine, reference, guard_pixels)
+        if failure is None:
+            return engine
+        if named:
+            raise RuntimeError(f"engine {engine.name} fails the accuracy guard: {failure}")
+        log.warning("engine %s fails the accuracy guard (%s); trying the next", engine.name, failure)
+    return reference

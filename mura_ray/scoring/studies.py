@@ -1,0 +1,114 @@
+"""Study rows of a scoring run: per study, the mean of its current image scores.
+
+A study row is written with each chunk that scores one of the study's
+images; it covers the study's current rows at that commit: this run's rows
+so far and, for its other images, the rows of earlier runs (``earlier``).
+So the latest row of a study is its current one, and after the run's last
+chunk it covers every image of the study. This run's totals are kept per
+study as rows arrive, so a commit costs the chunk's studies and one
+filtered pass over ``earlier``, however many chunks came before.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+STUDIES_SCHEMA = pa.schema(
+    [
+        ("study_uri", pa.string()),
+        ("patient_id", pa.string()),
+        ("body_part", pa.string()),
+        ("n_images", pa.int32()),
+        ("n_errors", pa.int32()),
+        ("prob_abnormal", pa.float32()),
+        ("predicted_abnormal", pa.bool_()),
+        ("label", pa.int8()),
+        ("model_id", pa.string()),
+        ("run_id", pa.string()),
+        ("scored_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
+def at_or_above(prob: pa.ChunkedArray | pa.Array, threshold: float) -> pa.ChunkedArray:
+    """``prob >= threshold`` in float64, as the threshold was chosen (null where there is no score)."""
+    return pc.greater_equal(pc.cast(prob, pa.float64()), pa.scalar(threshold, pa.float64()))
+
+
+def _count(totals: list, prob: float | None) -> None:
+    """Add one image row to a study's [images, sum of scores, scores]."""
+    totals[0] += 1
+    if prob is not None:
+        totals[1] += prob
+        totals[2] += 1
+
+
+@dataclass
+class StudyTotals:
+    catalog: pa.Table  # the images this run scores, with every catalog column
+    earlier: pa.Table  # earlier runs' current rows of this model: image_uri, study_uri, prob_abnormal
+    model_id: str
+    run_id: str
+    threshold: float
+    _own: dict[str, list] = field(default_factory=dict)  # study -> [images, sum of scores, scores] of this run
+    _own_uris: set[str] = field(default_factory=set)
+    _touched: set[str] = field(default_factory=set)  # studies with a row in the chunk being written
+    _known: pa.Table | None = None  # patient, body part and label per study of the catalog
+
+    def add(self, table: pa.Table) -> None:
+        """Count a batch of this run's image rows (``image_uri``, ``study_uri``, ``prob_abnormal``)."""
+        columns = (table[c].to_pylist() for c in ("image_uri", "study_uri", "prob_abnormal"))
+        for uri, study, prob in zip(*columns):
+            self._own_uris.add(uri)
+            self._touched.add(study)
+            _count(self._own.setdefault(study, [0, 0.0, 0]), prob)
+
+    def chunk_table(self) -> pa.Table:
+        """One row per study the current chunk touched, over its current rows (this run's, else earlier
+        runs'); the next chunk starts with none touched."""
+        touched, self._touched = sorted(self._touched), set()
+        totals = {study: list(self._own[study]) for study in touched}
+        earlier = self.earlier.filter(pc.is_in(self.earlier["study_uri"], pa.array(touched, pa.string())))
+        columns = (earlier[c].to_pylist() for c in ("image_uri", "study_uri", "prob_abnormal"))
+        for uri, study, prob in zip(*columns):
+            if uri not in self._own_uris:
+                _count(totals[study], prob)
+        if self._known is None:
+            self._known = self.catalog.group_by("study_uri", use_threads=False).aggregate(
+                [("patient_id", "first"), ("body_part", "first"), ("label", "first")]
+            )
+        counted = pa.table(
+            {
+                "study_uri": pa.array(touched, pa.string()),
+                "images": pa.array([totals[s][0] for s in touched], pa.int64()),
+                "score_sum": pa.array([totals[s][1] for s in touched], pa.float64()),
+                "scores": pa.array([totals[s][2] for s in touched], pa.int64()),
+            }
+        )
+        totals = counted.join(self._known, "study_uri", join_type="inner").sort_by("study_uri")
+        n_images, scored = totals["images"], totals["scores"]
+        mean = pc.divide(
+            totals["score_sum"],
+            pc.if_else(pc.equal(scored, 0), pa.scalar(None, pa.float64()), pc.cast(scored, pa.float64())),
+        )
+        n = totals.num_rows
+        return pa.table(
+            {
+                "study_uri": totals["study_uri"],
+                "patient_id": totals["patient_id_first"],
+                "body_part": totals["body_part_first"],
+                "n_images": pc.cast(n_images, pa.int32()),
+                "n_errors": pc.cast(pc.subtract(n_images, scored), pa.int32()),
+                "prob_abnormal": pc.cast(mean, pa.float32()),
+                "predicted_abnormal": at_or_above(mean, self.threshold),
+                "label": totals["label_first"],
+                "model_id": pa.array([self.model_id] * n, pa.string()),
+                "run_id": pa.array([self.run_id] * n, pa.string()),
+                "scored_at": pa.array([dt.datetime.now(dt.timezone.utc)] * n, pa.timestamp("us", tz="UTC")),
+            },
+            schema=STUDIES_SCHEMA,
+        )

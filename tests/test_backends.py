@@ -1,0 +1,130 @@
+"""Inference engines: each one installed here against torch fp32, what ``auto`` picks, and the accuracy guard."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mura_ray.errors import UsageError
+from mura_ray.hardware import cpu_line
+from mura_ray.model import backends
+from mura_ray.model.resnet import build_model, for_inference
+
+CPU = torch.device("cpu")
+SIDE = 48
+
+
+@pytest.fixture(scope="module")
+def folded():
+    torch.manual_seed(3)
+    return for_inference(build_model())
+
+
+@pytest.fixture(scope="module")
+def squares():
+    return np.random.default_rng(0).integers(0, 256, size=(24, SIDE, SIDE), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("pair", backends.all_engines(CPU), ids=" ".join)
+def test_every_engine_installed_here_scores_as_torch_fp32_does(pair, folded, squares):
+    graph = backends.ProbabilityOf(folded).eval()
+    reference = backends.build_torch(graph, "fp32", CPU, SIDE, "test-model-a")(squares)
+    engine = backends.BUILDERS[pair[0]](graph, pair[1], CPU, SIDE, "test-model-a")
+    probs = engine(squares)
+    assert (engine.backend, engine.precision) == pair
+    assert probs.dtype == np.float32 and probs.shape == (len(squares),)
+    assert np.abs(probs - reference).max() <= backends.GUARD_MAX_ABS
+    # One image at a time gives the same answer as in a batch: the batch axis is dynamic in every export.
+    assert np.allclose(engine(squares[:1]), probs[:1], atol=2e-3)
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_auto_runs_bf16_only_on_a_cpu_that_computes_it(bf16, folded, squares, monkeypatch):
+    monkeypatch.setattr(backends, "cpu_has_bf16", lambda: bf16)
+    engine = backends.select(folded, "auto", "auto", CPU, SIDE, "test-model-a", squares[:8])
+    first = backends.candidates("auto", "auto", CPU)[0]
+    assert (engine.backend, engine.precision) == first
+    assert (engine.precision == "bf16") == bf16
+
+
+def test_auto_never_keeps_an_engine_that_fails_the_guard(folded, squares, monkeypatch):
+    first = backends.candidates("auto", "auto", CPU)[0]
+    if first == ("torch", "fp32"):
+        pytest.skip("only torch fp32 is available here")
+    build = backends.BUILDERS[first[0]]
+
+    def off_by_two_percent(*args):
+        engine = build(*args)
+        return backends.Engine(engine.backend, engine.precision, lambda p: engine.run(p) + 0.02)
+
+    monkeypatch.setitem(backends.BUILDERS, first[0], off_by_two_percent)
+    picked = backends.select(folded, "auto", "auto", CPU, SIDE, "test-model-a", squares[:8])
+    assert (picked.backend, picked.precision) != first
+    with pytest.raises(RuntimeError, match="fails the accuracy guard"):
+        backends.select(folded, first[0], first[1], CPU, SIDE, "test-model-a", squares[:8])
+
+
+def test_exports_are_cached_per_model(folded, squares, tmp_path, monkeypatch):
+    monkeypatch.setenv("MURA_RAY_CACHE", str(tmp_path))
+    if not backends.installed("openvino"):
+        pytest.skip("OpenVINO is not installed")
+    graph = backends.ProbabilityOf(folded).eval()
+    backends.build_openvino(graph, "fp32", CPU, SIDE, "model-one")
+    torch.manual_seed(4)
+    other = backends.ProbabilityOf(for_inference(build_model())).eval()
+    engine = backends.build_openvino(other, "fp32", CPU, SIDE, "model-two")
+    assert sorted(p.name for p in (tmp_path / "engines").iterdir()) == ["model-one", "model-two"]
+    assert not any(p.name.startswith(".") for p in (tmp_path / "engines" / "model-two").iterdir())
+    want = backends.build_torch(other, "fp32", CPU, SIDE, "model-two")(squares)
+    assert np.abs(engine(squares) - want).max() < 1e-4
+
+
+def test_an_engine_that_cannot_run_is_refused_before_any_work(monkeypatch):
+    monkeypatch.setattr(backends, "installed", lambda name: name == "torch")
+    with pytest.raises(UsageError, match=r"pip install 'mura-ray\[onnxruntime\]'"):
+        backends.check_choice("onnxruntime", "auto")
+    with pytest.raises(UsageError, match="fp32 only"):
+        backends.check_choice("onnxruntime", "bf16")
+    assert backends.candidates("auto", "auto", CPU)[-1] == ("torch", "fp32")
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_training_records_the_accuracy_guard_and_auto_obeys_it(trained_run, learn_archive):
+    from safetensors.torch import load as st_load
+
+    from mura_ray.model.checkpoint import read_checkpoint
+    from mura_ray.reporting import guard
+
+    _, trained = trained_run
+    weights, meta = read_checkpoint(trained["model_dir"])
+    record = meta["engine_guard"]
+    print(cpu_line())
+    print(json.dumps(record, indent=1))
+    assert set(record["engines"]) == {f"{b} {p}" for b, p in backends.all_engines(CPU)}
+    assert record["images"] > 50 and record["split"] == "valid"
+    # fp32 engines run the same arithmetic as torch; bf16 may fail on a model whose scores crowd the threshold.
+    for name, figures in record["engines"].items():
+        assert figures["passes"] == (
+            figures["max_abs_diff"] <= 0.01
+            and figures["decision_agreement"] >= 0.995
+            and figures["study_kappa_diff"] <= 0.01
+        )
+        if name.endswith("fp32"):
+            assert figures["passes"] and figures["max_abs_diff"] < 1e-4, name
+    # The same figures from the command a user runs on a model folder (the whole split, decoded again).
+    again = guard.check_model(trained["model_dir"], learn_archive[0])
+    assert again["images"] >= record["images"]
+    assert again["engines"]["torch fp32"]["max_abs_diff"] == 0.0
+
+    model = build_model()
+    model.load_state_dict(st_load(weights))
+    squares = np.random.default_rng(1).integers(0, 256, size=(8, 48, 48), dtype=np.uint8)
+    refused = tuple(backends.failed_guard(meta))
+    picked = backends.select(for_inference(model), "auto", "auto", CPU, 48, meta["model_id"], squares, refused)
+    assert picked.name not in refused
+    wanted = next(f"{b} {p}" for b, p in backends.candidates("auto", "auto", CPU) if f"{b} {p}" not in refused)
+    assert picked.name == wanted
