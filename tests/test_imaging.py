@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from mura_ray.imaging.decode import DecodeError, decode_gray
-from mura_ray.imaging.preprocess import IMAGENET_MEAN, IMAGENET_STD, EvalPreset, TrainPreset, load_square, to_input
+from mura_ray.imaging.preprocess import IMAGENET_MEAN, IMAGENET_STD, EvalPreset, load_square
+from mura_ray.imaging.tensors import TrainPreset, to_input
 
 
 def _png(array, mode=None, fmt="PNG"):

@@ -35,7 +35,7 @@ from torch import nn
 
 from mura_ray.errors import UsageError
 from mura_ray.hardware import cpu_has_bf16
-from mura_ray.imaging.preprocess import to_input
+from mura_ray.imaging.tensors import to_input
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mura_ray.errors import UsageError
-from mura_ray.imaging.preprocess import to_input
+from mura_ray.imaging.tensors import to_input
 from mura_ray.model.backends import bf16_native
 from mura_ray.model.resnet import NUM_CLASSES
 

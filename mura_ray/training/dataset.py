@@ -18,7 +18,8 @@ from ray.data.expressions import col
 from ray.train import DataConfig
 
 from mura_ray.data import decoded_images
-from mura_ray.imaging.preprocess import EvalPreset, TrainPreset
+from mura_ray.imaging.preprocess import EvalPreset
+from mura_ray.imaging.tensors import TrainPreset
 
 
 def cached_training_split(
