@@ -23,7 +23,7 @@ def test_inference_model_folds_batch_norm_without_changing_scores():
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
     pixels = torch.randint(0, 256, (6, 64, 64), dtype=torch.uint8)
     with torch.inference_mode():
-        plain, folded = score_step(model, pixels), score_step(fast, pixels)
+        plain, folded = score_step(model, pixels, "fp32"), score_step(fast, pixels, "fp32")
     assert torch.allclose(plain, folded, atol=1e-5), (plain, folded)
     assert not model.training and any(
         isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()

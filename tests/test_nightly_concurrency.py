@@ -157,7 +157,8 @@ def test_a_model_folder_overwritten_mid_run_does_not_change_the_weights_that_sco
     model = str(tmp_path / "model")
     shutil.copytree(model_a, model)
     out = str(tmp_path / "scores")
-    run = _start(ray_address, model, root, out, fault="pause-after-lease")
+    # torch fp32, so that the rows can be recomputed exactly below.
+    run = _start(ray_address, model, root, out, "--backend", "torch", "--precision", "fp32", fault="pause-after-lease")
     _wait_stopped(run)  # the run has read its model; no model actor has started yet
     shutil.rmtree(model)
     shutil.copytree(model_b, model)
@@ -177,5 +178,5 @@ def test_a_model_folder_overwritten_mid_run_does_not_change_the_weights_that_sco
     net = for_inference(net, torch.device("cpu"))
     squares = np.stack([load_square(open(uri, "rb").read(), int(meta["cache_side"])) for uri, _, _ in rows])
     pixels = EvalPreset(size=int(meta["image_size"]))({"pixels": squares})["pixels"]
-    expected = score_step(net, torch.from_numpy(pixels)).numpy()
+    expected = score_step(net, torch.from_numpy(pixels), "fp32").numpy()
     assert np.allclose([p for _, p, _ in rows], expected, atol=1e-4)

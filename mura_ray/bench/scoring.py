@@ -163,14 +163,12 @@ def bench_score(
         paths = make_images(first, images)
         model_dir = write_bench_model(os.path.join(tmp, "model"), image_size)
 
-        log.info("(b) decode alone on %d processes, and per core per format", cpus)
+        log.info("(b) decode alone on %d processes, and per core per format; (a) forward per engine; (d)", cpus)
         b = decode_ips(paths, image_size, cpus)
         per_core = engines.decode_per_core(paths, image_size)
         sample = decode_and_crop(paths[:batch_size], image_size)
-        log.info("(a) forward alone per engine, %d threads", cpus)
         a = engines.forward_ips(sample, images, batch_size, cpus)
         c = {name: 1.0 / (1.0 / ips + 1.0 / b) for name, ips in a.items()}
-        log.info("(d) the notebook's way: DataLoader with %d workers", cpus)
         d = naive_ips(paths, image_size, batch_size, cpus)
 
         log.info("(e) mura-ray pipeline at N and 4N, --backend auto --precision auto")

@@ -110,16 +110,8 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
         recovered = ledger.recover(active_run_id=run_id, lease=lease)
         earlier, todo, skipped = _plan(ledger, scan, meta["model_id"], cfg)
         plan_seconds = time.monotonic() - t0
-        writer = RunWriter(
-            ledger,
-            lease,
-            todo,
-            earlier,
-            run_id,
-            meta["model_id"],
-            float(meta.get("threshold", 0.5)),
-            started_at.strftime("%Y-%m-%d"),
-        )
+        threshold, run_date = float(meta.get("threshold", 0.5)), started_at.strftime("%Y-%m-%d")
+        writer = RunWriter(ledger, lease, todo, earlier, run_id, meta["model_id"], threshold, run_date)
         head = {"input": cfg.data, "split": cfg.split, "full": cfg.full, "started_at": started_at.isoformat()}
         if todo.num_rows:
             _score_into(writer, todo, weights, meta, cfg, head)

@@ -179,9 +179,7 @@ def _train(run: _Setup, shard: Any, epoch: int, steps: int, resumed_from: int) -
         pin_memory=run.device.type == "cuda",
         prefetch_batches=2,
     )
-    result = train_one_epoch(
-        run.model, batches, run.loss_fn, run.optimizer, run.device, on_batch=on_batch, precision=run.cfg.precision
-    )
+    result = train_one_epoch(run.model, batches, run.loss_fn, run.optimizer, run.device, on_batch, run.cfg.precision)
     return mean_over_workers(result["loss"], result["images"])
 
 
