@@ -157,6 +157,21 @@ class TrainConfig(_Config):
     )
 
 
+def engine_option(name: str) -> Any:
+    """``--backend`` or ``--precision``, the same in every verb that scores."""
+    if name == "backend":
+        return option(
+            "auto",
+            help="inference engine: the fastest that passes the accuracy guard on this node (auto), or one by name",
+            choices=("auto", "torch", "openvino", "onnxruntime"),
+        )
+    return option(
+        "auto",
+        help="bf16 where the CPU (AVX512-BF16, AMX) or GPU computes it natively (auto), or fp32|bf16",
+        choices=("auto", "fp32", "bf16"),
+    )
+
+
 @dataclass
 class EvalConfig(_Config):
     model: str = option(help="checkpoint folder (RUN_DIR/model) or a training RUN_DIR", metavar="MODEL", path=True)
@@ -167,16 +182,8 @@ class EvalConfig(_Config):
     batch_size: int = option(64, help="images per model call", check=positive_int)
     resamples: int = option(1000, help="bootstrap resamples for the 95%% intervals", check=positive_int)
     seed: int = option(0, help="random seed of the bootstrap", check=non_negative_int)
-    backend: str = option(
-        "auto",
-        help="inference engine: the fastest that passes the accuracy guard on this node (auto), or one by name",
-        choices=("auto", "torch", "openvino", "onnxruntime"),
-    )
-    precision: str = option(
-        "auto",
-        help="bf16 where the CPU (AVX512-BF16, AMX) or GPU computes it natively (auto), or fp32|bf16",
-        choices=("auto", "fp32", "bf16"),
-    )
+    backend: str = engine_option("backend")
+    precision: str = engine_option("precision")
 
 
 @dataclass
@@ -211,16 +218,8 @@ class ScoreConfig(_Config):
         check=modality_list,
         help="DICOM modalities to score, or 'all' (read from the header); files of others are counted, not scored",
     )
-    backend: str = option(
-        "auto",
-        help="inference engine: the fastest that passes the accuracy guard on this node (auto), or one by name",
-        choices=("auto", "torch", "openvino", "onnxruntime"),
-    )
-    precision: str = option(
-        "auto",
-        help="bf16 where the CPU (AVX512-BF16, AMX) or GPU computes it natively (auto), or fp32|bf16",
-        choices=("auto", "fp32", "bf16"),
-    )
+    backend: str = engine_option("backend")
+    precision: str = engine_option("precision")
 
 
 @dataclass
