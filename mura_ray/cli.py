@@ -53,6 +53,30 @@ def _version() -> str:
 
 
 # verb -> (what it runs, its options: a config dataclass or a function that adds them, an example)
+def doctor_options(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--check",
+        action="append",
+        default=[],
+        metavar="URI",
+        help="a local path or s3://bucket/prefix that must be listable (repeatable)",
+    )
+
+
+def bench_options(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    kinds = p.add_subparsers(dest="bench", required=True, metavar="KIND")
+    b = kinds.add_parser("score", help="scoring throughput (a)-(e) and peak memory at N and 4N", parents=[common])
+    C.add_options(b, C.BenchScoreConfig)
+    b = kinds.add_parser("train", help="data pipeline and training throughput", parents=[common])
+    C.add_options(b, C.BenchTrainConfig)
+    b = kinds.add_parser(
+        "guard", help="each inference engine's accuracy against torch fp32 on a model and split", parents=[common]
+    )
+    C.add_options(b, C.BenchGuardConfig)
+    b = kinds.add_parser("nightly", help="a night's fixed cost at archive scale and history", parents=[common])
+    C.add_options(b, C.BenchNightlyConfig)
+
+
 VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], Any, str]] = {
     "sample": (V.sample, C.SampleConfig, "mura-ray sample --out archive --studies 100"),
     "train": (
@@ -62,9 +86,11 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], Any, str]] = {
     ),
     "evaluate": (V.evaluate, C.EvalConfig, "mura-ray evaluate --model runs/r1/model --data archive --out eval"),
     "score": (V.score, C.ScoreConfig, "mura-ray score --model runs/r1/model --data /mnt/xrays --out scores"),
+    "monitor": (V.monitor, C.MonitorConfig, "mura-ray monitor --scores scores --model runs/r1/model"),
+    "explain": (V.explain, C.ExplainConfig, "mura-ray explain --model runs/r1/model --data archive --out heatmaps"),
     "demo": (V.demo, C.DemoConfig, "mura-ray demo --out demo-out"),
-    "doctor": (V.doctor, V.doctor_options, "mura-ray doctor --check s3://bucket/archive"),
-    "bench": (V.bench, V.bench_options, "mura-ray bench score --images 500 --json bench.json --plot bench.png"),
+    "doctor": (V.doctor, doctor_options, "mura-ray doctor --check s3://bucket/archive"),
+    "bench": (V.bench, bench_options, "mura-ray bench score --images 500 --json bench.json --plot bench.png"),
 }
 
 

@@ -9,13 +9,10 @@ plain dict.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-from collections.abc import Callable
-from dataclasses import MISSING, dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-from mura_ray.archive import storage
+from mura_ray.archive.catalog import SPLITS
 from mura_ray.checks import (
     fraction,
     image_size,
@@ -27,62 +24,20 @@ from mura_ray.checks import (
     positive_int,
     run_name,
 )
-from mura_ray.errors import UsageError
+from mura_ray.options import ConfigBase, add_options, engine_option, option, tta_option
 
-
-def option(
-    default: Any = MISSING,
-    *,
-    help: str,
-    metavar: str | None = None,
-    check: Callable[[Any], Any] | None = None,
-    choices: tuple[str, ...] | None = None,
-    path: bool = False,
-    cli: bool = True,
-    resumable: bool = False,
-) -> Any:
-    """A config field with what the CLI and the checks need to know about it.
-
-    ``path``: resolved to an absolute path or URI before anything reaches Ray.
-    ``resumable``: a rerun of the same training RUN_DIR may change it.
-    ``cli``: offered as a command-line flag.
-    """
-    meta = dict(help=help, metavar=metavar, check=check, choices=choices, path=path, cli=cli, resumable=resumable)
-    return field(default=default, metadata=meta)
-
-
-class _Config:
-    """Shared behaviour: checks on construction, paths resolved once, a plain dict for Ray."""
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if value is None:
-                continue
-            check, choices = f.metadata.get("check"), f.metadata.get("choices")
-            try:
-                if check is not None:
-                    setattr(self, f.name, check(value))
-                if choices is not None and value not in choices:
-                    raise argparse.ArgumentTypeError(f"must be one of {', '.join(choices)}, got {value!r}")
-            except (argparse.ArgumentTypeError, ValueError) as exc:
-                raise UsageError(f"--{f.name.replace('_', '-')}: {exc}") from None
-            if f.metadata.get("path") and value:
-                setattr(self, f.name, storage.resolve(value))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+__all__ = ["add_options", "option"]
 
 
 @dataclass
-class SampleConfig(_Config):
+class SampleConfig(ConfigBase):
     out: str = option(help="folder or s3:// prefix to write MURA-v1.1/ into", metavar="DIR", path=True)
     studies: int = option(400, help="number of studies (about 2.6 images each)", check=positive_int)
     seed: int = option(0, help="random seed; the same seed writes the same bytes", check=non_negative_int)
 
 
 @dataclass
-class TrainConfig(_Config):
+class TrainConfig(ConfigBase):
     data: str = option(help="archive root with train and valid splits (MURA layout)", metavar="ROOT", path=True)
     out: str = option(
         help="run directory: the model, history, curves and checkpoints go here", metavar="RUN_DIR", path=True
@@ -103,11 +58,18 @@ class TrainConfig(_Config):
         help="blocks to train: a comma list of conv1,bn1,layer1..layer4,fc, or all; "
         "auto = layer3,layer4,fc from pretrained weights, all with --weights none",
     )
+    tune_fraction: float = option(
+        0.1,
+        metavar="F",
+        check=fraction,
+        help="training patients set aside (stratified by body part) to choose the epoch, temperature and "
+        "threshold, so that the validation split only reports; 0: the validation split chooses",
+    )
     patience: int = option(
-        3, help="early stopping: epochs without a better validation F1", check=positive_int, resumable=True
+        3, help="early stopping: epochs without a better tuning-split F1", check=positive_int, resumable=True
     )
     lr_patience: int = option(
-        1, help="ReduceLROnPlateau: epochs without a lower validation loss", check=non_negative_int
+        1, help="ReduceLROnPlateau: epochs without a lower tuning-split loss", check=non_negative_int
     )
     lr_factor: float = option(0.3, help="ReduceLROnPlateau: factor applied to the learning rate", check=open_fraction)
     seed: int = option(0, help="random seed", check=non_negative_int)
@@ -146,8 +108,18 @@ class TrainConfig(_Config):
         metavar="S",
         check=fraction,
         resumable=True,
-        help="decision threshold: the highest whose study-level validation sensitivity is >= S (for triage); "
+        help="decision threshold: the highest whose study-level tuning-split sensitivity is >= S (for triage); "
         "default: the one that maximises study-level kappa",
+    )
+    mlflow: str | None = option(
+        None,
+        metavar="URI",
+        resumable=True,
+        help="log the run to MLflow at URI (default: MLFLOW_TRACKING_URI when set; needs mura-ray[mlflow]): "
+        "configuration, metrics by epoch, the model folder, curves and the validation report",
+    )
+    register: str | None = option(
+        None, metavar="NAME", resumable=True, help="with MLflow: register the kept model under NAME (tagged model_id)"
     )
     placement_strategy: str = option(
         "PACK",
@@ -157,41 +129,34 @@ class TrainConfig(_Config):
     )
 
 
-def engine_option(name: str) -> Any:
-    """``--backend`` or ``--precision``, the same in every verb that scores."""
-    if name == "backend":
-        return option(
-            "auto",
-            help="inference engine: the fastest that passes the accuracy guard on this node (auto), or one by name",
-            choices=("auto", "torch", "openvino", "onnxruntime"),
-        )
-    return option(
-        "auto",
-        help="bf16 where the CPU (AVX512-BF16, AMX) or GPU computes it natively (auto), or fp32|bf16",
-        choices=("auto", "fp32", "bf16"),
-    )
-
-
 @dataclass
-class EvalConfig(_Config):
+class EvalConfig(ConfigBase):
     model: str = option(help="checkpoint folder (RUN_DIR/model) or a training RUN_DIR", metavar="MODEL", path=True)
     data: str = option(help="archive root with labels (MURA CSVs or folder names)", metavar="ROOT", path=True)
     out: str = option(help="folder for the report, predictions and plots", metavar="DIR", path=True)
-    split: str = option("valid", help="split to evaluate", choices=("train", "valid"))
+    split: str = option(
+        "valid", help="split to evaluate (a warning says when it helped choose the model)", choices=SPLITS
+    )
     threshold: float | None = option(None, help="decision threshold (default: the checkpoint's)", check=fraction)
     batch_size: int = option(64, help="images per model call", check=positive_int)
     resamples: int = option(1000, help="bootstrap resamples for the 95%% intervals", check=positive_int)
     seed: int = option(0, help="random seed of the bootstrap", check=non_negative_int)
     backend: str = engine_option("backend")
     precision: str = engine_option("precision")
+    tta: str = tta_option()
 
 
 @dataclass
-class ScoreConfig(_Config):
-    model: str = option(help="checkpoint folder (RUN_DIR/model) or a training RUN_DIR", metavar="MODEL", path=True)
+class ScoreConfig(ConfigBase):
+    model: str = option(
+        help="checkpoint folder (RUN_DIR/model), a training RUN_DIR, or models:/NAME/VERSION|models:/NAME@ALIAS "
+        "from the MLflow registry at MLFLOW_TRACKING_URI",
+        metavar="MODEL",
+        path=True,
+    )
     data: str = option(help="archive root: MURA layout or any tree of PNG/JPEG/DICOM files", metavar="ROOT", path=True)
     out: str = option(help="output root: images/, studies/ and the run manifests go here", metavar="DIR", path=True)
-    split: str | None = option(None, help="score only this split (default: every image)", choices=("train", "valid"))
+    split: str | None = option(None, help="score only this split (default: every image)", choices=SPLITS)
     full: bool = option(False, help="rescore every image, not only new and changed ones")
     max_error_rate: float = option(
         0.01, metavar="F", check=fraction, help="exit 3 when more than this fraction of the scored images fail"
@@ -220,10 +185,55 @@ class ScoreConfig(_Config):
     )
     backend: str = engine_option("backend")
     precision: str = engine_option("precision")
+    tta: str = tta_option()
+    heatmaps: str = option(
+        "off",
+        choices=("off", "flagged"),
+        help="flagged: also write a Grad-CAM overlay PNG for each image this run scores in a study predicted "
+        "abnormal, under OUT/heatmaps/, committed with the run",
+    )
 
 
 @dataclass
-class DemoConfig(_Config):
+class ExplainConfig(ConfigBase):
+    model: str = option(help="checkpoint folder (RUN_DIR/model) or a training RUN_DIR", metavar="MODEL", path=True)
+    data: str = option(help="archive root: MURA layout or any tree of PNG/JPEG/DICOM files", metavar="ROOT", path=True)
+    out: str = option(help="folder for the overlay PNGs and their index.parquet", metavar="DIR", path=True)
+    studies: str = option(
+        "flagged",
+        metavar="flagged|all|LIST",
+        help="which studies: those predicted abnormal, all, or a comma list of study folders (relative to ROOT "
+        "or full URIs)",
+    )
+    split: str | None = option(None, help="only this split (default: every image)", choices=SPLITS)
+    layer: str = option(
+        "layer3", help="ResNet18 block whose activations Grad-CAM weighs", choices=("layer2", "layer3", "layer4")
+    )
+    batch_size: int = option(16, help="images per Grad-CAM call", check=positive_int)
+
+
+@dataclass
+class MonitorConfig(ConfigBase):
+    scores: str = option(help="a scoring output (score --out): its runs' manifests are read", metavar="DIR", path=True)
+    model: str | None = option(
+        None,
+        metavar="MODEL",
+        path=True,
+        help="compare each night with this model's validation predictions (default: with the first night)",
+    )
+    out: str | None = option(
+        None, metavar="DIR", path=True, help="where monitor.md, monitor.json, monitor.png go (default: SCORES/monitor)"
+    )
+    psi_alert: float = option(
+        0.2, metavar="X", check=positive_float, help="exit 4 when the latest night's PSI is over X"
+    )
+    max_error_rate: float = option(
+        0.01, metavar="F", check=fraction, help="exit 4 when the latest night's error rate is over F"
+    )
+
+
+@dataclass
+class DemoConfig(ConfigBase):
     out: str = option("demo-out", help="folder for everything the demo writes", metavar="DIR", path=True)
     studies: int = option(400, help="studies in the synthetic archive", check=positive_int)
     epochs: int = option(10, help="maximum epochs", check=positive_int)
@@ -232,7 +242,7 @@ class DemoConfig(_Config):
 
 
 @dataclass
-class BenchScoreConfig(_Config):
+class BenchScoreConfig(ConfigBase):
     images: int = option(500, help="N, the images per measurement", check=positive_int)
     image_size: int = option(224, help="model input side", check=image_size)
     batch_size: int = option(64, help="images per forward pass", check=positive_int)
@@ -241,7 +251,7 @@ class BenchScoreConfig(_Config):
 
 
 @dataclass
-class BenchGuardConfig(_Config):
+class BenchGuardConfig(ConfigBase):
     model: str = option(help="checkpoint folder (RUN_DIR/model) or a training RUN_DIR", metavar="MODEL", path=True)
     data: str = option(help="archive root with labels", metavar="ROOT", path=True)
     split: str = option("valid", help="labelled split to compare on", choices=("train", "valid"))
@@ -249,7 +259,7 @@ class BenchGuardConfig(_Config):
 
 
 @dataclass
-class BenchNightlyConfig(_Config):
+class BenchNightlyConfig(ConfigBase):
     sizes: tuple[int, ...] = option((100_000, 1_000_000), help="archive sizes in files", metavar="N,N", check=int_list)
     nights: tuple[int, ...] = option(
         (1, 100), help="committed nights behind the timed one", metavar="K,K", check=int_list
@@ -259,37 +269,11 @@ class BenchNightlyConfig(_Config):
 
 
 @dataclass
-class BenchTrainConfig(_Config):
+class BenchTrainConfig(ConfigBase):
     studies: int = option(300, help="studies in the synthetic archive", check=positive_int)
     image_size: int = option(128, help="model input side", check=image_size)
     batch_size: int = option(16, help="images per worker per step", check=positive_int)
     json: str | None = option(None, metavar="FILE", help="also write the figures as JSON", path=True)
-
-
-def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One option per CLI field of the dataclass ``cls``: its help, check, choices and default."""
-    for f in dataclasses.fields(cls):
-        meta = f.metadata
-        if not meta.get("cli", True):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        required = f.default is dataclasses.MISSING
-        help_text = meta["help"]
-        if not required and f.default not in (None, False):
-            help_text += f" (default {f.default})"
-        if f.default is False:
-            parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
-            continue
-        kwargs: dict[str, Any] = {"dest": f.name, "help": help_text, "required": required}
-        if meta.get("check"):
-            kwargs["type"] = meta["check"]
-        if meta.get("choices"):
-            kwargs["choices"] = meta["choices"]
-        if meta.get("metavar"):
-            kwargs["metavar"] = meta["metavar"]
-        if not required:
-            kwargs["default"] = f.default
-        parser.add_argument(flag, **kwargs)
 
 
 def resumable_fields() -> set[str]:

@@ -42,30 +42,35 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     log.info("wrote %d images in %.1fs", len(plan), t_sample)
 
     log.info("[2/4] training ResNet18 with %d DDP workers", cfg.workers)
-    trained = run_training(
-        TrainConfig(
-            data=archive,
-            out=run_dir,
-            workers=cfg.workers,
-            epochs=cfg.epochs,
-            image_size=cfg.image_size,
-            batch_size=16,
-            lr=1e-3,
-            weights="none",
-            patience=4,
-        )
-    )
+    trained = run_training(demo_train_config(cfg, archive, run_dir))
 
     log.info("[3/4] evaluating on the validation split")
     report = run_evaluation(EvalConfig(model=trained["model_dir"], data=archive, out=report_dir, split="valid"))
 
     log.info("[4/4] scoring the validation split")
-    scored = run_scoring(ScoreConfig(model=trained["model_dir"], data=archive, out=scores, split="valid"))
+    scored = run_scoring(
+        ScoreConfig(model=trained["model_dir"], data=archive, out=scores, split="valid", heatmaps="flagged")
+    )
 
     paths = {"archive": archive, "run": run_dir, "report": report_dir, "scores": scores, "out": out}
     summary = _summary(paths, trained, report, scored, t_sample, time.monotonic() - t0)
     storage.write_text(storage.join(out, SUMMARY), json.dumps(summary, indent=2))
     return summary
+
+
+def demo_train_config(cfg: DemoConfig, archive: str, run_dir: str) -> TrainConfig:
+    """The demo's training: from scratch, small images, a few epochs; sized for a laptop CPU."""
+    return TrainConfig(
+        data=archive,
+        out=run_dir,
+        workers=cfg.workers,
+        epochs=cfg.epochs,
+        image_size=cfg.image_size,
+        batch_size=16,
+        lr=1e-3,
+        weights="none",
+        patience=4,
+    )
 
 
 def _summary(
@@ -94,6 +99,16 @@ def _summary(
             for level in ("image", "study")
         },
         "threshold": trained["threshold"],
+        "protocol": report["protocol"],
+        "calibration": {
+            level: {
+                when: {k: report["calibration"][level][when][k] for k in ("ece", "brier")}
+                for when in ("before", "after")
+            }
+            for level in ("image", "study")
+        },
+        "temperature": report["calibration"]["temperature"],
+        "heatmaps": scored["heatmaps"],
         "best_epoch": trained["metrics"],
         "images_scored": scored["images"],
         "scoring_errors": scored["errors"],
@@ -121,9 +136,13 @@ def _summary(
 def render_summary(s: dict[str, Any]) -> str:
     """The demo's result as a short table a person reads."""
     ev, w, o = s["evaluation"], s["wall_seconds"], s["outputs"]
+    p = s["protocol"]
+    chooser = "tuning split" if p["chosen_on"]["threshold"] == "tune" else "validation split"
     lines = [
         "",
-        f"validation split, threshold {s['threshold']:.3f} (best epoch {s['best_epoch']['epoch']})",
+        f"validation split (chose nothing; 95% CIs over patients); epoch {s['best_epoch']['epoch']}, temperature "
+        f"{s['temperature']:.2f} and threshold {s['threshold']:.3f} chosen on the {chooser} "
+        f"({p['tune_patients']} training patients)",
         f"  {'level':<6} {'n':>5}  {'kappa (95% CI)':<22} {'AUROC (95% CI)':<22} {'sens.':>6} {'spec.':>6}",
     ]
     for level in ("study", "image"):
@@ -132,6 +151,13 @@ def render_summary(s: dict[str, Any]) -> str:
             f"  {level:<6} {m['n']:>5}  {m['kappa']:.3f} {fmt_ci(m['kappa_ci']):<16} "
             f"{m['auroc']:.3f} {fmt_ci(m['auroc_ci']):<16} "
             f"{m['sensitivity']:>6.3f} {m['specificity']:>6.3f}"
+        )
+    if p["warning"]:
+        lines.append(f"  warning: {p['warning']}")
+    for level in ("study", "image"):
+        b, a = s["calibration"][level]["before"], s["calibration"][level]["after"]
+        lines.append(
+            f"  {level} calibration: ECE {b['ece']:.3f} -> {a['ece']:.3f}, Brier {b['brier']:.3f} -> {a['brier']:.3f}"
         )
     p = s["validation_study_metrics_from_parquet"]
     lines += [
@@ -147,8 +173,10 @@ def render_summary(s: dict[str, Any]) -> str:
         f"  model        {o['model']}/  (model.safetensors, metadata.json)",
         f"  model card   {o['model_card']}",
         f"  curves       {o['curves']}",
-        f"  evaluation   {o['report']}  (and its PNGs)",
+        f"  evaluation   {o['report']}  (and its PNGs: reliability, errors with heatmaps, ...)",
         f"  scores       {o['scores']}/images, {o['scores']}/studies  (Parquet)",
+        f"  heatmaps     {o['scores']}/heatmaps  ({s['heatmaps']} overlays of the studies flagged abnormal;"
+        f" index in {o['scores']}/heatmap_index)",
         f"  all figures  {o['summary']}",
     ]
     return "\n".join(lines)

@@ -40,33 +40,44 @@ def train(args: argparse.Namespace) -> int:
     """fine-tune ResNet18 with DDP on Ray Train
 
     Fine-tune ResNet18 (normal/abnormal) with DDP on N Ray Train workers: GPUs when the cluster has
-    one per worker, CPUs otherwise. The best epoch (validation F1) is kept in RUN_DIR/model/
-    (safetensors, metadata.json with the decision threshold, model_card.md), with the per-epoch
-    history in RUN_DIR/metrics.{csv,json} and RUN_DIR/training_curves.png. Every epoch is
+    one per worker, CPUs otherwise. A tuning split (--tune-fraction of the training patients, by
+    body part) chooses the epoch (best F1), the temperature that calibrates the probabilities and
+    the decision threshold; the validation split only reports, with patient-level intervals. The
+    model goes to RUN_DIR/model/ (safetensors, metadata.json, model_card.md, reliability.png), the
+    per-epoch history to RUN_DIR/metrics.{csv,json} and RUN_DIR/training_curves.png. Every epoch is
     checkpointed: the same command with the same RUN_DIR resumes after the last completed epoch.
     """
+    from mura_ray.reporting.calibration import calibration_line
     from mura_ray.reporting.metrics import fmt_ci
     from mura_ray.training.driver import run_training
 
     result = run_training(config_from(C.TrainConfig, args))
     m, v = result["metrics"], result["validation"]["study"]
     print(
-        f"best epoch {m['epoch']}: val F1 {m['val_f1']:.3f}, AUROC {m['val_auroc']:.3f}; threshold "
-        f"{result['threshold']:.3f}: study kappa {v['kappa']:.3f} {fmt_ci(v['kappa_ci'])}, "
-        f"sensitivity {v['sensitivity']:.3f}, specificity {v['specificity']:.3f}; model in {result['model_dir']} "
-        f"({result['wall_seconds']:.0f}s)"
+        f"kept epoch {m['epoch']} (tuning F1 {m['tune_f1']:.3f}); threshold {result['threshold']:.3f}; "
+        f"validation study kappa {v['kappa']:.3f} {fmt_ci(v['kappa_ci'])}, AUROC {v['auroc']:.3f} "
+        f"{fmt_ci(v['auroc_ci'])}, sensitivity {v['sensitivity']:.3f}, specificity {v['specificity']:.3f}; "
+        f"{calibration_line(result['calibration'])}; model in {result['model_dir']} ({result['wall_seconds']:.0f}s)"
     )
+    if result["mlflow"]:
+        t = result["mlflow"]
+        registered = f"; registered as {args.register} version {t['registered']}" if t["registered"] else ""
+        print(f"MLflow run {t['run_id']} at {t['tracking_uri']}{registered}")
     return 0
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    """MURA metrics with intervals, per body part, and plots
+    """MURA metrics with intervals, calibration, per body part, and plots
 
     Score a labelled split with a model and write, under --out: report.json and report.md (image-
     and study-level kappa, F1, precision, sensitivity, specificity, accuracy, AUROC; 95% bootstrap
-    intervals; the same per body part), predictions.parquet, and PNGs: confusion matrices, ROC with
-    the operating point, kappa per body part, the most confident false positives and negatives.
+    intervals over patients; the same per body part; ECE and Brier score before and after the
+    model's temperature scaling; which split chose the epoch, temperature and threshold),
+    predictions.parquet, and PNGs: confusion matrices, ROC with the operating point, kappa per body
+    part, the reliability diagram, the most confident false positives and negatives under their
+    Grad-CAM heatmaps. Warns when the split evaluated helped choose the model.
     """
+    from mura_ray.reporting.calibration import calibration_line
     from mura_ray.reporting.evaluate import run_evaluation
     from mura_ray.reporting.metrics import fmt, fmt_ci
 
@@ -79,6 +90,9 @@ def evaluate(args: argparse.Namespace) -> int:
             f"AUROC {fmt(m['auroc'])} {fmt_ci(m['auroc_ci'])}  F1 {fmt(m['f1'])}  "
             f"sensitivity {fmt(m['sensitivity'])}  specificity {fmt(m['specificity'])}"
         )
+    print(f"calibration, study level: {calibration_line(r['calibration'])}")
+    if r["protocol"]["warning"]:
+        print(f"warning: {r['protocol']['warning']}")
     engines = ", ".join(f"{k} ({n} images)" for k, n in r["engines"].items())
     print(f"threshold {r['threshold']:.3f}; scored by {engines}; report in {cfg.out}/report.md")
     return 0
@@ -102,6 +116,9 @@ def score(args: argparse.Namespace) -> int:
       OUT/studies/run_date=D/*.parquet  one row per study touched by a chunk,
                                         covering all its images so far
       OUT/_runs/<run_id>.<chunk>.json   one manifest per committed chunk
+      OUT/heatmaps/run_date=D/run_id=R/ with --heatmaps flagged: a Grad-CAM
+                                        overlay PNG per image of each study
+                                        predicted abnormal, and index.parquet
 
     DICOM files of other modalities than --modalities (CT, MR, ...), files
     the MURA CSVs list that are missing, and links that lead nowhere are
@@ -121,6 +138,8 @@ def score(args: argparse.Namespace) -> int:
     )
     if m["engines"]:
         print("scored by " + ", ".join(f"{k} ({n} images)" for k, n in sorted(m["engines"].items())))
+    if cfg.heatmaps == "flagged":
+        print(f"{m['heatmaps']} heatmaps of the images in flagged studies, under {m['output']}/heatmaps")
     for line in _not_scored_lines(m):
         print(line)
     if m["images"] and m["errors"] / m["images"] > cfg.max_error_rate:
@@ -132,6 +151,53 @@ def score(args: argparse.Namespace) -> int:
         )
         return 3
     return 0
+
+
+def explain(args: argparse.Namespace) -> int:
+    """Grad-CAM heatmaps: where the model looked, per image
+
+    Write one overlay PNG per image of the chosen studies under --out (the
+    radiograph, the same under its Grad-CAM heatmap for "abnormal", and the
+    calibrated score), at --out/<path under --data>.heatmap.png, and
+    --out/index.parquet (image, study, PNG path, score, the map's peak).
+    --studies flagged (default) scores the archive first and keeps the
+    studies predicted abnormal; all takes every study; or name study
+    folders, comma-separated. Heatmaps need a backward pass and run on the
+    plain model in their own actors.
+    """
+    from mura_ray.reporting.explain import run_explain
+
+    cfg = config_from(C.ExplainConfig, args)
+    r = run_explain(cfg)
+    errors = f", {r['errors']} unreadable" if r["errors"] else ""
+    print(f"wrote {r['images']} heatmaps of {r['studies']} studies{errors} to {r['out']} ({r['seconds']:.0f}s)")
+    return 0
+
+
+def monitor(args: argparse.Namespace) -> int:
+    """nightly runs side by side: volume, errors, flagged share, score drift (PSI)
+
+    Read the manifests of every committed scoring run under --scores and write, under --out
+    (default SCORES/monitor): monitor.md, monitor.json and monitor.png with, per night, the images
+    scored, the error rate, images/s, the share predicted abnormal (overall and per body part) and
+    the population stability index (PSI) of the night's scores against the model's validation
+    predictions (--model) or, without it, the first night.
+
+    Exit status: 0; 4 when the latest night's PSI is over --psi-alert or its error rate over
+    --max-error-rate (for cron or a Ray Job to alert on); 2 for unusable arguments.
+    """
+    from mura_ray.reporting.monitor import run_monitor
+
+    r = run_monitor(config_from(C.MonitorConfig, args))
+    for n in r["nights"]:
+        print(
+            f"{n['run_id']:<28} {n['run_date']}  {n['images']:>7} images  errors {n['error_rate']:6.1%}  "
+            f"flagged {n['flagged_share']:6.1%}  PSI {n['psi']:.3f}"
+        )
+    for alert in r["alerts"]:
+        print(f"mura-ray: alert: {alert}", file=sys.stderr)
+    print(f"report in {r['out']}/monitor.md")
+    return 4 if r["alerts"] else 0
 
 
 def _not_scored_lines(m: dict) -> list[str]:
@@ -216,27 +282,3 @@ def bench(args: argparse.Namespace) -> int:
     if cfg.json:
         storage.write_text(cfg.json, json.dumps(result, indent=2))
     return 0
-
-
-def doctor_options(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--check",
-        action="append",
-        default=[],
-        metavar="URI",
-        help="a local path or s3://bucket/prefix that must be listable (repeatable)",
-    )
-
-
-def bench_options(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
-    kinds = p.add_subparsers(dest="bench", required=True, metavar="KIND")
-    b = kinds.add_parser("score", help="scoring throughput (a)-(e) and peak memory at N and 4N", parents=[common])
-    C.add_options(b, C.BenchScoreConfig)
-    b = kinds.add_parser("train", help="data pipeline and training throughput", parents=[common])
-    C.add_options(b, C.BenchTrainConfig)
-    b = kinds.add_parser(
-        "guard", help="each inference engine's accuracy against torch fp32 on a model and split", parents=[common]
-    )
-    C.add_options(b, C.BenchGuardConfig)
-    b = kinds.add_parser("nightly", help="a night's fixed cost at archive scale and history", parents=[common])
-    C.add_options(b, C.BenchNightlyConfig)

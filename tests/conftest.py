@@ -29,7 +29,7 @@ SMALL_STUDIES = 40
 LEARN_STUDIES = 300
 
 
-RAY_FIXTURES = {"ray_cluster", "ray_address", "two_nodes", "trained_run"}
+RAY_FIXTURES = {"ray_cluster", "ray_address", "two_nodes", "trained_run", "demo_model"}
 
 
 def pytest_collection_modifyitems(items):
@@ -151,6 +151,20 @@ def trained_run(ray_cluster, learn_archive, start_weights, tmp_path_factory):
     finally:
         os.chdir(before)
     return cfg, _run_training(cfg, fault="train-epoch@2")
+
+
+@pytest.fixture(scope="session")
+def demo_model(ray_cluster, tmp_path_factory):
+    """(archive root, model folder) of the demo: its archive and its training, as `mura-ray demo` runs them."""
+    from mura_ray.config import DemoConfig
+    from mura_ray.demo import demo_train_config
+    from mura_ray.training.driver import run_training
+
+    base = tmp_path_factory.mktemp("demo")
+    cfg = DemoConfig(out=str(base))
+    root = str(base / "archive")
+    write_sample(root, studies=cfg.studies, seed=0)
+    return root, run_training(demo_train_config(cfg, root, str(base / "run")))["model_dir"]
 
 
 def _run_training(cfg, fault=None):

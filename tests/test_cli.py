@@ -31,7 +31,8 @@ def run_main(capsys, *args):
 
 
 @pytest.mark.parametrize(
-    "verb", ["sample", "train", "evaluate", "score", "bench", "demo", "bench nightly", "bench guard"]
+    "verb",
+    ["sample", "train", "evaluate", "score", "explain", "monitor", "bench", "demo", "bench nightly", "bench guard"],
 )
 def test_help_explains_each_verb(capsys, verb):
     code, out, _ = run_main(capsys, *verb.split(), "--help")
@@ -72,6 +73,14 @@ def test_sample_verb_writes_an_archive(tmp_path):
             "invalid choice",
         ),
         (["bench", "nightly", "--sizes", "10,-3"], "positive whole numbers"),
+        (["explain", "--model", "{tmp}/nomodel", "--data", "{tmp}", "--out", "{tmp}/x"], "not a mura-ray checkpoint"),
+        (["train", "--data", "{tmp}", "--out", "{tmp}/run", "--tune-fraction", "1.5"], "between 0 and 1"),
+        (["score", "--model", "{tmp}", "--data", "{tmp}", "--out", "{tmp}/o", "--heatmaps", "all"], "invalid choice"),
+        (["evaluate", "--model", "{tmp}", "--data", "{tmp}", "--out", "{tmp}/e", "--tta", "rotate"], "invalid choice"),
+        (["monitor", "--scores", "{tmp}/nothing"], "no committed scoring runs"),
+        (["monitor", "--scores", "{tmp}", "--psi-alert", "-1"], "--psi-alert"),
+        (["train", "--data", "{tmp}", "--out", "{tmp}/run", "--register", "m"], "--register needs MLflow tracking"),
+        (["score", "--model", "models:/m/1", "--data", "{tmp}", "--out", "{tmp}/o"], "MLFLOW_TRACKING_URI"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(capsys, tmp_path, args, needle):

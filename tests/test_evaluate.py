@@ -6,9 +6,18 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score, precision_score, recall_score, roc_auc_score
+from sklearn.metrics import (
+    accuracy_score,
+    brier_score_loss,
+    cohen_kappa_score,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
 
 from mura_ray import cli
+from mura_ray.model.calibration import apply_temperature
 from mura_ray.reporting.metrics import study_scores
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -26,6 +35,17 @@ def _sklearn(labels, probs, threshold):
         "accuracy": accuracy_score(labels, pred),
         "auroc": roc_auc_score(labels, probs) if len(set(labels)) == 2 else float("nan"),
     }
+
+
+def _ece(labels, probs, bins=10):
+    """ECE written out plainly: per equal-width bin, |mean prediction - share positive| weighted by its cases."""
+    total = 0.0
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        m = (probs >= lo) & ((probs < hi) if b < bins - 1 else (probs <= hi))
+        if m.any():
+            total += m.sum() * abs(probs[m].mean() - labels[m].mean())
+    return total / len(labels)
 
 
 def _check(report_level, expected):
@@ -75,9 +95,21 @@ def test_report_matches_sklearn_overall_and_per_body_part(trained_run, learn_arc
             assert lo <= hi
         assert report[level]["kappa_ci"][0] <= report[level]["kappa"] + 0.05  # the point sits near its interval
 
+    # Calibration: the scores are the model's own, tempered; ECE and Brier before and after, as computed here.
+    raw = preds["prob_uncalibrated"].to_numpy().astype(float)
+    assert np.allclose(probs, apply_temperature(raw, meta["temperature"]), atol=1e-6)
+    c = report["calibration"]
+    assert c["temperature"] == meta["temperature"]
+    assert c["image"]["before"]["ece"] == pytest.approx(_ece(labels, raw))
+    assert c["image"]["after"]["ece"] == pytest.approx(_ece(labels, probs))
+    assert c["image"]["after"]["brier"] == pytest.approx(brier_score_loss(labels, probs))
+    # The validation split chose nothing; the intervals are over patients.
+    assert report["protocol"]["warning"] is None and report["protocol"]["chosen_on"]["threshold"] == "tune"
+    assert report["interval_unit"] == "patient"
+
     md = open(out / "report.md").read()
-    assert "| study |" in md and "Per body part" in md
-    for name in ("confusion_matrix.png", "roc.png", "body_part_kappa.png", "errors_gallery.png"):
+    assert "| study |" in md and "Per body part" in md and "chose nothing" in md and "ECE before" in md
+    for name in ("confusion_matrix.png", "roc.png", "body_part_kappa.png", "reliability.png", "errors_gallery.png"):
         with open(out / name, "rb") as f:
             assert f.read(8) == PNG, name
 

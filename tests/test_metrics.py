@@ -4,7 +4,16 @@ import numpy as np
 import pytest
 from sklearn.metrics import cohen_kappa_score, f1_score, recall_score, roc_auc_score
 
-from mura_ray.reporting.metrics import binary_metrics, bootstrap_ci, choose_threshold, fmt, kappa_rows, study_scores
+from mura_ray.reporting.metrics import (
+    auroc_rows,
+    binary_metrics,
+    bootstrap_ci,
+    choose_threshold,
+    cluster_resamples,
+    fmt,
+    kappa_rows,
+    study_scores,
+)
 
 
 def test_metrics_equal_sklearn():
@@ -55,13 +64,40 @@ def test_target_sensitivity_picks_the_highest_threshold_that_reaches_it():
     assert all(cohen_kappa_score(labels, (probs >= c).astype(int)) <= kappa + 1e-12 for c in np.unique(probs))
 
 
-def test_bootstrap_intervals_equal_sklearn_on_the_same_resamples():
+@pytest.mark.parametrize("by_patient", [False, True])
+def test_bootstrap_intervals_equal_sklearn_on_the_same_resamples(by_patient):
     rng = np.random.default_rng(3)
-    labels = rng.integers(0, 2, 120)
-    probs = np.round(np.clip(labels * 0.25 + rng.normal(0.4, 0.2, 120), 0, 1), 2)  # ties on purpose
-    got = bootstrap_ci(labels, probs, 0.5, resamples=200, seed=7)
-    idx = np.random.default_rng(7).integers(0, 120, (200, 120))
-    kappas = [cohen_kappa_score(labels[i], (probs[i] >= 0.5).astype(int)) for i in idx]
-    aurocs = [roc_auc_score(labels[i], probs[i]) for i in idx if 0 < labels[i].sum() < 120]
+    n = 120
+    labels = rng.integers(0, 2, n)
+    probs = np.round(np.clip(labels * 0.25 + rng.normal(0.4, 0.2, n), 0, 1), 2)  # ties on purpose
+    patients = np.array([f"p{i // 3 + (i % 7 == 0)}" for i in range(n)]) if by_patient else None
+    got = bootstrap_ci(labels, probs, 0.5, clusters=patients, resamples=200, seed=7)
+    # The same resamples, built explicitly: each drawn patient brings all their rows, as often as drawn.
+    counts, inverse = cluster_resamples(np.arange(n) if patients is None else patients, 200, 7)
+    rows = [np.repeat(np.arange(n), c[inverse]) for c in counts]
+    if by_patient:
+        assert len({len(r) for r in rows}) > 1  # patients differ in size, so resamples do too
+    kappas = [cohen_kappa_score(labels[i], (probs[i] >= 0.5).astype(int)) for i in rows]
+    aurocs = [roc_auc_score(labels[i], probs[i]) for i in rows if 0 < labels[i].sum() < len(i)]
     assert got["kappa_ci"] == pytest.approx(list(np.quantile(kappas, [0.025, 0.975])), abs=1e-12)
     assert got["auroc_ci"] == pytest.approx(list(np.quantile(aurocs, [0.025, 0.975])), abs=1e-12)
+
+
+def test_auroc_rows_equals_sklearn_with_ties():
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 2, 300)
+    probs = np.round(rng.random(300) * 0.6 + labels * 0.2, 1)
+    assert float(auroc_rows(labels, probs)) == pytest.approx(roc_auc_score(labels, probs), abs=1e-12)
+
+
+def test_patient_intervals_are_wider_when_a_patients_images_agree():
+    """Images of one patient share their errors; resampling images as if independent understates the spread."""
+    rng = np.random.default_rng(11)
+    patients = np.repeat([f"p{i}" for i in range(40)], 8)
+    labels = np.repeat(rng.integers(0, 2, 40), 8)
+    shift = np.repeat(rng.normal(0, 0.25, 40), 8)  # a per-patient error, the same on each of their images
+    probs = np.clip(0.3 + 0.4 * labels + shift + rng.normal(0, 0.02, len(labels)), 0, 1)
+    by_image = bootstrap_ci(labels, probs, 0.5, resamples=500, seed=1)
+    by_patient = bootstrap_ci(labels, probs, 0.5, clusters=patients, resamples=500, seed=1)
+    width = {k: (by_patient[k][1] - by_patient[k][0]) / (by_image[k][1] - by_image[k][0]) for k in by_image}
+    assert width["kappa_ci"] > 1.8 and width["auroc_ci"] > 1.8, width

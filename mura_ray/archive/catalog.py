@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mura_ray.archive import storage
+from mura_ray.archive.sample import FINDINGS_CSV
 from mura_ray.errors import UsageError
 
 # Files the catalog and the scorer treat as images (compared lower-case).
@@ -269,7 +270,7 @@ def scan_archive(root: str, *, split: str | None = None) -> Scan:
         table = table.filter(pc.equal(table["split"], split))
         if table.num_rows == 0:
             raise UsageError(f"no images in split {split!r} under {root!r}")
-    csvs = re.compile(rf"(^|/)({'|'.join(SPLITS)})_(image_paths|labeled_studies)\.csv$")
+    csvs = re.compile(rf"(^|/)(({'|'.join(SPLITS)})_(image_paths|labeled_studies)\.csv|{re.escape(FINDINGS_CSV)})$")
     ignored = [storage.to_uri(fs, p) for p in listing.others if not csvs.search(p)]
     broken = [storage.to_uri(fs, p) for p in listing.broken_links]
     return Scan(table=table, ignored=ignored, missing=sorted(set(missing)), broken_links=broken)

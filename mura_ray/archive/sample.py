@@ -5,6 +5,7 @@
     OUT/MURA-v1.1/{train,valid}/XR_<PART>/patientNNNNN/studyK_{positive,negative}/imageM.png
     OUT/MURA-v1.1/{train,valid}_image_paths.csv       one relative image path a line
     OUT/MURA-v1.1/{train,valid}_labeled_studies.csv   "study_dir/,label"
+    OUT/sample_findings.csv                            where each drawn fracture is (image, box)
 
 Each image is a synthetic radiograph: one or two bright bones across soft
 tissue on a dark, noisy background. Abnormal studies show a displaced
@@ -36,6 +37,7 @@ ABNORMAL_FRACTION = 0.4
 FINDING_VISIBLE = 0.85
 RGB_FRACTION = 0.2
 MIN_SIDE, MAX_SIDE = 150, 512
+FINDINGS_CSV = "sample_findings.csv"  # beside MURA-v1.1/, never read by catalog, training or scoring
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,12 @@ def render_radiograph(seed: int, abnormal: bool) -> np.ndarray:
     The finding, when drawn, lies in the central part of the image, where a
     centre crop keeps it.
     """
+    return draw_radiograph(seed, abnormal)[0]
+
+
+def draw_radiograph(seed: int, abnormal: bool) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
+    """The radiograph and, when a fracture is drawn, its box ``(x0, y0, x1, y1)`` in pixels (inclusive):
+    where the dark gap crosses the bone."""
     rng = np.random.default_rng(seed)
     long_side = int(rng.integers(300, MAX_SIDE + 1))
     short_side = int(rng.integers(max(MIN_SIDE, int(long_side * 0.55)), long_side + 1))
@@ -137,6 +145,7 @@ def render_radiograph(seed: int, abnormal: bool) -> np.ndarray:
     offsets = [0.0] if n_bones == 1 else [-1.3 * half_width, 1.3 * half_width]
     broken = int(rng.integers(n_bones)) if abnormal else -1
     brightness = rng.uniform(0.8, 1.0)
+    box = None
     for i, off in enumerate(offsets):
         a = across - off
         if i == broken:
@@ -152,7 +161,9 @@ def render_radiograph(seed: int, abnormal: bool) -> np.ndarray:
             a_far = np.sin(phi) * (along - at) + np.cos(phi) * a
             a = np.where(far, a_far - shift, a)
             bone = _bone_profile(np.abs(a), half_width)
-            bone *= 1.0 - np.exp(-((line / gap) ** 2))  # the dark gap
+            darkened = 1.0 - np.exp(-((line / gap) ** 2))  # the dark gap
+            box = _box((bone * (1.0 - darkened)) > 0.1)
+            bone *= darkened
         else:
             bone = _bone_profile(np.abs(a), half_width)
         img += brightness * bone
@@ -162,7 +173,15 @@ def render_radiograph(seed: int, abnormal: bool) -> np.ndarray:
     target_mean = rng.uniform(70, 135)
     gain = rng.uniform(150, 230) / max(float(img.std()) * 4.0, 1e-6)
     out = (img - img.mean()) * gain + target_mean
-    return np.clip(out, 0, 255).astype(np.uint8)
+    return np.clip(out, 0, 255).astype(np.uint8), box
+
+
+def _box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Bounding box (x0, y0, x1, y1) of a boolean mask, or None when it is empty."""
+    ys, xs = np.nonzero(mask)
+    if not len(xs):
+        return None
+    return int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
 
 
 def encode_png(pixels: np.ndarray, rgb: bool) -> bytes:
@@ -175,11 +194,19 @@ def encode_png(pixels: np.ndarray, rgb: bool) -> bytes:
     return buf.getvalue()
 
 
-def _render_one(item: SampleImage) -> bytes:
+def _render_one(item: SampleImage) -> tuple[bytes, tuple[int, int, int, int] | None, tuple[int, int]]:
+    """PNG bytes, the drawn fracture's box (None when the image shows none) and the image's (height, width)."""
     rng = np.random.default_rng(item.seed ^ 0x5EED)
     shows_finding = bool(item.label) and rng.random() < FINDING_VISIBLE
-    pixels = render_radiograph(item.seed, shows_finding)
-    return encode_png(pixels, rgb=rng.random() < RGB_FRACTION)
+    pixels, box = draw_radiograph(item.seed, shows_finding)
+    return encode_png(pixels, rgb=rng.random() < RGB_FRACTION), box, pixels.shape
+
+
+def findings_csv(rows: list[tuple[str, tuple[int, int, int, int], tuple[int, int]]]) -> str:
+    """The sidecar: one line per image that shows a fracture, its path and box in the image's pixels."""
+    lines = ["image,x0,y0,x1,y1,height,width"]
+    lines += [f"{rel},{b[0]},{b[1]},{b[2]},{b[3]},{shape[0]},{shape[1]}" for rel, b, shape in rows]
+    return "\n".join(lines) + "\n"
 
 
 def write_sample(out: str, studies: int = 400, seed: int = 0, workers: int | None = None) -> list[SampleImage]:
@@ -187,9 +214,14 @@ def write_sample(out: str, studies: int = 400, seed: int = 0, workers: int | Non
     plan = plan_sample(studies, seed)
     fs, base = storage.filesystem(out)
     workers = workers or max(1, min(os.cpu_count() or 1, 8))
+    findings = []
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        for item, data in zip(plan, pool.map(_render_one, plan, chunksize=8)):
+        for item, (data, box, shape) in zip(plan, pool.map(_render_one, plan, chunksize=8)):
             storage.write_bytes(fs, storage.join(base, item.rel_path), data)
+            if box is not None:
+                findings.append((item.rel_path, box, shape))
+    # Outside the MURA layout: where each fracture was drawn, to check heatmaps against.
+    storage.write_bytes(fs, storage.join(base, FINDINGS_CSV), findings_csv(findings).encode())
     for split in ("train", "valid"):
         rows = [i for i in plan if i.split == split]
         paths = "".join(f"{i.rel_path}\n" for i in rows)

@@ -12,6 +12,7 @@ at an S3-compatible server such as MinIO.
 
 from __future__ import annotations
 
+import io
 import os
 import posixpath
 from typing import Any
@@ -39,6 +40,8 @@ def resolve(uri: str) -> str:
         if not uri[len("s3://") :].strip("/"):
             raise UsageError(f"no bucket in {uri!r}: use s3://bucket/prefix")
         return uri.rstrip("/")
+    if uri.startswith("models:/"):  # a model in the MLflow registry, resolved where it is read
+        return uri
     if is_remote(uri):
         raise UsageError(f"unsupported storage scheme in {uri!r}: use a local path or s3://bucket/prefix")
     if uri.startswith("file://"):
@@ -90,6 +93,15 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         fs.makedirs(parent, exist_ok=True)
     with fs.open(path, "wb") as f:
         f.write(data)
+
+
+def parquet_bytes(table: Any) -> bytes:
+    """A pyarrow table as the bytes of one Parquet file."""
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
 
 
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:

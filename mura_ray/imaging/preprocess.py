@@ -118,3 +118,16 @@ def preprocessing_record(image_size: int) -> dict[str, Any]:
         "cache_side": cache_side(image_size),
         "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "gray_to_rgb": True},
     }
+
+
+def box_in_input(box: tuple[float, float, float, float], height: int, width: int, image_size: int) -> np.ndarray:
+    """A box ``(x0, y0, x1, y1)`` in an original image's pixels -> the same box in the model's (S, S) input,
+    through the cache's resize and centre crop and the evaluation crop."""
+    side = cache_side(image_size)
+    scale = side / min(height, width)
+    nh, nw = max(side, round(height * scale)), max(side, round(width * scale))
+    top, left = (nh - side) // 2, (nw - side) // 2
+    off = (side - image_size) // 2
+    x0, y0, x1, y1 = box
+    sx, sy = nw / width, nh / height
+    return np.array([x0 * sx - left - off, y0 * sy - top - off, (x1 + 1) * sx - left - off, (y1 + 1) * sy - top - off])

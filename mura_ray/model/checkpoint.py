@@ -105,7 +105,12 @@ def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
 
 
 def resolve_model_dir(model: str) -> str:
-    """Accept a checkpoint directory or a training run directory holding ``model/``."""
+    """Accept a checkpoint directory, a training run directory holding ``model/``, or a registry URI
+    (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``: downloaded once, see ``model.registry``)."""
+    if model.startswith("models:/"):
+        from mura_ray.model.registry import download_registered
+
+        return download_registered(model)
     fs, path = storage.filesystem(model)
     if fs.exists(storage.join(path, "model", METADATA_FILE)):
         return storage.join(model, "model")

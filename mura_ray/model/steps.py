@@ -38,7 +38,10 @@ def autocast_for(device: torch.device, precision: str = "auto") -> contextlib.Ab
 
 
 def _tensor(x: Any, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+    if not isinstance(x, torch.Tensor):
+        a = np.asarray(x)
+        x = torch.from_numpy(a if a.flags.writeable else a.copy())  # Ray hands out read-only arrays
+    t = x
     return t.to(device, dtype=dtype, non_blocking=True)
 
 

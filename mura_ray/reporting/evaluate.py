@@ -26,13 +26,15 @@ from mura_ray.archive import storage
 from mura_ray.archive.catalog import build_catalog
 from mura_ray.config import EvalConfig, ScoreConfig
 from mura_ray.errors import UsageError
-from mura_ray.imaging.preprocess import load_square
 from mura_ray.model import backends
 from mura_ray.model.checkpoint import read_checkpoint, resolve_model_dir
 from mura_ray.progress import Progress
 from mura_ray.reporting import plots
+from mura_ray.reporting.calibration import calibration_line, calibration_report
+from mura_ray.reporting.explain import overlays_of
 from mura_ray.reporting.metrics import fmt, fmt_ci, full_report, study_scores
 from mura_ray.scoring.pipeline import results_table, scored_dataset
+from mura_ray.training.protocol import chose_on
 
 log = logging.getLogger(__name__)
 
@@ -42,21 +44,36 @@ PLOTS = {
     "confusion": "confusion_matrix.png",
     "roc": "roc.png",
     "body_part_kappa": "body_part_kappa.png",
+    "reliability": "reliability.png",
     "gallery": "errors_gallery.png",
 }
 
 
 def predict(
-    weights: bytes, meta: dict[str, Any], data: str, split: str, batch_size: int, engine: tuple[str, str] = AUTO
+    weights: bytes,
+    meta: dict[str, Any],
+    data: str,
+    split: str,
+    batch_size: int,
+    engine: tuple[str, str] = AUTO,
+    tta: str = "none",
 ) -> pa.Table:
-    """Labelled images of ``split``: their catalog columns, ``prob_abnormal`` (null where unreadable) and ``error``."""
+    """Labelled images of ``split``: their catalog columns, ``prob_abnormal`` (calibrated; null where
+    unreadable), ``prob_uncalibrated`` and ``error``."""
     catalog = build_catalog(data, split=split)
     labelled = catalog.filter(pc.is_valid(catalog["label"]))
     if labelled.num_rows == 0:
         raise UsageError(f"no labelled images in split {split!r} under {data!r}: evaluation needs labels")
     backend, precision = engine
     cfg = ScoreConfig(
-        model="", data=data, out="", batch_size=batch_size, modalities="ALL", backend=backend, precision=precision
+        model="",
+        data=data,
+        out="",
+        batch_size=batch_size,
+        modalities="ALL",
+        backend=backend,
+        precision=precision,
+        tta=tta,
     )
     parts = []
     ds = scored_dataset(labelled, weights, meta, cfg)
@@ -66,7 +83,7 @@ def predict(
             bar.update(parts[-1].num_rows)
     log.info("scored %d images of split %s in %.1fs (%.1f images/s)", labelled.num_rows, split, bar.seconds, bar.rate)
     results = pa.concat_tables(parts)
-    columns = ["image_uri", "study_uri", "body_part", "label"]
+    columns = ["image_uri", "study_uri", "patient_id", "body_part", "label"]
     return labelled.select(columns).join(results, "image_uri", join_type="inner").sort_by("image_uri")
 
 
@@ -79,18 +96,25 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     threshold = float(cfg.threshold if cfg.threshold is not None else meta.get("threshold", 0.5))
     if not storage.is_remote(cfg.out):
         console.set_ray_log(storage.join(cfg.out, "ray.log"))
-    table = predict(weights, meta, cfg.data, cfg.split, cfg.batch_size, (cfg.backend, cfg.precision))
+    warning = protocol_warning(meta, cfg.split)
+    if warning:
+        log.warning("%s", warning)
+    table = predict(weights, meta, cfg.data, cfg.split, cfg.batch_size, (cfg.backend, cfg.precision), cfg.tta)
     fs, out = storage.filesystem(cfg.out)
     fs.makedirs(out, exist_ok=True)
     with fs.open(storage.join(out, "predictions.parquet"), "wb") as f:
         pq.write_table(table, f)
     scored = table.filter(pc.is_valid(table["prob_abnormal"]))
-    unreadable = table.num_rows - scored.num_rows
     labels = scored["label"].to_numpy().astype(np.int64)
     probs = scored["prob_abnormal"].to_numpy().astype(np.float64)
     studies = np.asarray(scored["study_uri"].to_pylist(), dtype=object)
     parts = np.asarray(scored["body_part"].to_pylist(), dtype=object)
-    report = full_report(labels, probs, studies, parts, threshold, resamples=cfg.resamples, seed=cfg.seed)
+    patients = np.asarray(scored["patient_id"].to_pylist(), dtype=object)
+    report = full_report(
+        labels, probs, studies, parts, threshold, patients=patients, resamples=cfg.resamples, seed=cfg.seed
+    )
+    temperature = float(meta.get("temperature", 1.0))
+    raw = scored["prob_uncalibrated"].to_numpy().astype(np.float64)
     report.update(
         model_id=meta["model_id"],
         model=model_dir,
@@ -98,22 +122,54 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
         split=cfg.split,
         threshold=threshold,
         threshold_source="--threshold" if cfg.threshold is not None else meta.get("threshold_rule", "checkpoint"),
-        unreadable_images=unreadable,
+        unreadable_images=table.num_rows - scored.num_rows,
         bootstrap_resamples=cfg.resamples,
         engines=engines_used(scored),
+        tta=cfg.tta,
+        protocol=protocol_summary(meta, cfg.split, warning),
+        calibration=calibration_report(labels, raw, probs, studies, temperature),
     )
     storage.write_bytes(fs, storage.join(out, "report.json"), json.dumps(report, indent=2).encode())
     storage.write_bytes(fs, storage.join(out, "report.md"), render_markdown(report).encode())
-
-    _, s_probs, s_labels = study_scores(studies, probs, labels)
-    levels = {"image": (labels, probs), "study": (s_labels, s_probs)}
-    plots.confusion(levels, threshold, cfg.out.rstrip("/") + "/" + PLOTS["confusion"])
-    plots.roc(levels, threshold, cfg.out.rstrip("/") + "/" + PLOTS["roc"])
-    plots.body_part_kappa(report, cfg.out.rstrip("/") + "/" + PLOTS["body_part_kappa"])
-    plots.gallery(*_gallery_items(scored, threshold, cfg.data), cfg.out.rstrip("/") + "/" + PLOTS["gallery"])
+    _plots(cfg, report, scored, weights, meta, threshold)
     report["seconds"] = time.monotonic() - t0
     report["out"] = cfg.out
     return report
+
+
+def _plots(
+    cfg: EvalConfig, report: dict[str, Any], scored: pa.Table, weights: bytes, meta: dict[str, Any], threshold: float
+) -> None:
+    labels = scored["label"].to_numpy().astype(np.int64)
+    probs = scored["prob_abnormal"].to_numpy().astype(np.float64)
+    _, s_probs, s_labels = study_scores(np.asarray(scored["study_uri"].to_pylist(), dtype=object), probs, labels)
+    levels = {"image": (labels, probs), "study": (s_labels, s_probs)}
+    path = {name: cfg.out.rstrip("/") + "/" + file for name, file in PLOTS.items()}
+    plots.confusion(levels, threshold, path["confusion"])
+    plots.roc(levels, threshold, path["roc"])
+    plots.body_part_kappa(report, path["body_part_kappa"])
+    plots.reliability(report["calibration"], path["reliability"])
+    plots.gallery(*_gallery_items(scored, threshold, cfg.data, weights, meta), path["gallery"])
+
+
+def protocol_warning(meta: dict[str, Any], split: str) -> str | None:
+    """A warning when ``split`` helped choose the model, so that its figures are optimistic."""
+    chose = chose_on(meta, split)
+    if not chose:
+        return None
+    return f"split {split!r} helped choose this model ({', '.join(chose)}): its figures are optimistic"
+
+
+def protocol_summary(meta: dict[str, Any], split: str, warning: str | None) -> dict[str, Any]:
+    p = meta.get("protocol") or {"chosen_on": {"epoch": "valid", "threshold": "valid"}, "tune_fraction": 0}
+    return {
+        "chosen_on": p["chosen_on"],
+        "tune_fraction": p.get("tune_fraction", 0),
+        "tune_patients": p.get("tune_patients", 0),
+        "reported_split": split,
+        "reported_split_chose": chose_on(meta, split),
+        "warning": warning,
+    }
 
 
 def engines_used(rows: pa.Table) -> dict[str, int]:
@@ -124,10 +180,9 @@ def engines_used(rows: pa.Table) -> dict[str, int]:
 
 
 def _gallery_items(
-    scored: pa.Table, threshold: float, data: str
+    scored: pa.Table, threshold: float, data: str, weights: bytes, meta: dict[str, Any]
 ) -> tuple[list[tuple[str, np.ndarray, float, str]], list[str]]:
-    """The most confident false positives (highest scores) and false negatives (lowest)."""
-    fs, _ = storage.filesystem(data)
+    """The most confident false positives (highest scores) and false negatives (lowest), as Grad-CAM overlays."""
     rows = scored.to_pylist()
     fp = sorted(
         (r for r in rows if r["label"] == 0 and r["prob_abnormal"] >= threshold), key=lambda r: -r["prob_abnormal"]
@@ -135,14 +190,25 @@ def _gallery_items(
     fn = sorted(
         (r for r in rows if r["label"] == 1 and r["prob_abnormal"] < threshold), key=lambda r: r["prob_abnormal"]
     )
-    items = []
     titles = ["false positives", "false negatives"]
-    for title, chosen in zip(titles, (fp[:GALLERY_SIZE], fn[:GALLERY_SIZE])):
-        for r in chosen:
-            image = load_square(storage.read_bytes(fs, storage.path_in(r["image_uri"])), 160)
-            caption = "/".join(r["image_uri"].split("/")[-3:])  # patient/study/image
-            items.append((title, image, r["prob_abnormal"], caption))
+    chosen = [(t, r) for t, group in zip(titles, (fp[:GALLERY_SIZE], fn[:GALLERY_SIZE])) for r in group]
+    uris, probs = [r["image_uri"] for _, r in chosen], [r["prob_abnormal"] for _, r in chosen]
+    pictures = overlays_of(uris, data, weights, meta, display=160, probs=probs)
+    items = []
+    for (title, r), picture in zip(chosen, pictures):
+        caption = "/".join(r["image_uri"].split("/")[-3:])  # patient/study/image
+        items.append((title, picture, r["prob_abnormal"], caption))
     return items, [f"{t} (none)" if not any(i[0] == t for i in items) else t for t in titles]
+
+
+def _protocol_lines(p: dict[str, Any]) -> list[str]:
+    chosen = ", ".join(f"{choice} on `{split}`" for choice, split in p["chosen_on"].items())
+    lines = [f"Which split chose what: {chosen}; this report is on `{p['reported_split']}`."]
+    if p["warning"]:
+        lines.append(f"**Warning: {p['warning']}.**")
+    else:
+        lines.append(f"Split `{p['reported_split']}` chose nothing about this model: its figures are an estimate.")
+    return lines
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -151,10 +217,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"# Evaluation of model {report['model_id'][:12]}",
         "",
         f"Data: `{report['data']}`, split `{report['split']}`. Threshold {report['threshold']:.3f} "
-        f"({report['threshold_source']}). Intervals: 95% percentile bootstrap, "
-        f"{report['bootstrap_resamples']} resamples. Scored by: "
+        f"({report['threshold_source']}). Intervals: 95% percentile bootstrap over patients (each drawn "
+        f"patient brings all their studies and images), {report['bootstrap_resamples']} resamples. "
+        f"Test-time augmentation: {report.get('tta', 'none')}. Scored by: "
         + (", ".join(f"{k} ({n} images)" for k, n in report.get("engines", {}).items()) or "-")
         + ".",
+        "",
+        *_protocol_lines(report["protocol"]),
         "",
         "| level | n | kappa (95% CI) | AUROC (95% CI) | F1 | precision | sensitivity | specificity | accuracy |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -180,6 +249,20 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{fmt(m['auroc'])} {fmt_ci(m['auroc_ci'])} | "
             f"{fmt(m['sensitivity'])} | {fmt(m['specificity'])} |"
         )
+    c = report["calibration"]
+    lines += [
+        "",
+        f"## Calibration (temperature T = {c['temperature']:.3f}, from the checkpoint)",
+        "",
+        f"ECE over {c['bins']} equal-width bins and Brier score, before and after temperature scaling. Study level: "
+        f"{calibration_line(c)}.",
+        "",
+        "| level | ECE before | ECE after | Brier before | Brier after |",
+        "|---|---|---|---|---|",
+    ]
+    for level in ("image", "study"):
+        b, a = c[level]["before"], c[level]["after"]
+        lines.append(f"| {level} | {fmt(b['ece'])} | {fmt(a['ece'])} | {fmt(b['brier'])} | {fmt(a['brier'])} |")
     if report.get("unreadable_images"):
         lines += ["", f"{report['unreadable_images']} unreadable images were left out."]
     lines += ["", "## Plots", ""] + [f"![{name}]({file})" for name, file in PLOTS.items()]

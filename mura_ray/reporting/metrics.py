@@ -12,7 +12,6 @@ import math
 from typing import Any
 
 import numpy as np
-from scipy.stats import rankdata
 
 
 def fmt(v: Any) -> str:
@@ -24,32 +23,59 @@ def fmt_ci(v: list[float]) -> str:
     return f"[{fmt(v[0])}, {fmt(v[1])}]"
 
 
-def kappa_rows(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
+def kappa_rows(y: np.ndarray, pred: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """Cohen's kappa of 0/1 labels and 0/1 decisions along the last axis, as scikit-learn defines it.
 
-    When both are constant (chance agreement 1) kappa is NaN if they agree and 0 if not.
+    ``weights`` (same shape, or (R, n) against (n,) rows) count each row that many times,
+    as a bootstrap resample does. When both are constant (chance agreement 1) kappa is NaN if they
+    agree and 0 if not.
     """
     y = np.asarray(y, dtype=np.float64)
     pred = np.asarray(pred, dtype=np.float64)
     if y.shape[-1] == 0:
         return np.full(y.shape[:-1], np.nan)
-    po = (y == pred).mean(axis=-1)
-    py, pp = y.mean(axis=-1), pred.mean(axis=-1)
-    pe = py * pp + (1 - py) * (1 - pp)
+    w = np.ones(np.broadcast_shapes(y.shape, pred.shape)) if weights is None else np.asarray(weights, np.float64)
+    total = w.sum(axis=-1)
     with np.errstate(divide="ignore", invalid="ignore"):
+        po = (w * (y == pred)).sum(axis=-1) / total
+        py, pp = (w * y).sum(axis=-1) / total, (w * pred).sum(axis=-1) / total
+        pe = py * pp + (1 - py) * (1 - pp)
         return np.where(pe < 1.0, (po - pe) / (1 - pe), np.where(po == 1.0, np.nan, 0.0))
 
 
-def auroc_rows(y: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """Area under the ROC curve along the last axis (Mann-Whitney, ties averaged); NaN with one class."""
+def auroc_rows(y: np.ndarray, p: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Area under the ROC curve of (n,) labels and scores (ties count half); NaN with one class.
+
+    With (R, n) ``weights`` (how often each row is drawn), one AUROC per row of weights: the
+    AUROC of that resample, computed without building it.
+    """
     y = np.asarray(y, dtype=np.float64)
     p = np.asarray(p, dtype=np.float64)
-    n1 = y.sum(axis=-1)
-    n0 = y.shape[-1] - n1
-    ranks = rankdata(p, axis=-1)
+    w = np.ones((1, len(y))) if weights is None else np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    order = np.argsort(p, kind="stable")
+    p_sorted, y_sorted, w = p[order], y[order], w[:, order]
+    pos, neg = w * y_sorted, w * (1 - y_sorted)  # (R, n)
+    cum_neg = np.concatenate([np.zeros((len(w), 1)), np.cumsum(neg, axis=1)], axis=1)  # (R, n + 1)
+    _, first, counts = np.unique(p_sorted, return_index=True, return_counts=True)
+    group = np.repeat(np.arange(len(first)), counts)  # tie group of each sorted row
+    below = cum_neg[:, first]  # negative weight strictly below each group's score
+    ties = cum_neg[:, first + counts] - below
+    n1, n0 = pos.sum(axis=1), neg.sum(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        auc = ((ranks * y).sum(axis=-1) - n1 * (n1 + 1) / 2) / (n1 * n0)
-    return np.where((n1 > 0) & (n0 > 0), auc, np.nan)
+        auc = (pos * (below[:, group] + 0.5 * ties[:, group])).sum(axis=1) / (n1 * n0)
+    auc = np.where((n1 > 0) & (n0 > 0), auc, np.nan)
+    return auc[0] if weights is None else auc
+
+
+def cluster_resamples(clusters: np.ndarray, resamples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bootstrap over clusters (patients): ``(counts, inverse)``, where ``counts`` (resamples, clusters) says
+    how often each cluster is drawn and ``inverse`` maps each row to its cluster. A row's weight in a
+    resample is ``counts[:, inverse]``: a patient drawn twice brings all their studies and images twice."""
+    ids, inverse = np.unique(np.asarray(clusters, dtype=str), return_inverse=True)
+    k = len(ids)
+    draws = np.random.default_rng(seed).integers(0, k, (resamples, k))  # (resamples, k) cluster indices
+    flat = (draws + np.arange(resamples)[:, None] * k).ravel()
+    return np.bincount(flat, minlength=resamples * k).reshape(resamples, k), inverse
 
 
 def study_scores(
@@ -119,14 +145,17 @@ def bootstrap_ci(
     probs: np.ndarray,
     threshold: float,
     *,
+    clusters: np.ndarray | None = None,
     resamples: int = 1000,
     seed: int = 0,
     level: float = 0.95,
 ) -> dict[str, list[float]]:
-    """Percentile bootstrap intervals of kappa and AUROC (resampling the rows given), all resamples at once.
+    """Percentile bootstrap intervals of kappa and AUROC, all resamples at once.
 
-    Resamples where a metric is undefined are left out of its interval.
-    Returns ``{"kappa_ci": [lo, hi], "auroc_ci": [lo, hi]}`` (NaN when undefined).
+    ``clusters`` (one id per row, e.g. the patient) are resampled whole, with all their rows, since
+    rows of one patient are not independent; without them each row is its own cluster. Resamples where
+    a metric is undefined are left out of its interval. Returns ``{"kappa_ci": [lo, hi], "auroc_ci":
+    [lo, hi]}`` (NaN when undefined).
     """
     labels = np.asarray(labels).astype(np.int64)
     probs = np.asarray(probs, dtype=np.float64)
@@ -134,8 +163,8 @@ def bootstrap_ci(
     nan = [float("nan"), float("nan")]
     if n == 0:
         return {"kappa_ci": nan, "auroc_ci": nan}
-    idx = np.random.default_rng(seed).integers(0, n, (resamples, n))  # (resamples, n)
-    y, p = labels[idx], probs[idx]
+    counts, inverse = cluster_resamples(np.arange(n) if clusters is None else clusters, resamples, seed)
+    weights = counts[:, inverse]  # (resamples, n)
     alpha = (1 - level) / 2
 
     def interval(values: np.ndarray) -> list[float]:
@@ -144,7 +173,10 @@ def bootstrap_ci(
             return nan
         return [float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))]
 
-    return {"kappa_ci": interval(kappa_rows(y, p >= threshold)), "auroc_ci": interval(auroc_rows(y, p))}
+    return {
+        "kappa_ci": interval(kappa_rows(labels, probs >= threshold, weights)),
+        "auroc_ci": interval(auroc_rows(labels, probs, weights)),
+    }
 
 
 def choose_threshold(labels: np.ndarray, probs: np.ndarray, target_sensitivity: float | None = None) -> float:
@@ -184,26 +216,35 @@ def full_report(
     body_parts: np.ndarray,
     threshold: float,
     *,
+    patients: np.ndarray | None = None,
     resamples: int = 1000,
     seed: int = 0,
 ) -> dict[str, object]:
-    """``image`` and ``study`` metrics with 95% bootstrap intervals, and the same ``per_body_part``."""
+    """``image`` and ``study`` metrics with 95% bootstrap intervals, and the same ``per_body_part``.
 
-    def level(y: np.ndarray, p: np.ndarray, ids: np.ndarray) -> dict[str, dict[str, object]]:
-        image = binary_metrics(y, p, threshold) | bootstrap_ci(y, p, threshold, resamples=resamples, seed=seed)
-        _, s_probs, s_labels = study_scores(ids, p, y)
-        study = binary_metrics(s_labels, s_probs, threshold) | bootstrap_ci(
-            s_labels, s_probs, threshold, resamples=resamples, seed=seed
-        )
-        return {"image": image, "study": study}
-
+    The intervals resample patients (``patients``, one id per image; the study when a patient is not
+    known), each with all their studies and images, at both levels.
+    """
     labels = np.asarray(labels).astype(np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     study_ids = np.asarray(study_ids)
+    patients = study_ids if patients is None else np.asarray(patients, dtype=object)
+    patients = np.asarray([p if p is not None else s for p, s in zip(patients, study_ids)], dtype=str)
     body_parts = np.asarray([b if b is not None else "UNKNOWN" for b in body_parts])
-    report: dict[str, object] = level(labels, probs, study_ids)
-    report["per_body_part"] = {
-        part: level(labels[body_parts == part], probs[body_parts == part], study_ids[body_parts == part])
-        for part in sorted(set(body_parts.tolist()))
-    }
+
+    def level(m: np.ndarray) -> dict[str, dict[str, object]]:
+        y, p, ids, who = labels[m], probs[m], study_ids[m], patients[m]
+        boot = dict(resamples=resamples, seed=seed)
+        image = binary_metrics(y, p, threshold) | bootstrap_ci(y, p, threshold, clusters=who, **boot)
+        s_ids, s_probs, s_labels = study_scores(ids, p, y)
+        patient_of = dict(zip(ids.tolist(), who.tolist()))
+        s_who = np.asarray([patient_of[s] for s in s_ids.tolist()], dtype=str)
+        study = binary_metrics(s_labels, s_probs, threshold) | bootstrap_ci(
+            s_labels, s_probs, threshold, clusters=s_who, **boot
+        )
+        return {"image": image, "study": study}
+
+    report: dict[str, object] = level(np.ones(len(labels), dtype=bool))
+    report["per_body_part"] = {part: level(body_parts == part) for part in sorted(set(body_parts.tolist()))}
+    report["interval_unit"] = "patient"
     return report

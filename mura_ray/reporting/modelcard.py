@@ -10,7 +10,15 @@ from mura_ray.reporting.metrics import fmt, fmt_ci
 
 def render_model_card(meta: dict[str, Any]) -> str:
     """``model_card.md`` of a checkpoint, from its metadata."""
-    sections = (_what_it_is, _data_and_configuration, _threshold_and_metrics, _engines, _use_and_limits)
+    sections = (
+        _what_it_is,
+        _data_and_configuration,
+        _protocol,
+        _threshold_and_metrics,
+        _calibration,
+        _engines,
+        _use_and_limits,
+    )
     return "\n".join(line for section in sections for line in section(meta)) + "\n"
 
 
@@ -28,7 +36,7 @@ def _what_it_is(meta: dict[str, Any]) -> list[str]:
         f"- Model id (sha256 of `model.safetensors`): `{meta['model_id']}`",
         f"- Created {meta.get('created_at', 'n/a')} by mura-ray {meta.get('package_version', 'n/a')}.",
         f"- Kept epoch: {m.get('epoch', 'n/a')} of at most {cfg.get('epochs', 'n/a')} "
-        "(best validation F1 at threshold 0.5).",
+        f"(best {_chooser(meta, 'epoch')} F1 at threshold 0.5).",
         "",
     ]
 
@@ -51,6 +59,49 @@ def _data_and_configuration(meta: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _chooser(meta: dict[str, Any], choice: str) -> str:
+    split = (meta.get("protocol") or {}).get("chosen_on", {}).get(choice, "valid")
+    return "tuning split" if split == "tune" else "validation split"
+
+
+def _protocol(meta: dict[str, Any]) -> list[str]:
+    p = meta.get("protocol")
+    if not p:
+        return ["## Protocol", "", "The validation split chose the epoch and the threshold and also reports.", ""]
+    if p["tune_fraction"] == 0:
+        head = "The validation split chose the epoch, temperature and threshold, and also reports: its figures "
+        return ["## Protocol", "", head + "are optimistic.", ""]
+    return [
+        "## Protocol",
+        "",
+        f"- Tuning split: {p['tune_patients']} training patients ({p['tune_fraction']:.0%}, stratified by body part; "
+        f"{p['tune_images']} images), listed in the run's `{p['patients_file']}`, never trained on.",
+        "- It chose the kept epoch (early stopping), the temperature and the decision threshold.",
+        f"- The validation split ({p['valid_images']} images) chose nothing: it only reports, below.",
+        "",
+    ]
+
+
+def _calibration(meta: dict[str, Any]) -> list[str]:
+    c = meta.get("calibration")
+    if not c:
+        return []
+    lines = [
+        "## Calibration (validation split)",
+        "",
+        f"Temperature scaling, T = {c['temperature']:.3f}, fitted on the {_chooser(meta, 'temperature')}; "
+        f"`prob_abnormal` is calibrated. ECE over {c['bins']} equal-width bins; reliability diagram in "
+        "`reliability.png`.",
+        "",
+        "| level | ECE before | ECE after | Brier before | Brier after |",
+        "|---|---|---|---|---|",
+    ]
+    for level in ("image", "study"):
+        b, a = c[level]["before"], c[level]["after"]
+        lines.append(f"| {level} | {fmt(b['ece'])} | {fmt(a['ece'])} | {fmt(b['brier'])} | {fmt(a['brier'])} |")
+    return [*lines, ""]
+
+
 def _threshold_and_metrics(meta: dict[str, Any]) -> list[str]:
     val = meta.get("validation", {})
     lines = [
@@ -61,7 +112,8 @@ def _threshold_and_metrics(meta: dict[str, Any]) -> list[str]:
         "",
         "## Validation metrics at that threshold",
         "",
-        "95% percentile bootstrap intervals. A study's score is the mean of its images' scores (as in the MURA paper).",
+        "95% percentile bootstrap intervals over patients (each drawn patient brings all their studies and images). "
+        "A study's score is the mean of its images' scores (as in the MURA paper).",
         "",
         "| level | n | kappa (95% CI) | AUROC (95% CI) | F1 | sensitivity | specificity | accuracy |",
         "|---|---|---|---|---|---|---|---|",
@@ -116,6 +168,8 @@ def _use_and_limits(meta: dict[str, Any]) -> list[str]:
         "- The metrics above come from the validation split of the training data. They say little about other "
         "hospitals, scanners, populations or body parts, nor about images unlike MURA's (children, implants, casts, "
         "other projections). Validate on local data with `mura-ray evaluate` before use.",
-        "- A study's label is shared by its images; the model sees one image at a time and does not localise findings.",
-        "- The threshold trades sensitivity for specificity on the validation split only; revisit it for each use.",
+        "- A study's label is shared by its images; the model sees one image at a time. Grad-CAM overlays "
+        "(`mura-ray explain`) show where it looked, coarsely; they are not a localisation of the finding.",
+        f"- The threshold trades sensitivity for specificity as chosen on the {_chooser(meta, 'threshold')}; "
+        "revisit it for each use.",
     ]

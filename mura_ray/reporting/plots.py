@@ -15,12 +15,16 @@ from sklearn.metrics import confusion_matrix, roc_curve  # noqa: E402
 from mura_ray.archive import storage  # noqa: E402
 
 
-def save(fig, uri: str) -> None:
+def png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
+    return buf.getvalue()
+
+
+def save(fig, uri: str) -> None:
     fs, path = storage.filesystem(uri)
-    storage.write_bytes(fs, path, buf.getvalue())
+    storage.write_bytes(fs, path, png(fig))
 
 
 def confusion(levels: dict[str, tuple[np.ndarray, np.ndarray]], threshold: float, uri: str) -> None:
@@ -85,10 +89,42 @@ def body_part_kappa(report: dict[str, Any], uri: str) -> None:
     save(fig, uri)
 
 
+def reliability(report: dict[str, Any], uri: str) -> None:
+    fs, path = storage.filesystem(uri)
+    storage.write_bytes(fs, path, reliability_png(report))
+
+
+def reliability_png(report: dict[str, Any]) -> bytes:
+    """Reliability diagrams (observed frequency against mean predicted probability per bin), images and
+    studies, before and after calibration; ``report`` is ``calibration_report``'s."""
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 4.2))
+    for ax, level in zip(axes, ("image", "study")):
+        ax.plot([0, 1], [0, 1], color="gray", linestyle=":", linewidth=1, label="perfectly calibrated")
+        for when, style in (("before", "o--"), ("after", "s-")):
+            m = report[level][when]
+            b = m["bins"]
+            keep = [i for i, c in enumerate(b["count"]) if c > 0]
+            ax.plot(
+                [b["mean_prob"][i] for i in keep],
+                [b["frequency"][i] for i in keep],
+                style,
+                label=f"{when} calibration: ECE {m['ece']:.3f}, Brier {m['brier']:.3f}",
+            )
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("mean predicted P(abnormal) in bin")
+        ax.set_ylabel("observed share abnormal")
+        ax.set_title(f"{level} level (T = {report['temperature']:.2f})")
+        ax.legend(fontsize=7, loc="upper left")
+    return png(fig)
+
+
 def gallery(items: list[tuple[str, np.ndarray, float, str]], rows: list[str], uri: str) -> None:
-    """A grid of images, one row per title in ``rows``; items are (row title, gray image, score, caption)."""
+    """A grid of images, one row per title in ``rows``; items are (row title, gray or RGB image, score,
+    caption)."""
     cols = max([sum(1 for it in items if it[0] == row) for row in rows] + [1])
-    fig, axes = plt.subplots(len(rows), cols, figsize=(2.4 * cols, 2.9 * len(rows)), squeeze=False)
+    wide = any(np.ndim(it[1]) == 3 for it in items)  # overlays: radiograph and heatmap side by side
+    fig, axes = plt.subplots(len(rows), cols, figsize=((4.6 if wide else 2.4) * cols, 2.9 * len(rows)), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for i, row in enumerate(rows):
@@ -107,14 +143,14 @@ def training_curves(history: list[dict[str, Any]], uri: str) -> None:
     epochs = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     axes[0].plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-    axes[0].plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
+    axes[0].plot(epochs, [h["tune_loss"] for h in history], "o-", label="tuning")
     axes[0].set_title("loss")
-    axes[1].plot(epochs, [h["val_f1"] for h in history], "o-", label="image F1")
-    axes[1].plot(epochs, [h["val_study_f1"] for h in history], "o-", label="study F1")
-    axes[1].set_title("validation F1")
-    axes[2].plot(epochs, [h["val_kappa"] for h in history], "o-", label="image kappa")
-    axes[2].plot(epochs, [h["val_study_kappa"] for h in history], "o-", label="study kappa")
-    axes[2].set_title("validation Cohen's kappa")
+    axes[1].plot(epochs, [h["tune_f1"] for h in history], "o-", label="image F1")
+    axes[1].plot(epochs, [h["tune_study_f1"] for h in history], "o-", label="study F1")
+    axes[1].set_title("tuning split F1 (chooses the epoch)")
+    axes[2].plot(epochs, [h["tune_kappa"] for h in history], "o-", label="image kappa")
+    axes[2].plot(epochs, [h["tune_study_kappa"] for h in history], "o-", label="study kappa")
+    axes[2].set_title("tuning split Cohen's kappa")
     axes[3].plot(epochs, [h["lr"] for h in history], "o-")
     axes[3].set_yscale("log")
     axes[3].set_title("learning rate")
@@ -125,4 +161,41 @@ def training_curves(history: list[dict[str, Any]], uri: str) -> None:
             ax.axvline(best[-1], color="gray", linestyle=":", linewidth=1)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
+    save(fig, uri)
+
+
+def monitor(report: dict[str, Any], uri: str) -> None:
+    """Per night: images, error rate, share flagged (overall and per body part), PSI; and the latest night's
+    score distribution against the reference."""
+    nights = report["nights"]
+    x = np.arange(len(nights))
+    labels = [n["run_date"] + "\n" + n["run_id"][-6:] for n in nights]
+    fig, axes = plt.subplots(1, 5, figsize=(24, 4))
+    axes[0].bar(x, [n["images"] for n in nights], color="tab:blue")
+    axes[0].set_title("images scored")
+    axes[1].plot(x, [n["error_rate"] for n in nights], "o-", color="tab:red")
+    axes[1].axhline(report["max_error_rate"], color="gray", linestyle=":", label="alert")
+    axes[1].set_title("error rate")
+    axes[2].plot(x, [n["flagged_share"] for n in nights], "o-", color="black", linewidth=2, label="all")
+    for part in sorted({p for n in nights for p in n["flagged_share_by_body_part"]}):
+        axes[2].plot(x, [n["flagged_share_by_body_part"].get(part, np.nan) for n in nights], ".-", label=part)
+    axes[2].set_title("share predicted abnormal")
+    axes[3].bar(
+        x,
+        [n["psi"] for n in nights],
+        color=["tab:red" if n["psi"] > report["psi_alert"] else "tab:green" for n in nights],
+    )
+    axes[3].axhline(report["psi_alert"], color="gray", linestyle=":", label="alert")
+    axes[3].set_title("PSI of the scores vs reference")
+    for ax in axes[:4]:
+        ax.set_xticks(x, labels, fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    edges = np.linspace(0, 1, report["bins"] + 1)
+    for name, counts in (("reference", report["reference_histogram"]), ("latest night", nights[-1]["histogram"])):
+        counts = np.asarray(counts, dtype=np.float64)
+        axes[4].stairs(counts / max(counts.sum(), 1), edges, label=name)
+    axes[4].set_title("score distribution")
+    axes[4].set_xlabel("P(abnormal)")
+    axes[4].legend(fontsize=7)
     save(fig, uri)

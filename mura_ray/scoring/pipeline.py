@@ -1,7 +1,9 @@
 """The scoring pipeline on Ray Data: image keys -> decode tasks -> model actors -> probabilities.
 
 The dataset carries only ``image_uri`` in, and ``image_uri``,
-``prob_abnormal`` (NaN where the file failed) and ``error`` out; the driver
+``prob_abnormal`` (NaN where the file failed; calibrated with the model's
+temperature, averaged over the image and its mirror with ``--tta flip``)
+and ``error`` out; the driver
 joins results back onto its catalog. The driver reads the weights once and
 hands their bytes to every model actor through Ray's object store; each
 actor checks that their sha256 is the run's ``model_id`` before it scores,
@@ -26,6 +28,7 @@ from mura_ray.config import ScoreConfig
 from mura_ray.data import catalog_dataset
 from mura_ray.imaging.preprocess import EvalPreset, read_and_decode
 from mura_ray.model import backends
+from mura_ray.model.calibration import apply_temperature
 from mura_ray.model.checkpoint import model_id_of
 from mura_ray.model.resnet import build_model, for_inference
 
@@ -48,6 +51,8 @@ class Scorer:
         backend: str = "auto",
         precision: str = "auto",
         refused: tuple[str, ...] = (),
+        temperature: float = 1.0,
+        tta: str = "none",
     ):
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -60,10 +65,12 @@ class Scorer:
         self.model_id, self.image_size, self.setting, self.refused = model_id, image_size, (backend, precision), refused
         self.crop = EvalPreset(size=image_size)
         self.engine: backends.Engine | None = None
+        self.temperature, self.tta = temperature, tta
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = (batch["error"] == "") & (batch["modality"] == "")
         probs = np.full(len(ok), np.nan, dtype=np.float32)
+        raw = probs.copy()
         if ok.any():
             pixels = self.crop({"pixels": batch["pixels"][ok]})["pixels"]
             if self.engine is None:
@@ -76,11 +83,15 @@ class Scorer:
                     pixels[:GUARD_IMAGES],
                     tuple(self.refused),
                 )
-            probs[ok] = self.engine(pixels)
+            raw[ok] = self.engine(pixels)
+            if self.tta == "flip":
+                raw[ok] = (raw[ok] + self.engine(pixels[:, :, ::-1])) / 2
+            probs[ok] = apply_temperature(raw[ok], self.temperature)
         engine = self.engine
         return {
             "image_uri": batch["image_uri"],
             "prob_abnormal": probs,
+            "prob_uncalibrated": raw,
             "error": batch["error"],
             "modality": batch["modality"],
             "backend": np.where(ok, engine.backend if engine else "", ""),
@@ -121,6 +132,8 @@ def scored_dataset(keys: pa.Table, weights: bytes, meta: dict[str, Any], cfg: Sc
             "backend": cfg.backend,
             "precision": cfg.precision,
             "refused": backends.failed_guard(meta),
+            "temperature": float(meta.get("temperature", 1.0)),
+            "tta": cfg.tta,
         },
         batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=actors),
@@ -130,14 +143,17 @@ def scored_dataset(keys: pa.Table, weights: bytes, meta: dict[str, Any], cfg: Sc
 
 
 def results_table(batch: dict[str, np.ndarray]) -> pa.Table:
-    """A batch of the pipeline's output as Arrow: ``image_uri``, ``prob_abnormal`` (null on error), ``error``,
+    """A batch of the pipeline's output as Arrow: ``image_uri``, ``prob_abnormal`` (calibrated with the model's
+    temperature; null on error) and ``prob_uncalibrated`` (the model's own output), ``error``,
     ``modality`` ("" unless the file is a DICOM of a modality not scored), and the ``backend`` and
     ``precision`` that computed the score (null where there is none)."""
     probs = np.asarray(batch["prob_abnormal"], dtype=np.float32)
+    raw = np.asarray(batch["prob_uncalibrated"], dtype=np.float32)
     return pa.table(
         {
             "image_uri": pa.array(batch["image_uri"].astype(str), pa.string()),
             "prob_abnormal": pa.array(probs, pa.float32(), mask=np.isnan(probs)),
+            "prob_uncalibrated": pa.array(raw, pa.float32(), mask=np.isnan(raw)),
             "error": pa.array([e or None for e in batch["error"].tolist()], pa.string()),
             "modality": pa.array(batch["modality"].astype(str), pa.string()),
             **{k: pa.array([v or None for v in batch[k].tolist()], pa.string()) for k in ("backend", "precision")},

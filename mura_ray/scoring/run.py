@@ -29,13 +29,16 @@ import pyarrow.compute as pc
 from safetensors.torch import load as st_load
 
 from mura_ray import faults
+from mura_ray.archive import storage
 from mura_ray.archive.catalog import scan_archive
 from mura_ray.config import ScoreConfig
 from mura_ray.imaging.decode import READ_ERROR
 from mura_ray.model import backends
 from mura_ray.model.checkpoint import read_checkpoint, resolve_model_dir
+from mura_ray.model.heatmaps import HEATMAP_LAYER
 from mura_ray.model.resnet import build_model
 from mura_ray.progress import Progress
+from mura_ray.scoring.heatmaps import heatmap_dataset, heatmap_name, index_rows
 from mura_ray.scoring.lease import Lease
 from mura_ray.scoring.ledger import Ledger
 from mura_ray.scoring.pipeline import accepted_modalities, results_table, scored_dataset
@@ -112,9 +115,13 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
         plan_seconds = time.monotonic() - t0
         threshold, run_date = float(meta.get("threshold", 0.5)), started_at.strftime("%Y-%m-%d")
         writer = RunWriter(ledger, lease, todo, earlier, run_id, meta["model_id"], threshold, run_date)
+        writer.keep_scores = cfg.heatmaps == "flagged"
         head = {"input": cfg.data, "split": cfg.split, "full": cfg.full, "started_at": started_at.isoformat()}
+        heatmaps = 0
         if todo.num_rows:
             _score_into(writer, todo, weights, meta, cfg, head)
+            if writer.keep_scores:
+                heatmaps = _heatmaps_into(writer, todo, weights, meta, cfg.data)
         seconds = time.monotonic() - t0
         totals = {
             "run_id": run_id,
@@ -125,6 +132,9 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
             "skipped": skipped.num_rows,
             "not_radiographs": writer.not_radiographs,
             "engines": writer.engines,
+            "heatmaps": heatmaps,
+            "distribution": writer.distribution.record(),
+            "tta": cfg.tta,
             "not_radiographs_known": scan.table.num_rows - todo.num_rows - skipped.num_rows,
             "ignored_files": len(scan.ignored),
             "missing_files": len(scan.missing),
@@ -189,3 +199,29 @@ def _score_into(
     log.info("scored %d images in %.1fs (%.1f images/s), %d errors", seen, bar.seconds, bar.rate, writer.errors)
     if seen != todo.num_rows:
         raise RuntimeError(f"scored {seen} rows for {todo.num_rows} images; the rest is not committed")
+
+
+def _heatmaps_into(writer: RunWriter, todo: pa.Table, weights: bytes, meta: dict[str, Any], data: str) -> int:
+    """Stage a Grad-CAM overlay of each image this run scored in a study predicted abnormal, and their index,
+    to be committed with the run's last chunk: the PNGs under ``heatmaps/run_date=D/run_id=R/``, the index as
+    ``heatmap_index/run_date=D/R.parquet``; returns how many."""
+    flagged = writer.flagged_images()
+    if flagged.num_rows == 0:
+        return 0
+    folder = storage.join("heatmaps", f"run_date={writer.run_date}", f"run_id={writer.run_id}")
+    study_of = dict(zip(todo["image_uri"].to_pylist(), todo["study_uri"].to_pylist()))
+    parts = []
+    ds = heatmap_dataset(flagged, weights, meta, data)
+    with Progress("heatmaps of flagged studies", flagged.num_rows) as bar:
+        for batch in ds.iter_batches(batch_size=16, batch_format="numpy"):
+            for uri, png in zip(batch["image_uri"], batch["png"]):
+                if len(png):
+                    writer.stage_file(storage.join(folder, heatmap_name(str(uri), data)), png)
+            parts.append(index_rows(batch, study_of, data, meta, HEATMAP_LAYER, prefix=folder))
+            bar.update(len(batch["image_uri"]))
+    index = pa.concat_tables(parts).sort_by("image_uri")
+    index_file = storage.join("heatmap_index", f"run_date={writer.run_date}", f"{writer.run_id}.parquet")
+    writer.stage_file(index_file, storage.parquet_bytes(index))
+    made = index["error"].null_count  # rows without an error
+    log.info("staged %d heatmaps of %d flagged studies", made, len(set(flagged["study_uri"].to_pylist())))
+    return made

@@ -67,16 +67,26 @@ class StudyTotals:
             self._touched.add(study)
             _count(self._own.setdefault(study, [0, 0.0, 0]), prob)
 
-    def chunk_table(self) -> pa.Table:
-        """One row per study the current chunk touched, over its current rows (this run's, else earlier
-        runs'); the next chunk starts with none touched."""
-        touched, self._touched = sorted(self._touched), set()
-        totals = {study: list(self._own[study]) for study in touched}
-        earlier = self.earlier.filter(pc.is_in(self.earlier["study_uri"], pa.array(touched, pa.string())))
+    def _current(self, studies: list[str]) -> dict[str, list]:
+        """[images, sum of scores, scores] of each study over its current rows: this run's, else earlier runs'."""
+        totals = {study: list(self._own[study]) for study in studies}
+        earlier = self.earlier.filter(pc.is_in(self.earlier["study_uri"], pa.array(studies, pa.string())))
         columns = (earlier[c].to_pylist() for c in ("image_uri", "study_uri", "prob_abnormal"))
         for uri, study, prob in zip(*columns):
             if uri not in self._own_uris:
                 _count(totals[study], prob)
+        return totals
+
+    def flagged(self) -> list[str]:
+        """The studies this run touched whose current mean score is at or above the threshold."""
+        totals = self._current(sorted(self._own))
+        return [s for s, (_, total, scored) in totals.items() if scored and total / scored >= self.threshold]
+
+    def chunk_table(self) -> pa.Table:
+        """One row per study the current chunk touched, over its current rows (this run's, else earlier
+        runs'); the next chunk starts with none touched."""
+        touched, self._touched = sorted(self._touched), set()
+        totals = self._current(touched)
         if self._known is None:
             self._known = self.catalog.group_by("study_uri", use_threads=False).aggregate(
                 [("patient_id", "first"), ("body_part", "first"), ("label", "first")]

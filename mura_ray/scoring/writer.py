@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from mura_ray import faults
 from mura_ray.archive import storage
+from mura_ray.scoring.distribution import ScoreDistribution
 from mura_ray.scoring.lease import Lease
 from mura_ray.scoring.ledger import NOT_SCORED_SCHEMA, Ledger
 from mura_ray.scoring.studies import StudyTotals, at_or_above
@@ -77,6 +78,10 @@ class RunWriter:
     _others: list[pa.Table] = field(default_factory=list)
     _writer: pq.ParquetWriter | None = None
     _file_rows: int = 0
+    distribution: ScoreDistribution = field(default_factory=ScoreDistribution)
+    keep_scores: bool = False  # keep this run's scores in memory, for the heatmaps of flagged studies
+    _scores: list[pa.Table] = field(default_factory=list)
+    _extra: list[tuple[str, str]] = field(default_factory=list)  # (staged, final) of files staged by stage_file
 
     def __post_init__(self) -> None:
         self._studies = StudyTotals(self.catalog, self.earlier, self.model_id, self.run_id, self.threshold)
@@ -131,8 +136,27 @@ class RunWriter:
         self.errors += prob.null_count
         self._chunk_errors += prob.null_count
         self._studies.add(table)
+        self.distribution.add(table)
+        if self.keep_scores:
+            self._scores.append(table.select(["image_uri", "study_uri", "prob_abnormal"]))
         self._count_engines(table)
         faults.maybe_kill("score")
+
+    def flagged_images(self) -> pa.Table:
+        """This run's scored images (``image_uri``, ``study_uri``, ``prob_abnormal``) in studies whose current
+        row is predicted abnormal (needs ``keep_scores``)."""
+        if not self._scores:
+            return pa.table({"image_uri": pa.array([], pa.string())})
+        rows = pa.concat_tables(self._scores)
+        flagged = pa.array(self._studies.flagged(), pa.string())
+        return rows.filter(pc.and_(pc.is_in(rows["study_uri"], flagged), pc.is_valid(rows["prob_abnormal"])))
+
+    def stage_file(self, final: str, data: bytes) -> None:
+        """Stage ``data`` to appear at ``final`` (relative to the output root) when the next chunk commits."""
+        rel = storage.join(self._staged_root(), "files", final)
+        storage.write_bytes(self.fs, self.ledger.path(rel), data)
+        self._sync(rel)
+        self._extra.append((rel, final))
 
     def _count_engines(self, table: pa.Table) -> None:
         names = pc.binary_join_element_wise(table["backend"], table["precision"], " ")
@@ -187,6 +211,7 @@ class RunWriter:
         if self._others:
             rel = self._stage_table("not_scored", pa.concat_tables(self._others))
             moves.append((rel, storage.join("not_scored", partition, f"{stem}.parquet")))
+        moves += self._extra
         self.studies += chunk_studies
         if "run" in manifest:  # the run's totals, in its last chunk's manifest
             manifest = dict(manifest, run=dict(manifest["run"], studies=self.studies))
@@ -204,7 +229,7 @@ class RunWriter:
         )
         committed = self.ledger.commit(manifest, moves, self.lease)
         self.chunk += 1
-        self._staged, self._others = [], []
+        self._staged, self._others, self._extra = [], [], []
         self._chunk_start, self._chunk_errors = self.rows, 0
         return committed
 

@@ -65,19 +65,19 @@ def eval_view(cached: ray.data.Dataset, *, size: int) -> ray.data.Dataset:
 
 
 class ExactValidationConfig(DataConfig):
-    """Split ``train`` into equal shards (DDP steps must match), ``valid`` into uneven ones.
+    """Split ``train`` into equal shards (DDP steps must match), ``tune`` into uneven ones.
 
-    Every validation row then goes to exactly one worker, and the workers'
+    Every tuning row then goes to exactly one worker, and the workers'
     predictions are gathered before metrics are computed.
     """
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        rest = {k: v for k, v in datasets.items() if k != "valid"}
+        rest = {k: v for k, v in datasets.items() if k != "tune"}
         output = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
-        if "valid" in datasets:
-            ds = datasets["valid"].copy(datasets["valid"])
-            ds.set_name("valid")
-            ds.context.execution_options = self._resolve_execution_options("valid")
+        if "tune" in datasets:
+            ds = datasets["tune"].copy(datasets["tune"])
+            ds.set_name("tune")
+            ds.context.execution_options = self._resolve_execution_options("tune")
             for i, shard in enumerate(ds.streaming_split(world_size, equal=False)):
-                output[i]["valid"] = shard
+                output[i]["tune"] = shard
         return output

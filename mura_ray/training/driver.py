@@ -1,10 +1,12 @@
 """DDP fine-tuning of ResNet18 on Ray Train: the driver.
 
-``run_training(cfg)`` catalogs the archive, decodes both splits once into
+``run_training(cfg)`` catalogs the archive, carves the tuning split out of
+the training split by patient (``protocol``), decodes the splits once into
 Ray's object store, runs a ``TorchTrainer`` whose workers run
-``worker.train_loop_per_worker``, shows their progress, and when they are
-done writes ``RUN_DIR/model/`` once, complete, from the last checkpoint
-(the best epoch's weights and validation predictions travel in it).
+``worker.train_loop_per_worker`` (early stopping on the tuning split), shows
+their progress, and when they are done scores the validation split with the
+kept weights and writes ``RUN_DIR/model/`` once, complete, from the last
+checkpoint (the best epoch's weights and tuning predictions travel in it).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig
 from ray.train.torch import TorchTrainer
 
 from mura_ray import __version__, cluster, console, faults
@@ -30,12 +31,15 @@ from mura_ray.config import TrainConfig, resumable_fields
 from mura_ray.errors import UsageError
 from mura_ray.imaging.preprocess import cache_side
 from mura_ray.model.checkpoint import STATE_JSON, model_metadata
+from mura_ray.model.registry import tracking_uri
 from mura_ray.model.resnet import DEFAULT_TRAINABLE, build_model, load_starting_weights, parse_trainable
 from mura_ray.model.steps import class_weights
 from mura_ray.progress import Follower, Progress, event_sink
-from mura_ray.training import rundir
+from mura_ray.training import protocol, rundir
 from mura_ray.training.dataset import ExactValidationConfig, cached_training_split, eval_view, train_view
 from mura_ray.training.events import TrainingDisplay
+from mura_ray.training.protocol import TUNE
+from mura_ray.training.selection import JOIN_COLUMNS, validation_predictions
 from mura_ray.training.worker import read_best, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -47,52 +51,70 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.trainable == "auto":
         cfg.trainable = "all" if cfg.weights == "none" else ",".join(DEFAULT_TRAINABLE)
     parse_trainable(cfg.trainable)
-    _check_same_run(cfg)
+    rundir.check_same_run(cfg.out, cfg.to_dict(), resumable_fields())
+    tracker = start_tracking(cfg)
     start = build_model()
     skipped = load_starting_weights(start, cfg.weights)
-    catalog, weights = _catalog_for_training(cfg)
+    catalog, weights, patients = _catalog_for_training(cfg)
     if not storage.is_remote(cfg.out):
         console.set_ray_log(storage.join(cfg.out, "ray.log"))
     cluster.connect()
     log.info("starting weights: %s (%d tensors left at initial values)", cfg.weights, len(skipped))
-    train_cached, valid_cached, unreadable = _decode_splits(cfg, catalog)
+    cached, unreadable = _decode_splits(cfg, catalog)
 
     storage.write_text(storage.join(cfg.out, rundir.CONFIG), json.dumps(cfg.to_dict(), indent=2))
+    if tracker:
+        tracker.log_params(dict(cfg.to_dict(), data_fingerprint=fingerprint(catalog)))
     sink = event_sink()
-    trainer = _trainer(cfg, catalog, start.state_dict(), weights, train_cached, valid_cached, sink)
-    display = TrainingDisplay()
+    trainer = _trainer(cfg, catalog, start.state_dict(), weights, cached, sink)
+    display = TrainingDisplay(also=tracker.on_event if tracker else None)
     try:
         with Follower(sink, display.handle):
             result = trainer.fit()
     finally:
         display.close()
     if result.error:
+        if tracker:
+            tracker.fail()
         raise result.error
-    sample = _guard_sample(valid_cached, catalog, cfg.guard_images)
-    meta = _write_model(cfg, result.checkpoint, weights, fingerprint(catalog), sample)
+    sample = _guard_sample(cached["valid"], catalog, cfg.guard_images)
+    counts = {split: ds.count() for split, ds in cached.items()}
+    record = protocol.record(cfg.tune_fraction, patients, counts.get(TUNE, 0), counts["valid"])
+    meta = _write_model(cfg, result.checkpoint, weights, fingerprint(catalog), sample, cached["valid"], catalog, record)
+    tracked = tracker.finish(meta, rundir.read_history(cfg.out), cfg.register) if tracker else None
     return {
+        "mlflow": tracked,
         "model_dir": storage.join(cfg.out, rundir.MODEL_DIR),
         "metrics": meta["metrics"],
         "model_id": meta["model_id"],
         "threshold": meta["threshold"],
         "validation": meta["validation"],
+        "calibration": meta["calibration"],
+        "protocol": meta["protocol"],
         "wall_seconds": time.monotonic() - t_start,
         "unreadable_images": unreadable,
     }
 
 
+def start_tracking(cfg: TrainConfig) -> Any:
+    """The MLflow tracker of this run, or None when tracking is off (then MLflow is not imported)."""
+    uri = tracking_uri(cfg.mlflow)
+    if uri is None:
+        if cfg.register:
+            raise UsageError("--register needs MLflow tracking: give --mlflow URI or set MLFLOW_TRACKING_URI")
+        return None
+    from mura_ray.training.tracking import Tracker
+
+    return Tracker(uri, cfg.out)
+
+
 def _trainer(
-    cfg: TrainConfig,
-    catalog: Any,
-    start_state: dict,
-    weights: list[float],
-    train_cached: Any,
-    valid_cached: Any,
-    sink: Any,
+    cfg: TrainConfig, catalog: Any, start_state: dict, weights: list[float], cached: dict[str, Any], sink: Any
 ) -> TorchTrainer:
-    """The TorchTrainer: workers sized for the cluster, the two splits, and what each worker needs."""
+    """The TorchTrainer: workers sized for the cluster, the training and tuning splits, what each worker needs."""
     scaling, cpus = cluster.training_plan(cfg.workers, cfg.use_gpu, cfg.cpus_per_worker, cfg.placement_strategy)
-    valid = catalog.filter(pc.equal(catalog["split"], "valid")).select(["image_uri", "study_uri", "body_part"])
+    chooser = TUNE if cfg.tune_fraction > 0 else "valid"
+    tune = catalog.filter(pc.equal(catalog["split"], chooser)).select(JOIN_COLUMNS)
     log.info(
         "training ResNet18 on %d %s workers (%s CPUs each), up to %d epochs",
         cfg.workers,
@@ -107,27 +129,29 @@ def _trainer(
             "start_state": ray.put(start_state),
             "class_weights": weights,
             "cpus_per_worker": cpus,
-            "train_images": train_cached.count(),
-            "valid_catalog": ray.put(valid),
+            "train_images": cached["train"].count(),
+            "tune_catalog": ray.put(tune),
             "sink": sink,
             "fault": faults.spec(),
         },
         scaling_config=scaling,
         datasets={
-            "train": train_view(train_cached, size=cfg.image_size),
-            "valid": eval_view(valid_cached, size=cfg.image_size),
+            "train": train_view(cached["train"], size=cfg.image_size),
+            TUNE: eval_view(cached[chooser], size=cfg.image_size),
         },
         dataset_config=ExactValidationConfig(),
-        run_config=_run_config(cfg),
+        run_config=rundir.run_config(cfg.out, cfg.max_failures),
     )
 
 
-def _catalog_for_training(cfg: TrainConfig) -> tuple[Any, list[float]]:
-    """The archive's catalog and the class weights of its training split; refuses archives that cannot train."""
+def _catalog_for_training(cfg: TrainConfig) -> tuple[Any, list[float], list[str]]:
+    """The archive's catalog with the tuning split carved out, the class weights of what is left to train
+    on, and the tuning patients; refuses archives that cannot train."""
     t0 = time.monotonic()
     catalog = build_catalog(cfg.data)
+    catalog, patients = protocol.carve_tuning_split(catalog, cfg.tune_fraction, cfg.seed, cfg.out)
     counts = {}
-    for split in ("train", "valid"):
+    for split in ("train", TUNE, "valid") if patients else ("train", "valid"):
         n = pc.sum(pc.and_(pc.equal(catalog["split"], split), pc.is_valid(catalog["label"]))).as_py() or 0
         if n == 0:
             raise UsageError(
@@ -135,10 +159,12 @@ def _catalog_for_training(cfg: TrainConfig) -> tuple[Any, list[float]]:
             )
         counts[split] = n
     log.info(
-        "listed %d images under %s: %d train, %d valid (labelled) in %.1fs",
+        "listed %d images under %s: %d train, %d tune (%d patients), %d valid (labelled) in %.1fs",
         catalog.num_rows,
         cfg.data,
         counts["train"],
+        counts.get(TUNE, 0),
+        len(patients),
         counts["valid"],
         time.monotonic() - t0,
     )
@@ -149,22 +175,25 @@ def _catalog_for_training(cfg: TrainConfig) -> tuple[Any, list[float]]:
         )
     # Class counts do not change when --shuffle-labels permutes labels, so the weights are the same.
     train_labels = catalog.filter(pc.equal(catalog["split"], "train"))["label"].drop_null().to_numpy()
-    return catalog, class_weights(train_labels)
+    return catalog, class_weights(train_labels), patients
 
 
-def _decode_splits(cfg: TrainConfig, catalog: Any) -> tuple[Any, Any, int]:
-    """Both splits decoded once into the object store, with a progress bar; (train, valid, unreadable)."""
+def _decode_splits(cfg: TrainConfig, catalog: Any) -> tuple[dict[str, Any], int]:
+    """The splits decoded once into the object store, with a progress bar; ({split: dataset}, unreadable)."""
     fs, _ = storage.filesystem(cfg.data)
     side = cache_side(cfg.image_size)
-    in_splits = pc.and_(pc.is_in(catalog["split"], pa.array(["train", "valid"])), pc.is_valid(catalog["label"]))
+    splits = ["train", TUNE, "valid"] if cfg.tune_fraction > 0 else ["train", "valid"]
+    in_splits = pc.and_(pc.is_in(catalog["split"], pa.array(splits)), pc.is_valid(catalog["label"]))
     total = pc.sum(in_splits).as_py() or 0
     sink = event_sink()
     seed = cfg.seed if cfg.shuffle_labels else None
     with Progress(f"decoding to {side}x{side}", total) as bar, Follower(sink, lambda e: bar.update(e["decoded"])):
-        train, bad_train = cached_training_split(
-            catalog, split="train", side=side, fs=fs, shuffle_labels_seed=seed, sink=sink
-        )
-        valid, bad_valid = cached_training_split(catalog, split="valid", side=side, fs=fs, sink=sink)
+        cached, bad = {}, {}
+        for split in splits:
+            shuffle = seed if split == "train" else None
+            cached[split], bad[split] = cached_training_split(
+                catalog, split=split, side=side, fs=fs, shuffle_labels_seed=shuffle, sink=sink
+            )
     log.info(
         "decoded %d images to %dx%d in %.1fs (%.0f images/s)",
         total,
@@ -173,9 +202,9 @@ def _decode_splits(cfg: TrainConfig, catalog: Any) -> tuple[Any, Any, int]:
         bar.seconds,
         total / max(bar.seconds, 1e-9),
     )
-    if bad_train or bad_valid:
-        log.warning("skipping %d unreadable training and %d unreadable validation images", bad_train, bad_valid)
-    return train, valid, bad_train + bad_valid
+    if any(bad.values()):
+        log.warning("skipping unreadable images: %s", ", ".join(f"{n} in {s}" for s, n in bad.items() if n))
+    return cached, sum(bad.values())
 
 
 def _guard_sample(valid: Any, catalog: Any, n: int) -> dict[str, Any] | None:
@@ -192,9 +221,17 @@ def _guard_sample(valid: Any, catalog: Any, n: int) -> dict[str, Any] | None:
 
 
 def _write_model(
-    cfg: TrainConfig, checkpoint: Any, weights: list[float], data_fingerprint: str, guard_sample: Any = None
+    cfg: TrainConfig,
+    checkpoint: Any,
+    weights: list[float],
+    data_fingerprint: str,
+    guard_sample: Any,
+    valid_cached: Any,
+    catalog: Any,
+    record: dict[str, Any],
 ) -> dict[str, Any]:
-    """The model folder, from the best epoch kept in the run's last checkpoint."""
+    """The model folder, from the best epoch kept in the run's last checkpoint, and the validation split
+    scored with its weights."""
     if checkpoint is None:
         raise RuntimeError(f"training of {cfg.out} finished without a checkpoint")
     with checkpoint.as_directory() as d:
@@ -213,56 +250,24 @@ def _write_model(
         "package_version": __version__,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    valid = validation_predictions(best_weights, eval_view(valid_cached, size=cfg.image_size), catalog)
     meta = rundir.write_model_folder(
         cfg.out,
         best_weights,
         predictions,
-        metadata,
+        valid,
+        dict(metadata, protocol=record),
         target_sensitivity=cfg.target_sensitivity,
         seed=cfg.seed,
         guard_sample=guard_sample,
     )
     log.info(
-        "kept epoch %d; threshold %.3f (%s); study kappa %.3f [%.3f, %.3f]",
+        "kept epoch %d; temperature %.2f and threshold %.3f (%s); validation study kappa %.3f [%.3f, %.3f]",
         best["epoch"],
+        meta["temperature"],
         meta["threshold"],
         meta["threshold_rule"],
         meta["validation"]["study"]["kappa"],
         *meta["validation"]["study"]["kappa_ci"],
     )
     return meta
-
-
-def _run_config(cfg: TrainConfig) -> RunConfig:
-    """Ray Train keeps its checkpoints in RUN_DIR/ray_train; rerunning the same RUN_DIR resumes from them."""
-    if storage.is_remote(cfg.out):
-        from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-        fs, path = storage.filesystem(cfg.out)
-        storage_path, storage_fs = path, PyFileSystem(FSSpecHandler(fs))
-    else:
-        storage_path, storage_fs = cfg.out, None
-    return RunConfig(
-        name=rundir.TRAIN_RUN_NAME,
-        storage_path=storage_path,
-        storage_filesystem=storage_fs,
-        # The latest epochs' full state, for restarts and reruns; each also holds the best epoch so far.
-        checkpoint_config=CheckpointConfig(num_to_keep=2),
-        failure_config=FailureConfig(max_failures=cfg.max_failures),
-    )
-
-
-def _check_same_run(cfg: TrainConfig) -> None:
-    """A RUN_DIR holds one run: rerunning it resumes, so its settings must match (epochs and a few others aside)."""
-    path = storage.join(cfg.out, rundir.CONFIG)
-    if not storage.exists(path):
-        return
-    before = json.loads(storage.read_text(path))
-    now = cfg.to_dict()
-    changed = sorted(k for k in now if k not in resumable_fields() and before.get(k, now[k]) != now[k])
-    if changed:
-        differences = ", ".join(f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed)
-        raise UsageError(
-            f"{cfg.out!r} holds a run with other settings ({differences}); "
-            f"rerunning a RUN_DIR resumes it: use a new --out for a new run"
-        )

@@ -49,11 +49,17 @@ def tell_driver(sink: Any, **event: Any) -> None:
 class TrainingDisplay:
     """The driver's view of the workers' events: a bar per epoch and one line when each epoch ends."""
 
-    def __init__(self) -> None:
+    def __init__(self, also: Any = None) -> None:
         self.bar: Progress | None = None
         self.bar_epoch = 0
+        self.also = also  # another listener (experiment tracking), called after the display
 
     def handle(self, event: dict[str, Any]) -> None:
+        self._show(event)
+        if self.also is not None:
+            self.also(event)
+
+    def _show(self, event: dict[str, Any]) -> None:
         kind = event.get("kind")
         if kind == "step":
             if self.bar is None or self.bar_epoch != event["epoch"]:
@@ -64,15 +70,15 @@ class TrainingDisplay:
         elif kind == "epoch":
             self.close()
             log.info(
-                "epoch %d/%d  train loss %.4f  val loss %.4f  F1 %.3f  AUROC %.3f  study kappa %.3f  lr %.2g  "
+                "epoch %d/%d  train loss %.4f  tune loss %.4f  F1 %.3f  AUROC %.3f  study kappa %.3f  lr %.2g  "
                 "%.1f images/s  %.0fs%s",
                 event["epoch"],
                 event["epochs"],
                 event["train_loss"],
-                event["val_loss"],
-                event["val_f1"],
-                event["val_auroc"],
-                event["val_study_kappa"],
+                event["tune_loss"],
+                event["tune_f1"],
+                event["tune_auroc"],
+                event["tune_study_kappa"],
                 event["lr"],
                 event["train_images"] / max(event["train_seconds"], 1e-9),
                 event["epoch_seconds"],

@@ -2,6 +2,7 @@
 
 ```
 RUN_DIR/train_config.json     the settings (driver, before training)
+RUN_DIR/tune_patients.txt     the training patients set aside to choose epoch, temperature, threshold
 RUN_DIR/events.jsonl          started, resumed, epoch_done (rank 0, as they happen)
 RUN_DIR/metrics.{json,csv}    per-epoch history, and training_curves.png (rank 0, each epoch)
 RUN_DIR/ray_train/            Ray Train's checkpoints of the full training state
@@ -24,13 +25,14 @@ import time
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from mura_ray.archive import storage
 from mura_ray.reporting import plots
 
 MODEL_DIR = "model"
 VALID_PREDICTIONS = "valid_predictions.parquet"
+TUNE_PREDICTIONS = "tune_predictions.parquet"
+RELIABILITY = "reliability.png"
 CURVES = "training_curves.png"
 EVENTS = "events.jsonl"
 CONFIG = "train_config.json"
@@ -61,12 +63,6 @@ def write_history(run_dir: str, history: list[dict[str, Any]]) -> None:
     writer.writerows(history)
     storage.write_text(storage.join(run_dir, "metrics.csv"), buf.getvalue())
     plots.training_curves(history, storage.join(run_dir, CURVES))
-
-
-def parquet_bytes(table: pa.Table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    return buf.getvalue()
 
 
 def recorded_epoch(run_dir: str) -> int:
@@ -111,49 +107,35 @@ def package_versions() -> dict[str, str]:
 def write_model_folder(
     run_dir: str,
     weights: bytes,
-    predictions: pa.Table,
+    tune_predictions: pa.Table,
+    valid_predictions: pa.Table,
     metadata: dict[str, Any],
     *,
     target_sensitivity: float | None,
     seed: int,
     guard_sample: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write ``RUN_DIR/model/`` once, complete: weights, the kept epoch's predictions, model card, metadata.
+    """Write ``RUN_DIR/model/`` once, complete: weights, predictions, model card, metadata.
 
-    The threshold is chosen here on the kept epoch's validation predictions
-    (study level), and the report with intervals is computed from them.
-    The folder is replaced whole (``write_checkpoint``): a reader sees the
-    earlier model or this one, never a mix. With ``guard_sample`` (cached
-    validation squares, ``label`` and ``study_uri``), every inference engine
-    is checked against torch fp32 at the chosen threshold and the figures
-    kept in the metadata (``engine_guard``), which ``--backend auto`` obeys.
-    Returns the metadata.
+    The temperature and the threshold are chosen on the kept epoch's tuning
+    predictions, and the report with patient-level intervals is computed on
+    the validation predictions (``selection.choose_and_report``). The folder is
+    replaced whole (``write_checkpoint``): a reader sees the earlier model or
+    this one, never a mix. With ``guard_sample`` (cached validation squares,
+    ``label`` and ``study_uri``), every inference engine is checked against
+    torch fp32 at the chosen threshold and the figures kept in the metadata
+    (``engine_guard``), which ``--backend auto`` obeys. Returns the metadata.
     """
-    import numpy as np
-
     from mura_ray.model.checkpoint import METADATA_FILE, WEIGHTS_FILE, model_id_of, write_checkpoint
-    from mura_ray.reporting.metrics import choose_threshold, full_report, study_scores
     from mura_ray.reporting.modelcard import render_model_card
+    from mura_ray.reporting.plots import reliability_png
+    from mura_ray.training.selection import choose_and_report, with_calibrated
 
-    labels = predictions["label"].to_numpy().astype(np.int64)
-    probs = predictions["prob_abnormal"].to_numpy().astype(np.float64)
-    studies = np.asarray(predictions["study_uri"].to_pylist(), dtype=object)
-    parts = np.asarray(predictions["body_part"].to_pylist(), dtype=object)
-    _, s_probs, s_labels = study_scores(studies, probs, labels)
-    threshold = choose_threshold(s_labels, s_probs, target_sensitivity)
-    rule = (
-        f"highest threshold with study-level sensitivity >= {target_sensitivity} on validation"
-        if target_sensitivity is not None
-        else "maximises study-level Cohen's kappa on validation"
+    chooser = metadata["protocol"]["chosen_on"]["threshold"]
+    chosen = choose_and_report(
+        tune_predictions, valid_predictions, target_sensitivity=target_sensitivity, seed=seed, chooser=chooser
     )
-    meta = dict(
-        metadata,
-        threshold=threshold,
-        threshold_rule=rule,
-        validation=full_report(labels, probs, studies, parts, threshold, seed=seed),
-        package_versions=package_versions(),
-        model_id=model_id_of(weights),
-    )
+    meta = dict(metadata, **chosen, package_versions=package_versions(), model_id=model_id_of(weights))
     if guard_sample is not None and len(guard_sample["pixels"]):
         from mura_ray.reporting.guard import check_sample
 
@@ -162,9 +144,54 @@ def write_model_folder(
         )
     files = {
         WEIGHTS_FILE: weights,
-        VALID_PREDICTIONS: parquet_bytes(predictions),
+        VALID_PREDICTIONS: storage.parquet_bytes(with_calibrated(valid_predictions, meta["temperature"])),
+        TUNE_PREDICTIONS: storage.parquet_bytes(with_calibrated(tune_predictions, meta["temperature"])),
+        RELIABILITY: reliability_png(meta["calibration"]),
         "model_card.md": render_model_card(meta).encode(),
         METADATA_FILE: json.dumps(meta, indent=2, sort_keys=True).encode(),
     }
     write_checkpoint(storage.join(run_dir, MODEL_DIR), files)
     return meta
+
+
+def read_history(run_dir: str) -> list[dict[str, Any]]:
+    path = storage.join(run_dir, "metrics.json")
+    return json.loads(storage.read_text(path)) if storage.exists(path) else []
+
+
+def run_config(run_dir: str, max_failures: int) -> Any:
+    """Ray Train keeps its checkpoints in RUN_DIR/ray_train; rerunning the same RUN_DIR resumes from them."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    if storage.is_remote(run_dir):
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        fs, path = storage.filesystem(run_dir)
+        storage_path, storage_fs = path, PyFileSystem(FSSpecHandler(fs))
+    else:
+        storage_path, storage_fs = run_dir, None
+    return RunConfig(
+        name=TRAIN_RUN_NAME,
+        storage_path=storage_path,
+        storage_filesystem=storage_fs,
+        # The latest epochs' full state, for restarts and reruns; each also holds the best epoch so far.
+        checkpoint_config=CheckpointConfig(num_to_keep=2),
+        failure_config=FailureConfig(max_failures=max_failures),
+    )
+
+
+def check_same_run(run_dir: str, now: dict[str, Any], resumable: set[str]) -> None:
+    """A RUN_DIR holds one run: rerunning it resumes, so its settings must match (epochs and a few others aside)."""
+    from mura_ray.errors import UsageError
+
+    path = storage.join(run_dir, CONFIG)
+    if not storage.exists(path):
+        return
+    before = json.loads(storage.read_text(path))
+    changed = sorted(k for k in now if k not in resumable and before.get(k, now[k]) != now[k])
+    if changed:
+        differences = ", ".join(f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed)
+        raise UsageError(
+            f"{run_dir!r} holds a run with other settings ({differences}); "
+            f"rerunning a RUN_DIR resumes it: use a new --out for a new run"
+        )

@@ -1,7 +1,7 @@
 """The Ray Train worker: set up, restore, then for each epoch train, validate, report.
 
 Each epoch ends with a checkpoint of the whole training state and of the
-best epoch so far (weights, validation predictions): a restarted worker
+best epoch so far (weights, tuning-split predictions): a restarted worker
 group or a rerun of RUN_DIR continues after it, and the driver writes the
 model folder from the last one. Rank 0 alone logs, writes and checkpoints.
 """
@@ -55,7 +55,7 @@ class _Setup:
     world: int
     sink: Any
     fault: str | None
-    valid_catalog: pa.Table  # image_uri -> study_uri, body_part: joined onto the gathered predictions
+    tune_catalog: pa.Table  # image_uri -> study_uri, body_part: joined onto the gathered predictions
 
     @property
     def is_rank0(self) -> bool:
@@ -78,7 +78,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run = _set_up(config)
     progress = _restore(run)
     train_shard = ray.train.get_dataset_shard("train")  # Ray: this worker's data
-    valid_shard = ray.train.get_dataset_shard("valid")
+    tune_shard = ray.train.get_dataset_shard("tune")
     steps = config["train_images"] // (run.cfg.batch_size * run.world)
     for epoch in range(progress.resumed_from + 1, run.cfg.epochs + 1):
         if progress.stopper.should_stop:
@@ -86,12 +86,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t0 = time.monotonic()
         train_loss, train_images = _train(run, train_shard, epoch, steps, progress.resumed_from)
         train_seconds = time.monotonic() - t0
-        predictions, val_loss = _validate(run, valid_shard)
+        predictions, val_loss = _validate(run, tune_shard)
         metrics = _epoch_metrics(run, epoch, predictions, val_loss, progress, train_loss, train_images)
         metrics.update(epoch_seconds=time.monotonic() - t0, train_seconds=train_seconds)
         _report(run, progress, metrics, predictions)
     if run.is_rank0 and progress.stopper.should_stop:
-        tell_driver(run.sink, kind="note", text=f"early stop: no better validation F1 for {run.cfg.patience} epochs")
+        tell_driver(run.sink, kind="note", text=f"early stop: no better tuning F1 for {run.cfg.patience} epochs")
 
 
 def _set_up(config: dict[str, Any]) -> _Setup:
@@ -122,7 +122,7 @@ def _set_up(config: dict[str, Any]) -> _Setup:
         world=ctx.get_world_size(),
         sink=config.get("sink"),
         fault=config.get("fault"),
-        valid_catalog=ray.get(config["valid_catalog"]),
+        tune_catalog=ray.get(config["tune_catalog"]),
     )
 
 
@@ -138,9 +138,7 @@ def _restore(run: _Setup) -> _Progress:
         progress.stopper.load(state)
         progress.resumed_from = state["epoch"]
         if run.is_rank0:
-            text = (
-                f"resuming after epoch {progress.resumed_from} (best validation F1 so far {progress.stopper.best:.3f})"
-            )
+            text = f"resuming after epoch {progress.resumed_from} (best tuning F1 so far {progress.stopper.best:.3f})"
             log.info("%s", text)
             tell_driver(run.sink, kind="note", text=text)
             rundir.log_event(run.cfg.out, event="resumed", after_epoch=progress.resumed_from)
@@ -184,7 +182,7 @@ def _train(run: _Setup, shard: Any, epoch: int, steps: int, resumed_from: int) -
 
 
 def _validate(run: _Setup, shard: Any) -> tuple[pa.Table, float]:
-    """Predictions of every validation image (gathered from all workers) with their study, and the loss."""
+    """Predictions of every tuning image (gathered from all workers) with their study, and the loss."""
     local = evaluate(
         run.plain,
         shard.iter_batches(batch_size=128, batch_format="numpy"),
@@ -202,7 +200,7 @@ def _validate(run: _Setup, shard: Any) -> tuple[pa.Table, float]:
                 "prob_abnormal": pa.array(allv["prob"].astype(np.float32)),
             }
         )
-        .join(run.valid_catalog, "image_uri", join_type="left outer")
+        .join(run.tune_catalog, "image_uri", join_type="left outer")
         .sort_by("image_uri")
     )
     return predictions, float(allv["loss_sum"]) / max(len(allv["label"]), 1)
@@ -229,13 +227,13 @@ def _epoch_metrics(
     return {
         "epoch": epoch,
         "train_loss": train_loss,
-        "val_loss": val_loss,
-        "val_f1": m["f1"],
-        "val_auroc": m["auroc"],
-        "val_kappa": m["kappa"],
-        "val_study_kappa": m["study_kappa"],
-        "val_study_f1": m["study_f1"],
-        "val_images": m["images"],
+        "tune_loss": val_loss,
+        "tune_f1": m["f1"],
+        "tune_auroc": m["auroc"],
+        "tune_kappa": m["kappa"],
+        "tune_study_kappa": m["study_kappa"],
+        "tune_study_f1": m["study_f1"],
+        "tune_images": m["images"],
         "lr": run.optimizer.param_groups[0]["lr"],
         "train_images": train_images,
         "resumed_from": progress.resumed_from,
@@ -248,13 +246,13 @@ def _report(run: _Setup, progress: _Progress, metrics: dict[str, Any], predictio
     progress.history.append(metrics)
     if run.is_rank0:
         log.info(
-            "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_f1 %.3f  study_kappa %.3f%s",
+            "epoch %d/%d  train_loss %.4f  tune_loss %.4f  tune_f1 %.3f  tune_study_kappa %.3f%s",
             metrics["epoch"],
             run.cfg.epochs,
             metrics["train_loss"],
-            metrics["val_loss"],
-            metrics["val_f1"],
-            metrics["val_study_kappa"],
+            metrics["tune_loss"],
+            metrics["tune_f1"],
+            metrics["tune_study_kappa"],
             "  *best*" if metrics["best"] else "",
         )
         rundir.write_history(run.cfg.out, progress.history)
@@ -289,7 +287,7 @@ def _write_best(directory: str, progress: _Progress, current: bool) -> None:
 
 
 def read_best(directory: str) -> tuple[bytes | None, pa.Table | None]:
-    """The best epoch's weights (safetensors bytes) and validation predictions kept in a checkpoint."""
+    """The best epoch's weights (safetensors bytes) and tuning-split predictions kept in a checkpoint."""
     best = os.path.join(directory, BEST_DIR)
     if not os.path.exists(os.path.join(best, BEST_PREDICTIONS)):
         return None, None

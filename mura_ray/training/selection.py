@@ -1,0 +1,94 @@
+"""After training: what the tuning split chooses, and what the validation split then reports.
+
+``choose_and_report`` fits the temperature on the kept epoch's tuning
+predictions, chooses the decision threshold on them after calibration
+(study level), and reports on the validation split, which chose nothing:
+metrics with patient-level intervals, and calibration before and after.
+``validation_predictions`` scores the validation split with the kept weights
+(torch fp32, the reference every engine is checked against).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from safetensors.torch import load as st_load
+
+from mura_ray.model.calibration import apply_temperature, fit_temperature
+from mura_ray.model.resnet import build_model
+from mura_ray.model.steps import evaluate
+from mura_ray.reporting.calibration import calibration_report
+from mura_ray.reporting.metrics import choose_threshold, full_report, study_scores
+
+JOIN_COLUMNS = ["image_uri", "study_uri", "body_part", "patient_id"]
+
+
+def validation_predictions(weights: bytes, dataset: Any, catalog: pa.Table) -> pa.Table:
+    """``image_uri``, ``label``, ``prob_abnormal`` (uncalibrated) and the catalog's study, body part and
+    patient of every image of ``dataset`` (eval-cropped squares with ``image_uri`` and ``label``)."""
+    model = build_model()
+    model.load_state_dict(st_load(weights))
+    out = evaluate(
+        model,
+        dataset.iter_batches(batch_size=128, batch_format="numpy"),
+        torch.device("cpu"),
+        keep=("image_uri",),
+        precision="fp32",
+    )
+    table = pa.table(
+        {
+            "image_uri": pa.array(out["image_uri"].astype(str), pa.string()),
+            "label": pa.array(out["label"].astype(np.int8)),
+            "prob_abnormal": pa.array(out["prob"].astype(np.float32)),
+        }
+    )
+    return table.join(catalog.select(JOIN_COLUMNS), "image_uri", join_type="left outer").sort_by("image_uri")
+
+
+def _columns(predictions: pa.Table) -> tuple[np.ndarray, ...]:
+    labels = predictions["label"].to_numpy().astype(np.int64)
+    probs = predictions["prob_abnormal"].to_numpy().astype(np.float64)
+    studies = np.asarray(predictions["study_uri"].to_pylist(), dtype=object)
+    return labels, probs, studies
+
+
+def choose_and_report(
+    tune: pa.Table, valid: pa.Table, *, target_sensitivity: float | None, seed: int, chooser: str
+) -> dict[str, Any]:
+    """Temperature and threshold from ``tune`` (the kept epoch's predictions on the split that chooses),
+    the report from ``valid``. Returns the metadata fields: ``temperature``, ``threshold``,
+    ``threshold_rule``, ``validation``, ``calibration`` (validation split) and ``tuning_calibration``."""
+    t_labels, t_probs, t_studies = _columns(tune)
+    temperature = fit_temperature(t_labels, t_probs)
+    t_calibrated = apply_temperature(t_probs, temperature).astype(np.float64)
+    _, s_probs, s_labels = study_scores(t_studies, t_calibrated, t_labels)
+    threshold = choose_threshold(s_labels, s_probs, target_sensitivity)
+    where = "the tuning split" if chooser == "tune" else "the validation split"
+    rule = (
+        f"highest threshold with study-level sensitivity >= {target_sensitivity} on {where}, after calibration"
+        if target_sensitivity is not None
+        else f"maximises study-level Cohen's kappa on {where}, after calibration"
+    )
+    v_labels, v_probs, v_studies = _columns(valid)
+    v_calibrated = apply_temperature(v_probs, temperature).astype(np.float64)
+    parts = np.asarray(valid["body_part"].to_pylist(), dtype=object)
+    patients = np.asarray(valid["patient_id"].to_pylist(), dtype=object)
+    return {
+        "temperature": temperature,
+        "threshold": threshold,
+        "threshold_rule": rule,
+        "validation": full_report(v_labels, v_calibrated, v_studies, parts, threshold, patients=patients, seed=seed),
+        "calibration": calibration_report(v_labels, v_probs, v_calibrated, v_studies, temperature),
+        "tuning_calibration": calibration_report(t_labels, t_probs, t_calibrated, t_studies, temperature),
+    }
+
+
+def with_calibrated(predictions: pa.Table, temperature: float) -> pa.Table:
+    """The predictions with ``prob_abnormal`` calibrated and the model's own output kept as ``prob_uncalibrated``."""
+    raw = predictions["prob_abnormal"].to_numpy()
+    i = predictions.schema.get_field_index("prob_abnormal")
+    table = predictions.set_column(i, "prob_abnormal", pa.array(apply_temperature(raw, temperature)))
+    return table.append_column("prob_uncalibrated", pa.array(raw.astype(np.float32)))

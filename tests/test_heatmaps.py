@@ -1,0 +1,148 @@
+"""Heatmaps that can be checked: the demo model, the fractures `mura-ray sample` drew, the pointing game;
+`explain` and `score --heatmaps flagged` on a real Ray cluster, read back with pyarrow and PIL."""
+
+import csv
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from safetensors.torch import load as st_load
+
+from mura_ray.archive.sample import FINDINGS_CSV
+from mura_ray.config import DemoConfig, ExplainConfig, ScoreConfig
+from mura_ray.imaging.preprocess import EvalPreset, box_in_input, load_square
+from mura_ray.model.checkpoint import read_checkpoint
+from mura_ray.model.heatmaps import HEATMAP_LAYER, grad_cam, peak
+from mura_ray.model.resnet import build_model
+from mura_ray.scoring.heatmaps import DISPLAY, SUFFIX
+
+MARGIN = 0.05  # of the input's side, around the drawn box
+
+
+def _findings(root):
+    """{image path under root: (box in the model's input, box's share of the input with the margin)}."""
+    size = DemoConfig().image_size
+    out = {}
+    with open(os.path.join(root, FINDINGS_CSV)) as f:
+        for row in csv.DictReader(f):
+            box = box_in_input(
+                tuple(int(row[k]) for k in ("x0", "y0", "x1", "y1")), int(row["height"]), int(row["width"]), size
+            )
+            m = MARGIN * size
+            lo, hi = np.clip(box[:2] - m, 0, size), np.clip(box[2:] + m, 0, size)
+            out[row["image"]] = (box, float(np.prod(hi - lo)) / size**2)
+    return out
+
+
+def _hit(box, xy, size):
+    m = MARGIN * size
+    x, y = xy[0] + 0.5, xy[1] + 0.5  # centre of the peak's pixel
+    return box[0] - m <= x <= box[2] + m and box[1] - m <= y <= box[3] + m
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_pointing_game_on_the_demo_model(demo_model):
+    """The heatmap's peak falls in the drawn fracture's box on true-positive validation images more than half
+    the time, and at least twice as often as a random map's."""
+    root, model_dir = demo_model
+    weights, meta = read_checkpoint(model_dir)
+    model = build_model()
+    model.load_state_dict(st_load(weights))
+    size, side = meta["image_size"], meta["cache_side"]
+    findings = {k: v for k, v in _findings(root).items() if "/valid/" in k}
+    names = sorted(findings)
+    squares = np.stack([load_square(open(os.path.join(root, n), "rb").read(), side) for n in names])
+    pixels = EvalPreset(size=size)({"pixels": squares})["pixels"]
+    rng = np.random.default_rng(0)
+    rates = {}
+    for layer in (HEATMAP_LAYER, "layer4"):
+        maps, probs = grad_cam(model, pixels, layer=layer, temperature=meta["temperature"])
+        tp = probs >= meta["threshold"]
+        hits = np.array([_hit(findings[n][0], peak(m), size) for n, m in zip(names, maps)])
+        random_peaks = rng.integers(0, size, (len(names), 200, 2))
+        random_hits = np.array(
+            [[_hit(findings[n][0], xy, size) for xy in random_peaks[i]] for i, n in enumerate(names)]
+        )
+        rates[layer] = {
+            "true_positives": int(tp.sum()),
+            "of_images_with_a_fracture": len(names),
+            "hit_rate": float(hits[tp].mean()),
+            "random_map_rate": float(random_hits[tp].mean()),
+            "box_share": float(np.mean([findings[n][1] for n, t in zip(names, tp) if t])),
+        }
+    print("pointing game", json.dumps(rates, indent=1))
+    r = rates[HEATMAP_LAYER]
+    assert r["true_positives"] >= 20, r
+    assert r["hit_rate"] >= 0.5, r
+    assert r["hit_rate"] >= 2 * r["random_map_rate"], r
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_explain_writes_one_overlay_per_image_of_the_named_studies(demo_model, tmp_path):
+    from mura_ray.reporting.explain import run_explain
+
+    root, model_dir = demo_model
+    studies = sorted({os.path.dirname(n) for n in _findings(root) if "/valid/" in n})[:2]
+    cfg = ExplainConfig(model=model_dir, data=root, out=str(tmp_path / "ex"), studies=",".join(studies))
+    result = run_explain(cfg)
+    expected = sorted(
+        os.path.join(s, f) for s in studies for f in os.listdir(os.path.join(root, s)) if f.endswith(".png")
+    )
+    assert result["images"] == len(expected) and result["errors"] == 0
+    index = pq.read_table(tmp_path / "ex" / "index.parquet")
+    assert index["heatmap"].to_pylist() == [e + SUFFIX for e in expected]
+    for rel in index["heatmap"].to_pylist():
+        picture = Image.open(tmp_path / "ex" / rel)
+        assert picture.mode == "RGB" and picture.size[0] == 2 * DISPLAY + 4
+    assert pc.min(index["peak_x"]).as_py() >= 0 and pc.max(index["peak_x"]).as_py() < 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_score_heatmaps_flagged_are_committed_once_with_the_run(demo_model, tmp_path):
+    """Overlays for exactly the images the run scored in studies predicted abnormal, committed with the run;
+    a second run that scores nothing writes none; heatmaps off writes none."""
+    from mura_ray.scoring.run import run_scoring
+
+    root, model_dir = demo_model
+    out = str(tmp_path / "scores")
+    first = run_scoring(
+        ScoreConfig(model=model_dir, data=root, out=out, split="valid", heatmaps="flagged", commit_every=100)
+    )
+    assert first["chunks"] >= 2
+    studies = pads.dataset(os.path.join(out, "studies"), partitioning="hive").to_table()
+    images = pads.dataset(os.path.join(out, "images"), partitioning="hive").to_table()
+    # A study's current row is its last one (chunks in order).
+    latest = {}
+    for row in studies.sort_by([("run_id", "ascending"), ("scored_at", "ascending")]).to_pylist():
+        latest[row["study_uri"]] = row["predicted_abnormal"]
+    flagged = {s for s, f in latest.items() if f}
+    wanted = sorted(r["image_uri"] for r in images.to_pylist() if r["study_uri"] in flagged and r["error"] is None)
+    index = pads.dataset(os.path.join(out, "heatmap_index"), format="parquet", partitioning="hive").to_table()
+    assert sorted(index["image_uri"].to_pylist()) == wanted and first["heatmaps"] == len(wanted) > 0
+    assert all(os.path.exists(os.path.join(out, rel)) for rel in index["heatmap"].to_pylist())
+    run_dir = os.path.join(out, "heatmaps", f"run_date={images['scored_at'][0].as_py():%Y-%m-%d}")
+    pngs = [os.path.join(d, f) for d, _, fs in os.walk(run_dir) for f in fs if f.endswith(SUFFIX)]
+    assert len(pngs) == len(wanted)
+    Image.open(io.BytesIO(open(pngs[0], "rb").read())).verify()
+    manifests = [json.load(open(os.path.join(out, "_runs", m))) for m in os.listdir(os.path.join(out, "_runs"))]
+    moved = {dst for m in manifests for _, dst in m["moves"] if dst.startswith("heatmap")}
+    assert len(moved) == len(wanted) + 1  # every PNG and the index, each committed by a manifest
+    assert not os.path.exists(os.path.join(out, "_staging", first["run_id"]))
+
+    again = run_scoring(ScoreConfig(model=model_dir, data=root, out=out, split="valid", heatmaps="flagged"))
+    assert again["images"] == 0 and again["heatmaps"] == 0
+    assert len([f for _, _, fs in os.walk(os.path.join(out, "heatmaps")) for f in fs if f.endswith(SUFFIX)]) == len(
+        wanted
+    )
+    off = str(tmp_path / "off")
+    run_scoring(ScoreConfig(model=model_dir, data=root, out=off, split="valid"))
+    assert not os.path.exists(os.path.join(off, "heatmaps")) and not os.path.exists(os.path.join(off, "heatmap_index"))

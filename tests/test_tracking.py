@@ -1,0 +1,111 @@
+"""MLflow tracking and the registry, against a local MLflow file store, read back with MlflowClient."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow.dataset as pads
+import pytest
+
+from mura_ray.config import ScoreConfig, TrainConfig
+
+
+def test_nothing_of_mlflow_is_imported_when_tracking_is_off(tmp_path):
+    """The verbs' modules load, and training's tracker is off, without MLflow in sys.modules."""
+    code = """
+import os, sys
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+import mura_ray.cli, mura_ray.training.driver, mura_ray.scoring.run, mura_ray.reporting.evaluate
+import mura_ray.reporting.monitor, mura_ray.reporting.explain, mura_ray.model.checkpoint
+from mura_ray.config import TrainConfig
+from mura_ray.training.driver import start_tracking
+cfg = TrainConfig(data=sys.argv[1], out=sys.argv[1] + "/run", weights="none")
+assert start_tracking(cfg) is None
+assert mura_ray.model.checkpoint.resolve_model_dir(sys.argv[1]) == sys.argv[1]
+loaded = sorted(m for m in sys.modules if m.split(".")[0] == "mlflow")
+assert not loaded, loaded
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+@pytest.mark.timeout(900)
+def test_training_logs_to_mlflow_registers_and_a_resume_continues_the_run(
+    ray_cluster, learn_archive, start_weights, tmp_path, monkeypatch
+):
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    from mura_ray.scoring.run import run_scoring
+    from mura_ray.training.driver import run_training
+    from mura_ray.training.tracking import RUN_FILE
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks file stores to opt in
+    store = (tmp_path / "mlruns").as_uri()
+    cfg = TrainConfig(
+        data=learn_archive[0],
+        out=str(tmp_path / "run"),
+        workers=2,
+        epochs=1,
+        image_size=48,
+        batch_size=16,
+        weights=start_weights,
+        guard_images=0,
+        mlflow=store,
+        register="mura-test",
+    )
+    result = run_training(cfg)
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    run_id = json.load(open(os.path.join(cfg.out, RUN_FILE)))["run_id"]
+    run = client.get_run(run_id)
+    history = json.load(open(os.path.join(cfg.out, "metrics.json")))
+    # Parameters: the configuration and the data fingerprint.
+    meta = json.load(open(os.path.join(result["model_dir"], "metadata.json")))
+    assert run.data.params["image_size"] == "48" and run.data.params["workers"] == "2"
+    assert run.data.params["data_fingerprint"] == meta["data_fingerprint"]
+    # Every epoch's metrics, at step = epoch, once each.
+    for key in ("train_loss", "tune_loss", "tune_f1", "tune_study_kappa"):
+        steps = [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+        assert steps == [(h["epoch"], pytest.approx(h[key])) for h in history], key
+    assert run.data.metrics["valid_study_kappa"] == pytest.approx(meta["validation"]["study"]["kappa"])
+    assert run.data.tags["model_id"] == meta["model_id"] and run.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(run_id)} | {
+        a.path for a in client.list_artifacts(run_id, "model")
+    }
+    for path in ("model/model.safetensors", "model/metadata.json", "model/model_card.md", "training_curves.png"):
+        assert path in artifacts, (path, artifacts)
+    assert "evaluation/validation_report.json" in {a.path for a in client.list_artifacts(run_id, "evaluation")}
+    # The registered version carries the model_id.
+    versions = client.search_model_versions(f"name='{cfg.register}'")
+    assert [(str(v.version), v.tags["model_id"], v.run_id) for v in versions] == [("1", meta["model_id"], run_id)]
+
+    # Scoring from the registry gives rows with the same model_id as scoring from the folder.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MURA_RAY_CACHE", str(tmp_path / "cache"))
+    root = cfg.data
+    for model, out in ((f"models:/{cfg.register}/1", "reg"), (result["model_dir"], "dir")):
+        run_scoring(ScoreConfig(model=model, data=root, out=str(tmp_path / out), split="valid"))
+    ids = {
+        out: set(pads.dataset(str(tmp_path / out / "images"), partitioning="hive").to_table()["model_id"].to_pylist())
+        for out in ("reg", "dir")
+    }
+    assert ids["reg"] == ids["dir"] == {meta["model_id"]}
+    client.set_registered_model_alias(cfg.register, "champion", "1")
+    alias = run_scoring(ScoreConfig(model=f"models:/{cfg.register}@champion", data=root, out=str(tmp_path / "al")))
+    assert alias["model_id"] == meta["model_id"]
+
+    # A rerun of the same RUN_DIR with one more epoch continues the same MLflow run.
+    cfg.epochs = 2
+    again = run_training(cfg)
+    assert json.load(open(os.path.join(cfg.out, RUN_FILE)))["run_id"] == run_id
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+    history = json.load(open(os.path.join(cfg.out, "metrics.json")))
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train_loss")] == [
+        (h["epoch"], pytest.approx(h["train_loss"])) for h in history
+    ]
+    assert [h["epoch"] for h in history] == [1, 2]
+    versions = {str(v.version): v.tags["model_id"] for v in client.search_model_versions(f"name='{cfg.register}'")}
+    assert versions == {"1": meta["model_id"], "2": again["model_id"]}
