@@ -59,7 +59,7 @@ def test_version_names_the_packages(capsys):
     "args, needle",
     [
         (["train", "--data", "a", "--out", "b", "--placement-strategy", "ANY"], "invalid choice"),
-        (["score", "--model", "m", "--data", "a", "--out", "o", "--split", "test"], "invalid choice"),
+        (["score", "--model", "m", "--data", "a", "--out", "o", "--split", "validation"], "invalid choice"),
         (["score", "--model", "m", "--data", "a", "--out", "o", "--run-id", "../x"], "--run-id"),
         (["train", "--data", "a", "--out", "b", "--image-size", "4096"], "between 32 and 1024"),
         (["train", "--data", "a", "--out", "b", "--seed", "-1"], "must be >= 0"),

@@ -72,11 +72,13 @@ def test_training_logs_to_mlflow_registers_and_a_resume_continues_the_run(
         assert steps == [(h["epoch"], pytest.approx(h[key])) for h in history], key
     assert run.data.metrics["valid_study_kappa"] == pytest.approx(meta["validation"]["study"]["kappa"])
     assert run.data.tags["model_id"] == meta["model_id"] and run.info.status == "FINISHED"
+    folder = f"models/{meta['model_id'][:16]}"
     artifacts = {a.path for a in client.list_artifacts(run_id)} | {
-        a.path for a in client.list_artifacts(run_id, "model")
+        a.path for a in client.list_artifacts(run_id, folder)
     }
-    for path in ("model/model.safetensors", "model/metadata.json", "model/model_card.md", "training_curves.png"):
-        assert path in artifacts, (path, artifacts)
+    for name in ("model.safetensors", "metadata.json", "model_card.md", "valid_predictions.parquet"):
+        assert f"{folder}/{name}" in artifacts, (name, artifacts)
+    assert "training_curves.png" in artifacts and "metrics.csv" in artifacts
     assert "evaluation/validation_report.json" in {a.path for a in client.list_artifacts(run_id, "evaluation")}
     # The registered version carries the model_id.
     versions = client.search_model_versions(f"name='{cfg.register}'")
@@ -103,3 +105,9 @@ def test_training_logs_to_mlflow_registers_and_a_resume_continues_the_run(
     assert [h["epoch"] for h in history] == [1, 2]
     versions = {str(v.version): v.tags["model_id"] for v in client.search_model_versions(f"name='{cfg.register}'")}
     assert versions == {"1": meta["model_id"], "2": again["model_id"]}
+    # Version 1 still names model 1's files: each kept model is logged under its own folder.
+    monkeypatch.setenv("MURA_RAY_CACHE", str(tmp_path / "cache2"))
+    from mura_ray.model.checkpoint import read_checkpoint, resolve_model_dir
+
+    for version, model_id in versions.items():
+        assert read_checkpoint(resolve_model_dir(f"models:/{cfg.register}/{version}"))[1]["model_id"] == model_id

@@ -9,6 +9,7 @@ MLflow is imported only here, and only for such a URI.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -62,4 +63,9 @@ def download_registered(uri: str, cache: str | None = None) -> str:
         mlflow.artifacts.download_artifacts(
             artifact_uri=f"models:/{name}/{version.version}", dst_path=target, tracking_uri=tracking
         )
+    with open(os.path.join(target, "metadata.json")) as f:
+        found = json.load(f).get("model_id")
+    expected = version.tags.get("model_id")
+    if expected and found != expected:
+        raise UsageError(f"{uri!r}: its files hold model {str(found)[:12]}, the registry names {expected[:12]}")
     return target

@@ -175,6 +175,7 @@ def monitor(report: dict[str, Any], uri: str) -> None:
     axes[0].set_title("images scored")
     axes[1].plot(x, [n["error_rate"] for n in nights], "o-", color="tab:red")
     axes[1].axhline(report["max_error_rate"], color="gray", linestyle=":", label="alert")
+    axes[1].set_ylim(bottom=0)
     axes[1].set_title("error rate")
     axes[2].plot(x, [n["flagged_share"] for n in nights], "o-", color="black", linewidth=2, label="all")
     for part in sorted({p for n in nights for p in n["flagged_share_by_body_part"]}):

@@ -5,7 +5,8 @@ otherwise this module is not imported and nothing is written. MLflow is the
 optional extra ``mura-ray[mlflow]``. What is logged to one MLflow run per
 RUN_DIR: the configuration and the data fingerprint (params), each epoch's
 metrics as it ends (``step=epoch``), and when training ends the model folder,
-the curves, the history and the validation report (artifacts) and the
+the curves, the history and the validation report (artifacts; the model
+folder under ``models/<model_id>``) and the
 validation figures (metrics). ``--register NAME`` adds the kept model to the
 registry, tagged with its model_id. The MLflow run id is kept in
 ``RUN_DIR/mlflow_run.json``, so a resumed training continues the same run.
@@ -90,8 +91,8 @@ class Tracker:
             self.log_epoch(int(h["epoch"]), h)
         self._log_validation(meta)
         self.client.set_tag(self.run_id, "model_id", meta["model_id"])
-        self._log_artifacts(meta)
-        version = self._register(register, meta["model_id"]) if register else None
+        folder = self._log_artifacts(meta)
+        version = self._register(register, meta["model_id"], folder) if register else None
         self.client.set_terminated(self.run_id, "FINISHED")
         return {"tracking_uri": self.uri, "run_id": self.run_id, "registered": version}
 
@@ -113,14 +114,17 @@ class Tracker:
         finite = [Metric(k, float(v), now, 0) for k, v in values.items() if v == v]  # NaN where undefined
         self.client.log_batch(self.run_id, metrics=finite)
 
-    def _log_artifacts(self, meta: dict[str, Any]) -> None:
+    def _log_artifacts(self, meta: dict[str, Any]) -> str:
+        """The run directory's outputs as artifacts; the model folder under ``models/<model_id>``, so that a
+        resumed run that keeps another model never changes the files an earlier registered version names."""
         from mura_ray.training import rundir
 
+        folder = f"models/{meta['model_id'][:16]}"
         with tempfile.TemporaryDirectory() as tmp:
             fs, base = storage.filesystem(self.run_dir)
             model = storage.join(base, rundir.MODEL_DIR)
             fs.get(model, os.path.join(tmp, "model"), recursive=True)
-            self.client.log_artifacts(self.run_id, os.path.join(tmp, "model"), artifact_path="model")
+            self.client.log_artifacts(self.run_id, os.path.join(tmp, "model"), artifact_path=folder)
             for name in (rundir.CURVES, "metrics.csv", rundir.CONFIG, "tune_patients.txt"):
                 if fs.exists(storage.join(base, name)):
                     fs.get(storage.join(base, name), os.path.join(tmp, name))
@@ -129,8 +133,9 @@ class Tracker:
             with open(report, "w") as f:
                 json.dump({"validation": meta["validation"], "calibration": meta["calibration"]}, f, indent=2)
             self.client.log_artifact(self.run_id, report, artifact_path="evaluation")
+        return folder
 
-    def _register(self, name: str, model_id: str) -> str:
+    def _register(self, name: str, model_id: str, folder: str) -> str:
         from mlflow.exceptions import MlflowException
 
         try:
@@ -138,7 +143,7 @@ class Tracker:
         except MlflowException as exc:
             if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
                 raise
-        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/model"
+        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{folder}"
         version = self.client.create_model_version(name, source, run_id=self.run_id, tags={"model_id": model_id})
         log.info("MLflow: registered model %s version %s (model_id %s)", name, version.version, model_id[:12])
         return str(version.version)
