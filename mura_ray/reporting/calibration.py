@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import brier_score_loss
 
-from mura_ray.reporting.metrics import study_scores
+from mura_ray.reporting.metrics import fmt, study_scores
 
 BINS = 10
 
@@ -59,6 +59,15 @@ def calibration_report(
                 y, p = labels, probs
             report[level][when] = {"ece": ece(y, p), "brier": brier(y, p), "bins": reliability_bins(y, p)}
     return report
+
+
+def calibration_table(report: dict[str, Any]) -> list[str]:
+    """ECE and Brier before and after calibration, per level, as Markdown table lines."""
+    lines = ["| level | ECE before | ECE after | Brier before | Brier after |", "|---|---|---|---|---|"]
+    for level in ("image", "study"):
+        b, a = report[level]["before"], report[level]["after"]
+        lines.append(f"| {level} | {fmt(b['ece'])} | {fmt(a['ece'])} | {fmt(b['brier'])} | {fmt(a['brier'])} |")
+    return lines
 
 
 def calibration_line(report: dict[str, Any], level: str = "study") -> str:

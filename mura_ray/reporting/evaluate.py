@@ -30,7 +30,7 @@ from mura_ray.model import backends
 from mura_ray.model.checkpoint import read_checkpoint, resolve_model_dir
 from mura_ray.progress import Progress
 from mura_ray.reporting import plots
-from mura_ray.reporting.calibration import calibration_line, calibration_report
+from mura_ray.reporting.calibration import calibration_line, calibration_report, calibration_table
 from mura_ray.reporting.explain import overlays_of
 from mura_ray.reporting.metrics import fmt, fmt_ci, full_report, study_scores
 from mura_ray.scoring.pipeline import results_table, scored_dataset
@@ -257,12 +257,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"ECE over {c['bins']} equal-width bins and Brier score, before and after temperature scaling. Study level: "
         f"{calibration_line(c)}.",
         "",
-        "| level | ECE before | ECE after | Brier before | Brier after |",
-        "|---|---|---|---|---|",
+        *calibration_table(c),
     ]
-    for level in ("image", "study"):
-        b, a = c[level]["before"], c[level]["after"]
-        lines.append(f"| {level} | {fmt(b['ece'])} | {fmt(a['ece'])} | {fmt(b['brier'])} | {fmt(a['brier'])} |")
     if report.get("unreadable_images"):
         lines += ["", f"{report['unreadable_images']} unreadable images were left out."]
     lines += ["", "## Plots", ""] + [f"![{name}]({file})" for name, file in PLOTS.items()]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mura_ray.reporting.calibration import calibration_table
 from mura_ray.reporting.guard import engine_rows
 from mura_ray.reporting.metrics import fmt, fmt_ci
 
@@ -93,12 +94,8 @@ def _calibration(meta: dict[str, Any]) -> list[str]:
         f"`prob_abnormal` is calibrated. ECE over {c['bins']} equal-width bins; reliability diagram in "
         "`reliability.png`.",
         "",
-        "| level | ECE before | ECE after | Brier before | Brier after |",
-        "|---|---|---|---|---|",
+        *calibration_table(c),
     ]
-    for level in ("image", "study"):
-        b, a = c[level]["before"], c[level]["after"]
-        lines.append(f"| {level} | {fmt(b['ece'])} | {fmt(a['ece'])} | {fmt(b['brier'])} | {fmt(a['brier'])} |")
     return [*lines, ""]
 
 
