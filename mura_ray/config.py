@@ -24,7 +24,16 @@ from mura_ray.checks import (
     positive_int,
     run_name,
 )
-from mura_ray.options import ConfigBase, add_options, engine_option, option, tta_option
+from mura_ray.options import (
+    ConfigBase,
+    add_options,
+    engine_option,
+    gpu_timeout_option,
+    gpus_option,
+    option,
+    tta_option,
+    use_gpu_option,
+)
 
 __all__ = ["add_options", "option"]
 
@@ -86,9 +95,9 @@ class TrainConfig(ConfigBase):
         check=non_negative_int,
         resumable=True,
     )
-    use_gpu: bool | None = option(
-        None, help="use GPUs (default: when the cluster has one per worker)", cli=False, resumable=True
-    )
+    use_gpu: str = use_gpu_option(resumable=True)
+    gpus_per_worker: float = gpus_option("worker", resumable=True)
+    gpu_timeout: float = gpu_timeout_option(resumable=True)
     cpus_per_worker: float | None = option(
         None, help="CPUs each worker reserves (default: sized from the cluster)", check=positive_float, resumable=True
     )
@@ -138,12 +147,17 @@ class EvalConfig(ConfigBase):
         "valid", help="split to evaluate (a warning says when it helped choose the model)", choices=SPLITS
     )
     threshold: float | None = option(None, help="decision threshold (default: the checkpoint's)", check=fraction)
-    batch_size: int = option(64, help="images per model call", check=positive_int)
+    batch_size: int | None = option(
+        None, help="images per model call (default: 64 on CPUs, 256 on GPUs)", check=positive_int
+    )
     resamples: int = option(1000, help="bootstrap resamples for the 95%% intervals", check=positive_int)
     seed: int = option(0, help="random seed of the bootstrap", check=non_negative_int)
     backend: str = engine_option("backend")
     precision: str = engine_option("precision")
     tta: str = tta_option()
+    use_gpu: str = use_gpu_option()
+    gpus_per_actor: float = gpus_option("actor")
+    gpu_timeout: float = gpu_timeout_option()
 
 
 @dataclass
@@ -161,12 +175,19 @@ class ScoreConfig(ConfigBase):
     max_error_rate: float = option(
         0.01, metavar="F", check=fraction, help="exit 3 when more than this fraction of the scored images fail"
     )
-    batch_size: int = option(64, help="images per model call", check=positive_int)
+    batch_size: int | None = option(
+        None, help="images per model call (default: 64 on CPUs, 256 on GPUs)", check=positive_int
+    )
     actors: int | None = option(
-        None, help="model actors (default: one per GPU, or sized from the CPUs)", check=positive_int
+        None,
+        help="model actors (default on GPUs: a pool that starts with the GPUs up now and grows with the GPUs the "
+        "autoscaler adds; on CPUs: sized from the CPUs)",
+        check=positive_int,
     )
     cpus_per_actor: float | None = option(None, help="CPUs each model actor reserves", check=positive_float, cli=False)
-    use_gpu: bool | None = option(None, help="use GPUs (default: when the cluster has any)", cli=False)
+    use_gpu: str = use_gpu_option()
+    gpus_per_actor: float = gpus_option("actor")
+    gpu_timeout: float = gpu_timeout_option()
     run_id: str | None = option(
         None, help="name of this run, unused in OUT (default: UTC time and a random suffix)", check=run_name
     )
@@ -210,6 +231,9 @@ class ExplainConfig(ConfigBase):
         "layer3", help="ResNet18 block whose activations Grad-CAM weighs", choices=("layer2", "layer3", "layer4")
     )
     batch_size: int = option(16, help="images per Grad-CAM call", check=positive_int)
+    use_gpu: str = use_gpu_option()
+    gpus_per_actor: float = gpus_option("actor")
+    gpu_timeout: float = gpu_timeout_option()
 
 
 @dataclass

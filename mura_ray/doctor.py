@@ -30,7 +30,14 @@ def _gpus() -> list[str]:
 
     if not torch.cuda.is_available():
         return []
-    return [f"{i}: {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
+    from mura_ray.hardware import gpu_bf16_native
+
+    shown = []
+    for i in range(torch.cuda.device_count()):
+        cc = torch.cuda.get_device_capability(i)
+        bf16 = "bf16 native" if gpu_bf16_native(cc) else "no native bf16: fp16 for scoring"
+        shown.append(f"{i}: {torch.cuda.get_device_name(i)} (sm{cc[0]}{cc[1]}, {bf16})")
+    return shown
 
 
 def _ray_cluster() -> tuple[str, str | None]:
@@ -48,7 +55,16 @@ def _ray_cluster() -> tuple[str, str | None]:
         shown = ", ".join(
             f"{k} {v:g}" for k, v in sorted(res.items()) if k in ("CPU", "GPU") or k.startswith("accelerator")
         )
-        return f"RAY_ADDRESS={address}: {nodes} live nodes; {shown}", None
+        from mura_ray.cluster import gpu_supply
+
+        supply = gpu_supply()
+        gpus = (
+            f"; its autoscaler can add {supply.launchable:g} GPUs"
+            if supply.autoscaler
+            else "; no autoscaler node types"
+        )
+        auto = "GPUs" if supply.reachable else "CPUs"
+        return f"RAY_ADDRESS={address}: {nodes} live nodes; {shown}{gpus}; --use-gpu auto runs on {auto}", None
     except Exception as exc:  # what a user needs is the reason, on one line
         return (
             f"RAY_ADDRESS={address}",

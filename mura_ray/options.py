@@ -106,6 +106,44 @@ def engine_option(name: str) -> Any:
         )
     return option(
         "auto",
-        help="bf16 where the CPU (AVX512-BF16, AMX) or GPU computes it natively (auto), or fp32|bf16",
-        choices=("auto", "fp32", "bf16"),
+        help="auto: bf16 where the CPU (AVX512-BF16, AMX) or GPU (sm80 and newer) computes it natively, fp16 on "
+        "older GPUs, else fp32; or fp32 (IEEE, also on GPUs) | bf16 | fp16 (torch on GPUs)",
+        choices=("auto", "fp32", "bf16", "fp16"),
+    )
+
+
+def use_gpu_option(resumable: bool = False) -> Any:
+    """``--use-gpu``, the same in every verb that runs the model."""
+    return option(
+        "auto",
+        choices=("auto", "yes", "no"),
+        resumable=resumable,
+        help="yes: run the model on GPUs, asking Ray (and its autoscaler) for GPU nodes even when none is up now; "
+        "no: CPUs only; auto: GPUs when the cluster has them up or its autoscaler has node types with GPUs, "
+        "CPUs otherwise (a laptop, a CPU cluster)",
+    )
+
+
+def gpus_option(per: str, resumable: bool = False) -> Any:
+    """``--gpus-per-worker`` (training) or ``--gpus-per-actor`` (scoring; fractions share a GPU)."""
+    from mura_ray.checks import positive_float
+
+    if per == "actor":
+        text = "GPUs each model actor holds when it runs on GPUs; a fraction such as 0.5 puts two actors on a GPU"
+    else:
+        text = "GPUs each training worker holds when it runs on GPUs"
+    return option(1.0, metavar="G", check=positive_float, resumable=resumable, help=text)
+
+
+def gpu_timeout_option(resumable: bool = False) -> Any:
+    """``--gpu-timeout``: how long to wait for GPUs to be placed before giving up with one line."""
+    from mura_ray.checks import positive_float
+
+    return option(
+        900.0,
+        metavar="S",
+        check=positive_float,
+        resumable=resumable,
+        help="seconds to wait for the GPUs asked for to be placed (the autoscaler starting nodes included); "
+        "then exit 2",
     )

@@ -29,7 +29,7 @@ SMALL_STUDIES = 40
 LEARN_STUDIES = 300
 
 
-RAY_FIXTURES = {"ray_cluster", "ray_address", "two_nodes", "trained_run", "demo_model"}
+RAY_FIXTURES = {"ray_cluster", "ray_address", "two_nodes", "trained_run", "demo_model", "fake_gpu_cluster"}
 
 
 def pytest_collection_modifyitems(items):

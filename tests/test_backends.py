@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from mura_ray import hardware
 from mura_ray.errors import UsageError
 from mura_ray.hardware import cpu_line
 from mura_ray.model import backends
@@ -43,9 +44,9 @@ def test_every_engine_installed_here_scores_as_torch_fp32_does(pair, folded, squ
 
 @pytest.mark.parametrize("bf16", [True, False])
 def test_auto_runs_bf16_only_on_a_cpu_that_computes_it(bf16, folded, squares, monkeypatch):
-    if bf16 and not backends.cpu_has_bf16():
+    if bf16 and not hardware.cpu_has_bf16():
         pytest.skip("this CPU has neither AVX512-BF16 nor AMX: OpenVINO would run fp32 whatever it is told")
-    monkeypatch.setattr(backends, "cpu_has_bf16", lambda: bf16)
+    monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: bf16)
     engine = backends.select(folded, "auto", "auto", CPU, SIDE, "test-model-a", squares[:8])
     first = backends.candidates("auto", "auto", CPU)[0]
     assert (engine.backend, engine.precision) == first

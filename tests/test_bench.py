@@ -75,3 +75,23 @@ def test_bench_nightly_times_a_night_per_size_and_history(ray_cluster, tmp_path,
     assert set(result["nights_ratio"]) == {"30", "60"} and set(result["size_ratio"]) == {"1", "3"}
     printed = capsys.readouterr().out
     assert "most nights / one night" in printed and f"CPU: {result['cpu']['model']}" in printed
+
+
+def test_the_gpu_check_runs_the_products_code_without_ray_on_a_cpu():
+    """The prepared GPU script, on a CPU (gloo) with Ray made unimportable: it needs only the compute core."""
+    import subprocess
+    import sys
+
+    blocked = (
+        "import sys, runpy; sys.modules['ray'] = None; runpy.run_module('mura_ray.bench.gpu_core', run_name='__main__')"
+    )
+    args = ["--device", "cpu", "--image-size", "48", "--train-batch", "8", "--score-batch", "16", "--steps", "1"]
+    args += ["--cores", "1", "--decode-images", "16"]
+    out = subprocess.run([sys.executable, "-c", blocked, *args], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert any(line.startswith("DDP epoch code:") and line.endswith(": ok") for line in lines), out.stdout
+    assert "process group: backend 'gloo'" in out.stdout and "cudnn.benchmark: False" in out.stdout
+    scored = [line for line in lines if line.startswith("scoring ")]
+    assert scored and any("torch fp32" in line and "max |dP| vs IEEE fp32 0.00e+00" in line for line in scored)
+    assert "CPU:" in out.stdout and "images/s" in lines[-2]

@@ -8,11 +8,13 @@ they run it. Exports are cached on local disk per model_id and backend
 (``MURA_RAY_CACHE``, default ``~/.cache/mura-ray``); nothing is downloaded.
 
 ``auto`` tries, in order, the engines that are fastest on this node
-(measured by ``mura-ray bench score``): on a GPU torch with bf16 where the GPU
-has it; on a CPU with AVX512-BF16 or AMX, OpenVINO bf16 then torch bf16; on
-other CPUs OpenVINO fp32 then ONNX Runtime fp32; torch fp32 last. The first
-one that builds and passes the accuracy guard on the run's first batch is
-kept (``select``).
+(measured by ``mura-ray bench score``): on a GPU torch bf16 where the GPU
+computes it natively (sm80 and newer), else torch fp16; on a CPU with
+AVX512-BF16 or AMX, OpenVINO bf16 then torch bf16; on other CPUs OpenVINO
+fp32 then ONNX Runtime fp32; torch fp32 (IEEE, also on GPUs) last. The
+first one that builds and passes the accuracy guard on the run's first batch
+is kept (``select``). OpenVINO and ONNX Runtime run on CPUs only: they are
+never candidates on a GPU.
 """
 
 from __future__ import annotations
@@ -34,13 +36,14 @@ import torch
 from torch import nn
 
 from mura_ray.errors import UsageError
-from mura_ray.hardware import cpu_has_bf16
+from mura_ray.hardware import bf16_native, ieee_fp32
 from mura_ray.imaging.tensors import to_input
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "openvino", "onnxruntime")
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+CPU_ONLY = ("openvino", "onnxruntime")
 INSTALL = {"openvino": "openvino", "onnxruntime": "mura-ray[onnxruntime]"}
 GUARD_MAX_ABS = 0.01  # the largest |P - P_fp32| an engine may show on the guard batch
 
@@ -52,6 +55,7 @@ class Engine:
     backend: str
     precision: str
     run: Callable[[np.ndarray], np.ndarray]
+    device: str = "cpu"  # the device type it runs on: the same engine name on another device is another engine
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         return np.asarray(self.run(np.ascontiguousarray(pixels, dtype=np.uint8)), dtype=np.float32).reshape(-1)
@@ -59,6 +63,10 @@ class Engine:
     @property
     def name(self) -> str:
         return f"{self.backend} {self.precision}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} on {self.device}"
 
 
 class ProbabilityOf(nn.Module):
@@ -76,19 +84,14 @@ def installed(backend: str) -> bool:
     return backend == "torch" or importlib.util.find_spec(backend) is not None
 
 
-def bf16_native(device: torch.device) -> bool:
-    """Whether bf16 runs natively here: a GPU with bf16, or a CPU with AVX512-BF16 or AMX."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return cpu_has_bf16()
-
-
 def check_choice(backend: str, precision: str) -> None:
     """Exit 2 (before any work) for an engine that cannot run: an uninstalled backend, ONNX Runtime in bf16."""
     if backend not in BACKENDS or precision not in PRECISIONS:
         raise UsageError(f"--backend takes {'|'.join(BACKENDS)} and --precision {'|'.join(PRECISIONS)}")
     if backend == "onnxruntime" and precision == "bf16":
         raise UsageError("--backend onnxruntime runs fp32 only on CPUs; use openvino or torch for bf16")
+    if backend in CPU_ONLY and precision == "fp16":
+        raise UsageError(f"--precision fp16 is for torch on GPUs without bf16; --backend {backend} runs fp32 or bf16")
     if backend != "auto" and not installed(backend):
         raise UsageError(f"--backend {backend} needs its runtime: pip install '{INSTALL[backend]}'")
 
@@ -96,8 +99,10 @@ def check_choice(backend: str, precision: str) -> None:
 def candidates(backend: str, precision: str, device: torch.device) -> list[tuple[str, str]]:
     """The (backend, precision) pairs to try, best first, for the settings asked for on ``device``."""
     bf16 = bf16_native(device)
-    if device.type == "cuda":
-        order = [("torch", "bf16")] if bf16 else []
+    if device.type != "cpu":
+        if backend in CPU_ONLY:
+            raise UsageError(f"--backend {backend} runs on CPUs only, not on {device.type}: use --use-gpu no")
+        order = [("torch", "bf16" if bf16 else "fp16")]
     elif bf16:
         order = [("openvino", "bf16"), ("torch", "bf16"), ("openvino", "fp32"), ("onnxruntime", "fp32")]
     else:
@@ -113,16 +118,21 @@ def candidates(backend: str, precision: str, device: torch.device) -> list[tuple
 def all_engines(device: torch.device) -> list[tuple[str, str]]:
     """Every (backend, precision) installed here that runs natively on ``device``, torch fp32 last."""
     bf16 = bf16_native(device)
+    if device.type != "cpu":
+        return [("torch", "bf16" if bf16 else "fp16"), ("torch", "fp32")]
     pairs = [("torch", "bf16")] if bf16 else []
-    if device.type == "cpu":
-        pairs += [("openvino", "fp32"), ("onnxruntime", "fp32")] + ([("openvino", "bf16")] if bf16 else [])
+    pairs += [("openvino", "fp32"), ("onnxruntime", "fp32")] + ([("openvino", "bf16")] if bf16 else [])
     return [(b, p) for b, p in pairs if installed(b)] + [("torch", "fp32")]
 
 
-def failed_guard(meta: dict[str, Any]) -> list[str]:
+def failed_guard(meta: dict[str, Any], device: str = "cpu") -> list[str]:
     """Engines the accuracy guard recorded at training (``engine_guard`` in the metadata) found not to score
-    the validation split as torch fp32 does: ``--backend auto`` does not use them for this model."""
+    the validation split as torch fp32 does on ``device`` (a device type): ``--backend auto`` does not use
+    them for this model there. The record was measured on the training driver's CPU, so it refuses nothing
+    on a GPU, where each actor checks its engine on its whole first batch instead."""
     record = meta.get("engine_guard") or {}
+    if record.get("device", "cpu") != device:
+        return []
     return sorted(name for name, figures in record.get("engines", {}).items() if not figures["passes"])
 
 
@@ -149,7 +159,8 @@ def _example(side: int) -> torch.Tensor:
 
 
 def build_torch(graph: nn.Module, precision: str, device: torch.device, side: int, model_id: str) -> Engine:
-    dtype = torch.bfloat16 if precision == "bf16" else None
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    ieee_fp32()  # fp32 is IEEE fp32 on GPUs too, as the guard's reference and the rows' "fp32" say
 
     @torch.inference_mode()
     def run(pixels: np.ndarray) -> np.ndarray:
@@ -159,7 +170,7 @@ def build_torch(graph: nn.Module, precision: str, device: torch.device, side: in
         with torch.autocast(device.type, dtype=dtype):
             return graph(x).float().cpu().numpy()
 
-    return Engine("torch", precision, run)
+    return Engine("torch", precision, run, device.type)
 
 
 def build_openvino(graph: nn.Module, precision: str, device: torch.device, side: int, model_id: str) -> Engine:
@@ -252,16 +263,18 @@ def select(
             log.info("engine %s %s failed this model's recorded accuracy guard; not used", name, prec)
             continue
         try:
+            # Building and the first run both count: a GPU that lacks kernels for a precision fails in its
+            # first forward pass, not when the engine is built.
             engine = BUILDERS[name](graph, prec, device, side, model_id)
-        except Exception as exc:  # a runtime that cannot build this graph here: try the next one
+            failure = guard_failure(engine, reference, guard_pixels)
+        except Exception as exc:  # a runtime that cannot build or run this graph here: try the next one
             if named:
                 raise
-            log.warning("engine %s %s could not be built (%s); trying the next", name, prec, exc)
+            log.warning("engine %s %s on %s failed (%s); trying the next", name, prec, device.type, exc)
             continue
-        failure = guard_failure(engine, reference, guard_pixels)
         if failure is None:
             return engine
         if named:
-            raise RuntimeError(f"engine {engine.name} fails the accuracy guard: {failure}")
-        log.warning("engine %s fails the accuracy guard (%s); trying the next", engine.name, failure)
+            raise RuntimeError(f"engine {engine.label} fails the accuracy guard: {failure}")
+        log.warning("engine %s fails the accuracy guard (%s); trying the next", engine.label, failure)
     return reference

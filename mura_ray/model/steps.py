@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from mura_ray.errors import UsageError
+from mura_ray.hardware import bf16_native
 from mura_ray.imaging.tensors import to_input
-from mura_ray.model.backends import bf16_native
 from mura_ray.model.resnet import NUM_CLASSES
 
 
@@ -30,10 +30,13 @@ def class_weights(labels: np.ndarray) -> list[float]:
 
 
 def autocast_for(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
-    """bf16 autocast where asked, or under ``auto`` where the device computes bf16 natively (GPUs that have it,
-    CPUs with AVX512-BF16 or AMX); full precision elsewhere."""
+    """bf16 autocast where asked, or under ``auto`` where the device computes bf16 natively (GPUs of sm80 and
+    newer, CPUs with AVX512-BF16 or AMX); fp16 autocast where asked (inference on GPUs without bf16); full
+    precision elsewhere."""
     if precision == "bf16" or (precision == "auto" and bf16_native(device)):
         return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "fp16":
+        return torch.autocast(device.type, dtype=torch.float16)
     return contextlib.nullcontext()
 
 
@@ -69,10 +72,13 @@ def train_one_epoch(
     loss_fn: nn.Module,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
-    on_batch: Callable[[int, float], None] | None = None,
+    on_batch: Callable[[int, torch.Tensor], None] | None = None,
     precision: str = "auto",
 ) -> dict[str, float]:
-    """Train over ``batches``; returns ``{"loss": mean loss per image, "images": n}``."""
+    """Train over ``batches``; returns ``{"loss": mean loss per image, "images": n}``.
+
+    ``on_batch(i, loss)`` gets the batch's loss as a tensor on the device: reading it (``float``) waits for
+    the device, so a caller does that only when it shows the value."""
     model.train()
     total = torch.zeros((), device=device)
     seen = 0
@@ -83,7 +89,7 @@ def train_one_epoch(
         total += loss * len(labels)
         seen += len(labels)
         if on_batch is not None:
-            on_batch(i, float(loss))
+            on_batch(i, loss)
     return {"loss": float(total) / max(seen, 1), "images": seen}
 
 

@@ -54,12 +54,14 @@ def predict(
     meta: dict[str, Any],
     data: str,
     split: str,
-    batch_size: int,
+    batch_size: int | None,
     engine: tuple[str, str] = AUTO,
     tta: str = "none",
+    placement: tuple[str, float, float] = ("auto", 1.0, 900.0),
 ) -> pa.Table:
     """Labelled images of ``split``: their catalog columns, ``prob_abnormal`` (calibrated; null where
-    unreadable), ``prob_uncalibrated`` and ``error``."""
+    unreadable), ``prob_uncalibrated`` and ``error``. ``placement``: ``--use-gpu``, ``--gpus-per-actor`` and
+    ``--gpu-timeout``."""
     catalog = build_catalog(data, split=split)
     labelled = catalog.filter(pc.is_valid(catalog["label"]))
     if labelled.num_rows == 0:
@@ -74,6 +76,9 @@ def predict(
         backend=backend,
         precision=precision,
         tta=tta,
+        use_gpu=placement[0],
+        gpus_per_actor=placement[1],
+        gpu_timeout=placement[2],
     )
     parts = []
     ds = scored_dataset(labelled, weights, meta, cfg)
@@ -99,7 +104,10 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     warning = protocol_warning(meta, cfg.split)
     if warning:
         log.warning("%s", warning)
-    table = predict(weights, meta, cfg.data, cfg.split, cfg.batch_size, (cfg.backend, cfg.precision), cfg.tta)
+    placement = (cfg.use_gpu, cfg.gpus_per_actor, cfg.gpu_timeout)
+    table = predict(
+        weights, meta, cfg.data, cfg.split, cfg.batch_size, (cfg.backend, cfg.precision), cfg.tta, placement
+    )
     fs, out = storage.filesystem(cfg.out)
     fs.makedirs(out, exist_ok=True)
     with fs.open(storage.join(out, "predictions.parquet"), "wb") as f:

@@ -72,7 +72,10 @@ def run_explain(cfg: ExplainConfig) -> dict[str, Any]:
     fs.makedirs(out, exist_ok=True)
     study_of = dict(zip(catalog["image_uri"].to_pylist(), catalog["study_uri"].to_pylist()))
     parts = []
-    ds = heatmap_dataset(chosen, weights, meta, cfg.data, layer=cfg.layer, batch_size=cfg.batch_size)
+    placement = (cfg.use_gpu, cfg.gpus_per_actor, cfg.gpu_timeout)
+    ds = heatmap_dataset(
+        chosen, weights, meta, cfg.data, layer=cfg.layer, batch_size=cfg.batch_size, placement=placement
+    )
     with Progress("heatmaps", chosen.num_rows) as bar:
         for batch in ds.iter_batches(batch_size=16, batch_format="numpy"):
             for uri, png in zip(batch["image_uri"], batch["png"]):
@@ -111,7 +114,15 @@ def _choose(catalog: pa.Table, cfg: ExplainConfig, weights: bytes, meta: dict[st
 def _flagged(catalog: pa.Table, cfg: ExplainConfig, weights: bytes, meta: dict[str, Any]) -> pa.Table:
     """The images of the studies whose mean calibrated score is at or above the model's threshold."""
     parts = []
-    score_cfg = ScoreConfig(model="", data=cfg.data, out="", modalities="ALL")
+    score_cfg = ScoreConfig(
+        model="",
+        data=cfg.data,
+        out="",
+        modalities="ALL",
+        use_gpu=cfg.use_gpu,
+        gpus_per_actor=cfg.gpus_per_actor,
+        gpu_timeout=cfg.gpu_timeout,
+    )
     with Progress("scoring to find flagged studies", catalog.num_rows) as bar:
         for batch in scored_dataset(catalog, weights, meta, score_cfg).iter_batches(batch_size=128):
             parts.append(results_table(batch))

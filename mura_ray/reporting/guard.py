@@ -98,7 +98,7 @@ def check_sample(
         float(meta["threshold"]),
         temperature=float(meta.get("temperature", 1.0)),
     )
-    return {"split": "valid", "images": len(pixels), "measured_on": cpu_line(), "engines": engines}
+    return {"split": "valid", "images": len(pixels), "device": "cpu", "measured_on": cpu_line(), "engines": engines}
 
 
 def check_model(model_dir: str, data: str, split: str = "valid") -> dict[str, Any]:

@@ -21,6 +21,7 @@ from safetensors.torch import load as st_load
 from mura_ray import cluster
 from mura_ray.archive import storage
 from mura_ray.data import catalog_dataset
+from mura_ray.hardware import no_cuda_message
 from mura_ray.imaging.decode import MAX_BYTES, one_line
 from mura_ray.imaging.preprocess import EvalPreset, load_square, read_capped
 from mura_ray.model.checkpoint import model_id_of
@@ -75,7 +76,9 @@ class HeatmapMaker:
         data = ray.get(weights[0])
         if model_id_of(data) != meta["model_id"]:
             raise RuntimeError(f"the weights handed to this actor are not model {meta['model_id'][:12]}")
-        device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        if use_gpu and not torch.cuda.is_available():
+            raise RuntimeError(no_cuda_message(ray.get_runtime_context().get_node_id()))
+        device = torch.device("cuda" if use_gpu else "cpu")
         self.model = build_model()
         self.model.load_state_dict(st_load(data))
         self.model.to(device).eval()
@@ -105,12 +108,20 @@ class HeatmapMaker:
 
 
 def heatmap_dataset(
-    keys: pa.Table, weights: bytes, meta: dict[str, Any], data: str, layer: str = HEATMAP_LAYER, batch_size: int = 16
+    keys: pa.Table,
+    weights: bytes,
+    meta: dict[str, Any],
+    data: str,
+    layer: str = HEATMAP_LAYER,
+    batch_size: int = 16,
+    placement: tuple[str, float, float] = ("auto", 1.0, 900.0),
 ) -> ray.data.Dataset:
     """``image_uri`` rows (and ``prob_abnormal`` when known, shown on the overlay) -> ``png`` bytes per image,
-    with the map's peak and the score, or ``error``."""
+    with the map's peak and the score, or ``error``. ``placement``: ``--use-gpu``, ``--gpus-per-actor`` and
+    ``--gpu-timeout``."""
     cluster.connect()
-    actors, cpus, threads, use_gpu = cluster.scoring_plan(None, None, None)
+    use_gpu, gpus, timeout = placement
+    plan = cluster.place_scoring_actors(None, use_gpu, None, gpus, timeout)
     fs, _ = storage.filesystem(data)
     columns = [c for c in ("image_uri", "prob_abnormal") if c in keys.column_names]
     side = int(meta["cache_side"])
@@ -124,13 +135,13 @@ def heatmap_dataset(
             "weights": [ray.put(weights)],
             "meta": meta,
             "layer": layer,
-            "threads": threads,
-            "use_gpu": use_gpu,
+            "threads": plan.threads,
+            "use_gpu": plan.use_gpu,
         },
         batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=cpus,
-        num_gpus=1 if use_gpu else 0,
+        compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
+        num_cpus=plan.cpus,
+        num_gpus=plan.gpus,
     )
 
 

@@ -20,83 +20,26 @@ import numpy as np
 import pyarrow as pa
 import ray
 import torch
-from safetensors.torch import load as st_load
 
 from mura_ray import cluster
 from mura_ray.archive import storage
 from mura_ray.config import ScoreConfig
 from mura_ray.data import catalog_dataset
-from mura_ray.imaging.preprocess import EvalPreset, read_and_decode
+from mura_ray.hardware import no_cuda_message
+from mura_ray.imaging.preprocess import read_and_decode
 from mura_ray.model import backends
-from mura_ray.model.calibration import apply_temperature
-from mura_ray.model.checkpoint import model_id_of
-from mura_ray.model.resnet import build_model, for_inference
-
-GUARD_IMAGES = 16
+from mura_ray.model.scorer import BatchScorer
 
 
-class Scorer:
-    """Model-holding actor: takes the run's weights once, scores batches of cached squares.
+class Scorer(BatchScorer):
+    """The model-holding actor: ``BatchScorer`` with the run's weights taken once from Ray's object store.
 
-    The inference engine is chosen on the first batch that has images to
-    score, whose first images serve as the accuracy guard's batch."""
+    An actor given a GPU on a node where torch sees no CUDA stops with one line."""
 
-    def __init__(
-        self,
-        weights: list[ray.ObjectRef],
-        model_id: str,
-        image_size: int,
-        threads: int,
-        use_gpu: bool,
-        backend: str = "auto",
-        precision: str = "auto",
-        refused: tuple[str, ...] = (),
-        temperature: float = 1.0,
-        tta: str = "none",
-    ):
-        torch.set_num_threads(threads)
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        data = ray.get(weights[0])
-        if model_id_of(data) != model_id:
-            raise RuntimeError(f"the weights handed to this actor are not model {model_id[:12]}")
-        model = build_model()
-        model.load_state_dict(st_load(data))
-        self.model = for_inference(model, self.device)
-        self.model_id, self.image_size, self.setting, self.refused = model_id, image_size, (backend, precision), refused
-        self.crop = EvalPreset(size=image_size)
-        self.engine: backends.Engine | None = None
-        self.temperature, self.tta = temperature, tta
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = (batch["error"] == "") & (batch["modality"] == "")
-        probs = np.full(len(ok), np.nan, dtype=np.float32)
-        raw = probs.copy()
-        if ok.any():
-            pixels = self.crop({"pixels": batch["pixels"][ok]})["pixels"]
-            if self.engine is None:
-                self.engine = backends.select(
-                    self.model,
-                    *self.setting,
-                    self.device,
-                    self.image_size,
-                    self.model_id,
-                    pixels[:GUARD_IMAGES],
-                    tuple(self.refused),
-                )
-            raw[ok] = self.engine(pixels)
-            if self.tta == "flip":
-                raw[ok] = (raw[ok] + self.engine(pixels[:, :, ::-1])) / 2
-            probs[ok] = apply_temperature(raw[ok], self.temperature)
-        engine = self.engine
-        return {
-            "image_uri": batch["image_uri"],
-            "prob_abnormal": probs,
-            "prob_uncalibrated": raw,
-            "error": batch["error"],
-            "modality": batch["modality"],
-            "backend": np.where(ok, engine.backend if engine else "", ""),
-            "precision": np.where(ok, engine.precision if engine else "", ""),
-        }
+    def __init__(self, weights: list[ray.ObjectRef], use_gpu: bool, **settings: Any):
+        if use_gpu and not torch.cuda.is_available():
+            raise RuntimeError(no_cuda_message(ray.get_runtime_context().get_node_id()))
+        super().__init__(ray.get(weights[0]), device=torch.device("cuda" if use_gpu else "cpu"), **settings)
 
 
 def accepted_modalities(setting: str) -> tuple[str, ...] | None:
@@ -113,7 +56,9 @@ def scored_dataset(keys: pa.Table, weights: bytes, meta: dict[str, Any], cfg: Sc
     backends.check_choice(cfg.backend, cfg.precision)
     cluster.connect()
     weights_ref = ray.put(weights)
-    actors, cpus, threads, use_gpu = cluster.scoring_plan(cfg.actors, cfg.use_gpu, cfg.cpus_per_actor)
+    plan = cluster.place_scoring_actors(
+        cfg.actors, cfg.use_gpu, cfg.cpus_per_actor, cfg.gpus_per_actor, cfg.gpu_timeout, cfg.backend
+    )
     fs, _ = storage.filesystem(cfg.data)
     ds = catalog_dataset(keys.select(["image_uri"])).map_batches(
         read_and_decode,
@@ -127,18 +72,18 @@ def scored_dataset(keys: pa.Table, weights: bytes, meta: dict[str, Any], cfg: Sc
             "weights": [weights_ref],
             "model_id": meta["model_id"],
             "image_size": int(meta["image_size"]),
-            "threads": threads,
-            "use_gpu": use_gpu,
+            "threads": plan.threads,
+            "use_gpu": plan.use_gpu,
             "backend": cfg.backend,
             "precision": cfg.precision,
-            "refused": backends.failed_guard(meta),
+            "refused": backends.failed_guard(meta, "cuda" if plan.use_gpu else "cpu"),
             "temperature": float(meta.get("temperature", 1.0)),
             "tta": cfg.tta,
         },
-        batch_size=cfg.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=cpus,
-        num_gpus=1 if use_gpu else 0,
+        batch_size=plan.batch_size(cfg.batch_size),
+        compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
+        num_cpus=plan.cpus,
+        num_gpus=plan.gpus,
     )
 
 

@@ -121,7 +121,7 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
         if todo.num_rows:
             _score_into(writer, todo, weights, meta, cfg, head)
             if writer.keep_scores:
-                heatmaps = _heatmaps_into(writer, todo, weights, meta, cfg.data)
+                heatmaps = _heatmaps_into(writer, todo, weights, meta, cfg)
         seconds = time.monotonic() - t0
         totals = {
             "run_id": run_id,
@@ -201,17 +201,18 @@ def _score_into(
         raise RuntimeError(f"scored {seen} rows for {todo.num_rows} images; the rest is not committed")
 
 
-def _heatmaps_into(writer: RunWriter, todo: pa.Table, weights: bytes, meta: dict[str, Any], data: str) -> int:
+def _heatmaps_into(writer: RunWriter, todo: pa.Table, weights: bytes, meta: dict[str, Any], cfg: ScoreConfig) -> int:
     """Stage a Grad-CAM overlay of each image this run scored in a study predicted abnormal, and their index,
     to be committed with the run's last chunk: the PNGs under ``heatmaps/run_date=D/run_id=R/``, the index as
     ``heatmap_index/run_date=D/R.parquet``; returns how many."""
     flagged = writer.flagged_images()
     if flagged.num_rows == 0:
         return 0
+    data = cfg.data
     folder = storage.join("heatmaps", f"run_date={writer.run_date}", f"run_id={writer.run_id}")
     study_of = dict(zip(todo["image_uri"].to_pylist(), todo["study_uri"].to_pylist()))
     parts = []
-    ds = heatmap_dataset(flagged, weights, meta, data)
+    ds = heatmap_dataset(flagged, weights, meta, data, placement=(cfg.use_gpu, cfg.gpus_per_actor, cfg.gpu_timeout))
     with Progress("heatmaps of flagged studies", flagged.num_rows) as bar:
         for batch in ds.iter_batches(batch_size=16, batch_format="numpy"):
             for uri, png in zip(batch["image_uri"], batch["png"]):

@@ -22,7 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-from ray.train.torch import TorchTrainer
+from ray.train import ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from mura_ray import __version__, cluster, console, faults
 from mura_ray.archive import storage
@@ -37,6 +38,7 @@ from mura_ray.model.steps import class_weights
 from mura_ray.progress import Follower, Progress, event_sink
 from mura_ray.training import protocol, rundir
 from mura_ray.training.dataset import ExactValidationConfig, cached_training_split, eval_view, train_view
+from mura_ray.training.distributed import backend_for
 from mura_ray.training.events import TrainingDisplay
 from mura_ray.training.protocol import TUNE
 from mura_ray.training.selection import JOIN_COLUMNS, validation_predictions
@@ -59,6 +61,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     if not storage.is_remote(cfg.out):
         console.set_ray_log(storage.join(cfg.out, "ray.log"))
     cluster.connect()
+    scaling, cpus = _place_workers(cfg)
     log.info("starting weights: %s (%d tensors left at initial values)", cfg.weights, len(skipped))
     cached, unreadable = _decode_splits(cfg, catalog)
 
@@ -66,7 +69,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     if tracker:
         tracker.log_params(dict(cfg.to_dict(), data_fingerprint=fingerprint(catalog)))
     sink = event_sink()
-    trainer = _trainer(cfg, catalog, start.state_dict(), weights, cached, sink)
+    trainer = _trainer(cfg, scaling, cpus, catalog, start.state_dict(), weights, cached, sink)
     display = TrainingDisplay(also=tracker.on_event if tracker else None)
     try:
         with Follower(sink, display.handle):
@@ -108,11 +111,34 @@ def start_tracking(cfg: TrainConfig) -> Any:
     return Tracker(uri, cfg.out)
 
 
+def _place_workers(cfg: TrainConfig) -> tuple[ScalingConfig, float]:
+    """Ray Train's workers sized for the cluster; on GPUs, once the cluster has placed them (its autoscaler
+    starting GPU nodes if need be) and torch sees CUDA on each, so that a request that cannot be met ends
+    with one line before the archive is decoded."""
+    scaling, cpus = cluster.training_plan(
+        cfg.workers, cfg.use_gpu, cfg.cpus_per_worker, cfg.placement_strategy, cfg.gpus_per_worker
+    )
+    if scaling.use_gpu:
+        bundles = [dict(scaling.resources_per_worker)] * cfg.workers
+        cluster.reserve_gpus(bundles, cfg.placement_strategy, cfg.gpu_timeout, "training workers")
+    return scaling, cpus
+
+
 def _trainer(
-    cfg: TrainConfig, catalog: Any, start_state: dict, weights: list[float], cached: dict[str, Any], sink: Any
+    cfg: TrainConfig,
+    scaling: ScalingConfig,
+    cpus: float,
+    catalog: Any,
+    start_state: dict,
+    weights: list[float],
+    cached: dict[str, Any],
+    sink: Any,
 ) -> TorchTrainer:
-    """The TorchTrainer: workers sized for the cluster, the training and tuning splits, what each worker needs."""
-    scaling, cpus = cluster.training_plan(cfg.workers, cfg.use_gpu, cfg.cpus_per_worker, cfg.placement_strategy)
+    """The TorchTrainer: the workers, the training and tuning splits, what each worker needs.
+
+    On GPUs the process group is ``cpu:gloo,cuda:nccl``: NCCL takes the
+    tensors on the GPUs, and anything on a CPU goes to gloo instead of
+    making NCCL raise."""
     chooser = TUNE if cfg.tune_fraction > 0 else "valid"
     tune = catalog.filter(pc.equal(catalog["split"], chooser)).select(JOIN_COLUMNS)
     log.info(
@@ -129,12 +155,14 @@ def _trainer(
             "start_state": ray.put(start_state),
             "class_weights": weights,
             "cpus_per_worker": cpus,
+            "use_gpu": scaling.use_gpu,
             "train_images": cached["train"].count(),
             "tune_catalog": ray.put(tune),
             "sink": sink,
             "fault": faults.spec(),
         },
         scaling_config=scaling,
+        torch_config=TorchConfig(backend=backend_for(scaling.use_gpu)),
         datasets={
             "train": train_view(cached["train"], size=cfg.image_size),
             TUNE: eval_view(cached[chooser], size=cfg.image_size),

@@ -25,7 +25,8 @@ class StepReporter:
         self.sink, self.epoch, self.epochs, self.steps, self.per_step = sink, epoch, epochs, steps, images_per_step
         self.last = 0.0
 
-    def __call__(self, i: int, loss: float) -> None:
+    def __call__(self, i: int, loss: Any) -> None:
+        """``loss``: the batch's loss, a float or a tensor on the device (read only when it is pushed)."""
         now = time.monotonic()
         if self.sink is not None and (now - self.last >= 0.5 or i + 1 == self.steps):
             self.sink.push.remote(
@@ -35,7 +36,7 @@ class StepReporter:
                     "epochs": self.epochs,
                     "images": (i + 1) * self.per_step,
                     "total": self.steps * self.per_step,
-                    "loss": loss,
+                    "loss": float(loss),
                 }
             )
             self.last = now

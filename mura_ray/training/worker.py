@@ -24,12 +24,13 @@ from ray.train import Checkpoint
 
 from mura_ray import faults
 from mura_ray.config import TrainConfig
+from mura_ray.hardware import ieee_fp32, no_cuda_message
 from mura_ray.model.checkpoint import WEIGHTS_FILE, load_training_state, save_training_state, state_dict_bytes
 from mura_ray.model.resnet import build_model, parse_trainable, set_trainable
-from mura_ray.model.steps import evaluate, train_one_epoch
 from mura_ray.reporting.metrics import evaluation_metrics
 from mura_ray.training import rundir
-from mura_ray.training.distributed import gather_arrays, mean_over_workers
+from mura_ray.training.distributed import gather_arrays
+from mura_ray.training.epoch import train_epoch, tune_predictions
 from mura_ray.training.events import StepReporter, tell_driver
 from mura_ray.training.stopping import EarlyStopping
 
@@ -96,6 +97,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 def _set_up(config: dict[str, Any]) -> _Setup:
     cfg = TrainConfig(**config["cfg"])
+    if config.get("use_gpu") and not torch.cuda.is_available():
+        raise RuntimeError(no_cuda_message(ray.get_runtime_context().get_node_id()))
+    ieee_fp32()
     torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
     torch.manual_seed(cfg.seed)
     ctx = ray.train.get_context()
@@ -160,7 +164,7 @@ def _train(run: _Setup, shard: Any, epoch: int, steps: int, resumed_from: int) -
         run.sink if run.is_rank0 else None, epoch, run.cfg.epochs, steps, run.cfg.batch_size * run.world
     )
 
-    def on_batch(i: int, loss: float) -> None:
+    def on_batch(i: int, loss: torch.Tensor) -> None:
         reporter(i, loss)
         if i == 1 and resumed_from == 0 and run.rank == run.world - 1 and faults.armed_in_epoch(run.fault, epoch):
             # The last worker dies mid-epoch, once Ray Train has recorded the previous epoch's
@@ -177,33 +181,13 @@ def _train(run: _Setup, shard: Any, epoch: int, steps: int, resumed_from: int) -
         pin_memory=run.device.type == "cuda",
         prefetch_batches=2,
     )
-    result = train_one_epoch(run.model, batches, run.loss_fn, run.optimizer, run.device, on_batch, run.cfg.precision)
-    return mean_over_workers(result["loss"], result["images"])
+    return train_epoch(run.model, batches, run.loss_fn, run.optimizer, run.device, on_batch, run.cfg.precision)
 
 
 def _validate(run: _Setup, shard: Any) -> tuple[pa.Table, float]:
     """Predictions of every tuning image (gathered from all workers) with their study, and the loss."""
-    local = evaluate(
-        run.plain,
-        shard.iter_batches(batch_size=128, batch_format="numpy"),
-        run.device,
-        run.loss_fn,
-        keep=("image_uri",),
-        precision=run.cfg.precision,
-    )
-    allv = gather_arrays(local)
-    predictions = (
-        pa.table(
-            {
-                "image_uri": pa.array(allv["image_uri"].astype(str), pa.string()),
-                "label": pa.array(allv["label"].astype(np.int8)),
-                "prob_abnormal": pa.array(allv["prob"].astype(np.float32)),
-            }
-        )
-        .join(run.tune_catalog, "image_uri", join_type="left outer")
-        .sort_by("image_uri")
-    )
-    return predictions, float(allv["loss_sum"]) / max(len(allv["label"]), 1)
+    batches = shard.iter_batches(batch_size=128, batch_format="numpy")
+    return tune_predictions(run.plain, batches, run.device, run.loss_fn, run.tune_catalog)
 
 
 def _epoch_metrics(
