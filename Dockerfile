@@ -1,7 +1,9 @@
-# The image of mura-ray's Ray nodes on Kubernetes (k8s/): Ray's GPU image at the version
-# mura-ray is tested with, plus this checkout at /app.
+# The image of mura-ray's Ray nodes, on AWS (cluster.yaml) and on Kubernetes (k8s/): Ray's GPU image
+# at the version mura-ray is tested with, plus this checkout installed at /app with the exact versions
+# of constraints.txt, so that a node starts with nothing to install.
 #   docker build -t REGISTRY/mura-ray:VERSION . && docker push REGISTRY/mura-ray:VERSION
+# `docker push` prints the digest (REGISTRY/mura-ray@sha256:...), to pin the image by.
 FROM rayproject/ray:2.60.0-py311-gpu
 COPY --chown=ray:users . /app
-RUN pip install --no-cache-dir /app
+RUN pip install --no-cache-dir -c /app/constraints.txt /app
 WORKDIR /app

@@ -1,5 +1,6 @@
 # Everything runs inside .venv/ in this checkout; the first target creates it.
-# Installs are redone only when pyproject.toml changes (the stamp files in .venv/).
+# Installs are redone only when pyproject.toml or constraints.txt changes (the stamp files in .venv/);
+# constraints.txt pins every package to the version the image (Dockerfile) ships.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,12 +12,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(PIP) -e .
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) -c constraints.txt -e .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(PIP) -e '.[test]'
+$(VENV)/.installed-test: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) -c constraints.txt -e '.[test]'
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
