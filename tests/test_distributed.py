@@ -118,3 +118,26 @@ def test_without_a_process_group_the_helpers_return_their_input():
     local = {"prob": np.array([0.1, 0.9]), "loss_sum": np.float64(1.0)}
     assert gather_arrays(local) is local
     assert mean_over_workers(0.25, 3, CPU) == (0.25, 3)
+
+
+@pytest.mark.timeout(120)
+def test_the_trainer_built_for_gpus_uses_the_backend_that_keeps_cpu_tensors_off_nccl(ray_cluster, tmp_path):
+    """The real TorchTrainer the driver builds, for 2 GPU workers (built, not run: there is no GPU here)."""
+    from ray.train import ScalingConfig
+
+    from mura_ray.config import TrainConfig
+    from mura_ray.training import driver
+
+    cfg = TrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), workers=2, weights="none", use_gpu="yes")
+    scaling = ScalingConfig(num_workers=2, use_gpu=True, resources_per_worker={"CPU": 1.0, "GPU": 1.0})
+    rows = [{"image_uri": f"u{i}", "pixels": np.zeros((40, 40), np.uint8), "label": i % 2} for i in range(4)]
+    cached = {"train": ray_cluster.data.from_items(rows), "tune": ray_cluster.data.from_items(rows)}
+    catalog = pa.table(
+        {"image_uri": ["u0"], "study_uri": ["s"], "body_part": ["XR_HAND"], "patient_id": ["p"], "split": ["tune"]}
+    )
+    trainer = driver._trainer(cfg, scaling, 1.0, catalog, build_model().state_dict(), [1.0, 1.0], cached, None)
+    assert trainer.backend_config.backend == GPU_BACKEND
+    assert _device_map(trainer.backend_config.backend)["cpu"] == "gloo"
+    cpu_cfg = TrainConfig(data=str(tmp_path), out=str(tmp_path / "run2"), workers=2, weights="none")
+    cpu = driver._trainer(cpu_cfg, ScalingConfig(num_workers=2), 1.0, catalog, {}, [1.0, 1.0], cached, None)
+    assert cpu.backend_config.backend == "gloo"
