@@ -107,8 +107,19 @@ def test_report_matches_sklearn_overall_and_per_body_part(trained_run, learn_arc
     assert report["protocol"]["warning"] is None and report["protocol"]["chosen_on"]["threshold"] == "tune"
     assert report["interval_unit"] == "patient"
 
+    # MURA's own format: one row per study, its path from MURA-v1.1/ on, the decision at the threshold.
+    rows = dict(line.rsplit(",", 1) for line in open(out / "predictions.csv").read().splitlines())
+    s_ids, _, _ = study_scores(studies, probs, labels)
+    assert len(rows) == len(s_ids) and all(p.startswith("MURA-v1.1/valid/XR_") and p.endswith("/") for p in rows)
+    decided = {s.split("MURA-v1.1/", 1)[1]: int(p >= t) for s, p in zip(s_ids, s_probs)}
+    assert {k.split("MURA-v1.1/", 1)[1]: int(v) for k, v in rows.items()} == decided
+    competition = report["mura_competition"]
+    assert competition["Overall"]["kappa"] == pytest.approx(report["study"]["kappa"])
+    assert competition["Overall"]["studies"] == report["study"]["n"]
+
     md = open(out / "report.md").read()
     assert "| study |" in md and "Per body part" in md and "chose nothing" in md and "ECE before" in md
+    assert "As MURA's evaluation computes it" in md
     for name in ("confusion_matrix.png", "roc.png", "body_part_kappa.png", "reliability.png", "errors_gallery.png"):
         with open(out / name, "rb") as f:
             assert f.read(8) == PNG, name

@@ -4,7 +4,9 @@ Predictions come from the scoring pipeline (Ray Data decode tasks, model
 actors). Image-level and study-level metrics (a study's score is the mean of
 its images', as in the MURA paper) with 95% bootstrap intervals, overall and
 per body part, go to ``report.json`` and ``report.md``; the predictions
-themselves to ``predictions.parquet``; and four PNGs: the confusion
+themselves to ``predictions.parquet``; the study decisions in the MURA
+competition's format to ``predictions.csv``, with its own kappa figures
+(``mura_format``) in the report; and PNGs: the confusion
 matrices, the ROC curves with the operating point, kappa per body part, and
 a gallery of the most confident false positives and false negatives.
 """
@@ -33,6 +35,7 @@ from mura_ray.reporting import plots
 from mura_ray.reporting.calibration import calibration_line, calibration_report, calibration_table
 from mura_ray.reporting.explain import overlays_of
 from mura_ray.reporting.metrics import fmt, fmt_ci, full_report, study_scores
+from mura_ray.reporting.mura_format import competition_report, predictions_csv
 from mura_ray.scoring.pipeline import results_table, scored_dataset
 from mura_ray.training.protocol import chose_on
 
@@ -40,6 +43,7 @@ log = logging.getLogger(__name__)
 
 GALLERY_SIZE = 6
 AUTO = ("auto", "auto")  # (--backend, --precision)
+MURA_CSV = "predictions.csv"  # the MURA competition's submission format: study path,0|1
 PLOTS = {
     "confusion": "confusion_matrix.png",
     "roc": "roc.png",
@@ -123,6 +127,10 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     )
     temperature = float(meta.get("temperature", 1.0))
     raw = scored["prob_uncalibrated"].to_numpy().astype(np.float64)
+    s_ids, s_probs, s_labels = study_scores(studies, probs, labels)
+    storage.write_bytes(
+        fs, storage.join(out, MURA_CSV), predictions_csv(s_ids, s_probs >= threshold, cfg.data).encode()
+    )
     report.update(
         model_id=meta["model_id"],
         model=model_dir,
@@ -136,6 +144,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
         tta=cfg.tta,
         protocol=protocol_summary(meta, cfg.split, warning),
         calibration=calibration_report(labels, raw, probs, studies, temperature),
+        mura_competition=competition_report(s_ids, s_labels, s_probs >= threshold, cfg.data),
     )
     storage.write_bytes(fs, storage.join(out, "report.json"), json.dumps(report, indent=2).encode())
     storage.write_bytes(fs, storage.join(out, "report.md"), render_markdown(report).encode())
@@ -219,6 +228,26 @@ def _protocol_lines(p: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _competition_lines(figures: dict[str, Any]) -> list[str]:
+    """The study kappa as the MURA competition's evaluation script computes it, overall and per body part."""
+    if not figures:
+        return []
+    lines = [
+        "",
+        "## As MURA's evaluation computes it",
+        "",
+        f"`{MURA_CSV}` is the competition's submission (study path, 0|1). Its script's interval is kappa "
+        "+/- 1.96 x pr_a(1 - pr_a) / (n (1 - pr_e)^2), the variance of kappa where a standard error belongs, "
+        "so it is much narrower than the 95% bootstrap intervals over patients above; the kappas are the same.",
+        "",
+        "| body part | studies | kappa | competition's lower-upper |",
+        "|---|---|---|---|",
+    ]
+    for name, f in figures.items():
+        lines.append(f"| {name} | {f['studies']} | {fmt(f['kappa'])} | {fmt(f['lower'])}-{fmt(f['upper'])} |")
+    return lines
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The report as a readable page."""
     lines = [
@@ -267,6 +296,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         *calibration_table(c),
     ]
+    lines += _competition_lines(report.get("mura_competition") or {})
     if report.get("unreadable_images"):
         lines += ["", f"{report['unreadable_images']} unreadable images were left out."]
     lines += ["", "## Plots", ""] + [f"![{name}]({file})" for name, file in PLOTS.items()]
