@@ -24,6 +24,7 @@ def _bounded(name: str, cast: Callable[[Any], Any], ok: Callable[[Any], bool], r
 
 positive_int = _bounded("positive_int", int, lambda v: v >= 1, ">= 1")
 non_negative_int = _bounded("non_negative_int", int, lambda v: v >= 0, ">= 0")
+non_negative_float = _bounded("non_negative_float", float, lambda v: v >= 0, ">= 0")
 positive_float = _bounded("positive_float", float, lambda v: v > 0, "> 0")
 fraction = _bounded("fraction", float, lambda v: 0.0 <= v <= 1.0, "between 0 and 1")
 open_fraction = _bounded("open_fraction", float, lambda v: 0.0 < v < 1.0, "between 0 and 1 (exclusive)")

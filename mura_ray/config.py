@@ -18,12 +18,14 @@ from mura_ray.checks import (
     image_size,
     int_list,
     modality_list,
+    non_negative_float,
     non_negative_int,
     open_fraction,
     positive_float,
     positive_int,
     run_name,
 )
+from mura_ray.imaging.preprocess import FITS
 from mura_ray.options import (
     ConfigBase,
     add_options,
@@ -34,6 +36,7 @@ from mura_ray.options import (
     tta_option,
     use_gpu_option,
 )
+from mura_ray.training.recipes import RECIPES, SELECT_ON
 
 __all__ = ["add_options", "option"]
 
@@ -51,11 +54,44 @@ class TrainConfig(ConfigBase):
     out: str = option(
         help="run directory: the model, history, curves and checkpoints go here", metavar="RUN_DIR", path=True
     )
+    recipe: str = option(
+        "default",
+        choices=tuple(RECIPES),
+        help="what the options left unset get: default = 224 px, pad, batch 32, Adam 1e-3, 10 epochs, rotation "
+        "15, the kept epoch by tuning F1, layer3,layer4,fc trained from pretrained weights; mura = the MURA "
+        "paper's: 320 px, stretch, batch 8, Adam 1e-4 x sqrt(workers x batch / 8), 30 epochs, rotation 30, the "
+        "kept epoch by tuning study kappa, every layer trained",
+    )
     workers: int = option(2, help="DDP workers", check=positive_int)
-    epochs: int = option(10, help="maximum epochs", check=positive_int, resumable=True)
-    image_size: int = option(224, help="model input side in pixels", check=image_size)
-    batch_size: int = option(32, help="images per worker per step", check=positive_int)
-    lr: float = option(1e-3, help="Adam learning rate", check=positive_float)
+    epochs: int | None = option(
+        None, help="maximum epochs (default: the recipe's, 10 or 30)", check=positive_int, resumable=True
+    )
+    image_size: int | None = option(
+        None, help="model input side in pixels (default: the recipe's, 224 or 320)", check=image_size
+    )
+    fit: str | None = option(
+        None,
+        choices=FITS,
+        help="how an image becomes the square input: pad = scale the long side to it and letterbox (the whole "
+        "image, aspect kept), stretch = resize the whole image (as the MURA paper), crop = scale the short side "
+        "and cut the centre (loses the ends of long bones); recorded in the model, which scoring follows "
+        "(default: the recipe's, pad or stretch)",
+    )
+    batch_size: int | None = option(
+        None, help="images per worker per step (default: the recipe's, 32 or 8)", check=positive_int
+    )
+    lr: float | None = option(None, help="Adam learning rate (default: the recipe's)", check=positive_float)
+    rotation: float | None = option(
+        None,
+        help="augmentation: random rotation up to this many degrees (default: the recipe's, 15 or 30)",
+        check=non_negative_float,
+    )
+    select_on: str | None = option(
+        None,
+        choices=SELECT_ON,
+        help="the tuning-split metric that early stopping and the kept epoch follow (default: the recipe's, f1 "
+        "or study_kappa)",
+    )
     weights: str = option(
         "imagenet",
         metavar="imagenet|PATH|none",
@@ -65,7 +101,7 @@ class TrainConfig(ConfigBase):
         "auto",
         metavar="BLOCKS",
         help="blocks to train: a comma list of conv1,bn1,layer1..layer4,fc, or all; "
-        "auto = layer3,layer4,fc from pretrained weights, all with --weights none",
+        "auto = layer3,layer4,fc from pretrained weights (all under --recipe mura), all with --weights none",
     )
     tune_fraction: float = option(
         0.1,

@@ -24,15 +24,17 @@ def catalog_dataset(catalog: pa.Table, rows_per_block: int = ROWS_PER_BLOCK) -> 
     return ray.data.from_arrow(blocks)
 
 
-def _decode_and_report(batch: dict[str, np.ndarray], *, side: int, fs: Any, sink: Any) -> dict[str, np.ndarray]:
-    out = read_and_decode(batch, side=side, fs=fs)
+def _decode_and_report(
+    batch: dict[str, np.ndarray], *, side: int, fs: Any, fit: str, sink: Any
+) -> dict[str, np.ndarray]:
+    out = read_and_decode(batch, side=side, fs=fs, fit=fit)
     if sink is not None:
         sink.push.remote({"decoded": len(out["error"])})  # fire and forget: the driver's progress bar
     return out
 
 
 def decoded_images(
-    catalog: pa.Table, *, side: int, fs: Any, num_cpus: float = 1.0, sink: Any = None
+    catalog: pa.Table, *, side: int, fs: Any, num_cpus: float = 1.0, fit: str = "crop", sink: Any = None
 ) -> ray.data.Dataset:
     """Lazy dataset of the catalog's images decoded to (side, side) uint8, errors as rows.
 
@@ -40,7 +42,7 @@ def decoded_images(
     """
     return catalog_dataset(catalog).map_batches(
         _decode_and_report,
-        fn_kwargs={"side": side, "fs": fs, "sink": sink},
+        fn_kwargs={"side": side, "fs": fs, "fit": fit, "sink": sink},
         batch_size=16,
         num_cpus=num_cpus,
     )

@@ -14,6 +14,7 @@ from typing import Any
 
 from mura_ray import config as C
 from mura_ray import hardware
+from mura_ray.training.recipes import SELECTED
 
 
 def config_from(cls: type, args: argparse.Namespace) -> Any:
@@ -39,22 +40,27 @@ def sample(args: argparse.Namespace) -> int:
 def train(args: argparse.Namespace) -> int:
     """fine-tune ResNet18 with DDP on Ray Train
 
-    Fine-tune ResNet18 (normal/abnormal) with DDP on N Ray Train workers: GPUs when the cluster has
-    one per worker, CPUs otherwise. A tuning split (--tune-fraction of the training patients, by
-    body part) chooses the epoch (best F1), the temperature that calibrates the probabilities and
-    the decision threshold; the validation split only reports, with patient-level intervals. The
-    model goes to RUN_DIR/model/ (safetensors, metadata.json, model_card.md, reliability.png), the
-    per-epoch history to RUN_DIR/metrics.{csv,json} and RUN_DIR/training_curves.png. Every epoch is
-    checkpointed: the same command with the same RUN_DIR resumes after the last completed epoch.
+    Fine-tune ResNet18 (normal/abnormal) with DDP on N Ray Train workers, on GPUs or CPUs
+    (--use-gpu). --recipe sets what is left unset: default, or mura (the MURA paper's: 320 px, every
+    layer, Adam 1e-4 scaled with the global batch, rotations up to 30 degrees, 30 epochs). A tuning
+    split (--tune-fraction of the training patients, by body part) chooses the epoch (--select-on),
+    the temperature that calibrates the probabilities and the decision threshold; the validation
+    split only reports, with patient-level intervals. The model goes to RUN_DIR/model/
+    (safetensors, metadata.json, model_card.md, reliability.png), the per-epoch history to
+    RUN_DIR/metrics.{csv,json} and RUN_DIR/training_curves.png. Every epoch is checkpointed: the
+    same command with the same RUN_DIR resumes after the last completed epoch.
     """
     from mura_ray.reporting.calibration import calibration_line
     from mura_ray.reporting.metrics import fmt_ci
     from mura_ray.training.driver import run_training
 
-    result = run_training(config_from(C.TrainConfig, args))
+    cfg = config_from(C.TrainConfig, args)
+    result = run_training(cfg)
     m, v = result["metrics"], result["validation"]["study"]
+    chosen = cfg.select_on
     print(
-        f"kept epoch {m['epoch']} (tuning F1 {m['tune_f1']:.3f}); threshold {result['threshold']:.3f}; "
+        f"kept epoch {m['epoch']} (tuning {SELECTED[chosen]} {m[f'tune_{chosen}']:.3f}); "
+        f"threshold {result['threshold']:.3f}; "
         f"validation study kappa {v['kappa']:.3f} {fmt_ci(v['kappa_ci'])}, AUROC {v['auroc']:.3f} "
         f"{fmt_ci(v['auroc_ci'])}, sensitivity {v['sensitivity']:.3f}, specificity {v['specificity']:.3f}; "
         f"{calibration_line(result['calibration'])}; model in {result['model_dir']} ({result['wall_seconds']:.0f}s)"

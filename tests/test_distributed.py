@@ -127,8 +127,10 @@ def test_the_trainer_built_for_gpus_uses_the_backend_that_keeps_cpu_tensors_off_
 
     from mura_ray.config import TrainConfig
     from mura_ray.training import driver
+    from mura_ray.training.recipes import resolve
 
     cfg = TrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), workers=2, weights="none", use_gpu="yes")
+    resolve(cfg)
     scaling = ScalingConfig(num_workers=2, use_gpu=True, resources_per_worker={"CPU": 1.0, "GPU": 1.0})
     rows = [{"image_uri": f"u{i}", "pixels": np.zeros((40, 40), np.uint8), "label": i % 2} for i in range(4)]
     cached = {"train": ray_cluster.data.from_items(rows), "tune": ray_cluster.data.from_items(rows)}
@@ -139,5 +141,6 @@ def test_the_trainer_built_for_gpus_uses_the_backend_that_keeps_cpu_tensors_off_
     assert trainer.backend_config.backend == GPU_BACKEND
     assert _device_map(trainer.backend_config.backend)["cpu"] == "gloo"
     cpu_cfg = TrainConfig(data=str(tmp_path), out=str(tmp_path / "run2"), workers=2, weights="none")
+    resolve(cpu_cfg)
     cpu = driver._trainer(cpu_cfg, ScalingConfig(num_workers=2), 1.0, catalog, {}, [1.0, 1.0], cached, None)
     assert cpu.backend_config.backend == "gloo"

@@ -52,3 +52,19 @@ def test_partial_unfreeze_trains_only_named_blocks():
     assert not torch.equal(before["fc.weight"], after["fc.weight"])
     probs = score_step(model, torch.randint(0, 255, (3, 32, 32), dtype=torch.uint8))
     assert probs.shape == (3,) and bool(((probs >= 0) & (probs <= 1)).all())
+
+
+def test_frozen_blocks_keep_their_batch_norm_statistics_through_an_epoch():
+    model = build_model()
+    set_trainable(model, parse_trainable("layer3,layer4,fc"))
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    batches = [{"pixels": torch.randint(0, 255, (4, 32, 32), dtype=torch.uint8), "label": torch.tensor([0, 1, 0, 1])}]
+    train_one_epoch(model, batches, torch.nn.CrossEntropyLoss(), opt, torch.device("cpu"))
+    after = model.state_dict()
+    frozen = [k for k in stats if k.split(".")[0] in ("bn1", "layer1", "layer2")]
+    trained = [k for k in stats if k.split(".")[0] in ("layer3", "layer4")]
+    assert frozen and trained
+    assert all(torch.equal(stats[k], after[k]) for k in frozen)  # ImageNet's statistics stay
+    assert not all(torch.equal(stats[k], after[k]) for k in trained)  # the trained blocks' follow the data
+    assert model.layer3.training and not model.layer1[0].bn1.training

@@ -1,8 +1,12 @@
 """Everything between a decoded gray image and the model's input, in one place. No Ray.
 
-- the cache: each file is decoded once to a (R, R) uint8 square, the short
-  side resized to R = ``cache_side(S)`` and the centre cropped (as
-  torchvision's classification recipe resizes to 256 before a 224 crop);
+- the cache: each file is decoded once to a (R, R) uint8 square by the
+  model's ``fit``: ``pad`` (the default for new models) scales the long side
+  to R = S and letterboxes the rest in black, ``stretch`` resizes the whole
+  image to (S, S), both keeping all of the anatomy; ``crop`` (models made
+  before ``fit`` existed) resizes the short side to R = ``cache_side(S)``
+  and crops the centre, as torchvision's classification recipe resizes to
+  256 before a 224 crop, which loses the ends of a long bone;
 - ``EvalPreset``, the centre (S, S) crop that Ray Data maps over batches of
   cached squares (the training preset and the model input, which need
   torch, are in ``imaging.tensors``: decode tasks import neither torch nor
@@ -24,14 +28,21 @@ from PIL import Image
 from mura_ray.archive import storage
 from mura_ray.imaging.decode import MAX_BYTES, READ_ERROR, DecodeError, NotScored, decode_gray, one_line
 
-RESIZE_RATIO = 256 / 224
+RESIZE_RATIO = 256 / 224  # crop: the cache's side over the model input's
+FITS = ("pad", "stretch", "crop")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def cache_side(image_size: int) -> int:
-    """Side of the square uint8 image kept per file for a model input of ``image_size``."""
-    return int(round(image_size * RESIZE_RATIO))
+def cache_side(image_size: int, fit: str = "crop") -> int:
+    """Side of the square uint8 image kept per file for a model input of ``image_size``: larger than the input
+    under ``crop`` (evaluation crops the centre), the input itself under ``pad`` and ``stretch``."""
+    return int(round(image_size * RESIZE_RATIO)) if fit == "crop" else image_size
+
+
+def fit_of(meta: dict[str, Any]) -> str:
+    """The fit a model was trained with (its metadata's ``fit``; ``crop`` for models made before it existed)."""
+    return str(meta.get("fit", "crop"))
 
 
 def resize_center_square(gray: np.ndarray, side: int) -> np.ndarray:
@@ -44,9 +55,34 @@ def resize_center_square(gray: np.ndarray, side: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)[top : top + side, left : left + side]
 
 
-def load_square(data: bytes, side: int, modalities: frozenset[str] | None = None) -> np.ndarray:
-    """Bytes of one image -> (side, side) uint8 gray square (the cached form)."""
-    return resize_center_square(decode_gray(data, target=side, modalities=modalities), side)
+def _padded_size(h: int, w: int, side: int) -> tuple[int, int]:
+    """(height, width) of an (h, w) image scaled so that its long side is ``side``."""
+    scale = side / max(h, w)
+    return max(1, min(side, round(h * scale))), max(1, min(side, round(w * scale)))
+
+
+def fit_square(gray: np.ndarray, side: int, fit: str = "crop") -> np.ndarray:
+    """(H, W) uint8 -> (side, side) uint8 by ``fit`` (``pad``, ``stretch`` or ``crop``)."""
+    if fit == "crop":
+        return resize_center_square(gray, side)
+    h, w = gray.shape
+    image = Image.fromarray(gray, mode="L")
+    if fit == "stretch":
+        return np.asarray(image.resize((side, side), Image.BILINEAR, reducing_gap=2.0), dtype=np.uint8)
+    if fit != "pad":
+        raise ValueError(f"fit must be one of {', '.join(FITS)}, got {fit!r}")
+    nh, nw = _padded_size(h, w, side)
+    square = np.zeros((side, side), dtype=np.uint8)
+    top, left = (side - nh) // 2, (side - nw) // 2
+    square[top : top + nh, left : left + nw] = np.asarray(
+        image.resize((nw, nh), Image.BILINEAR, reducing_gap=2.0), dtype=np.uint8
+    )
+    return square
+
+
+def load_square(data: bytes, side: int, modalities: frozenset[str] | None = None, fit: str = "crop") -> np.ndarray:
+    """Bytes of one image -> (side, side) uint8 gray square (the cached form), by ``fit``."""
+    return fit_square(decode_gray(data, target=side, modalities=modalities), side, fit)
 
 
 def read_capped(fs: Any, uri: str, max_bytes: int) -> bytes:
@@ -58,7 +94,12 @@ def read_capped(fs: Any, uri: str, max_bytes: int) -> bytes:
 
 
 def read_and_decode(
-    batch: dict[str, np.ndarray], *, side: int, fs: Any, modalities: tuple[str, ...] | None = None
+    batch: dict[str, np.ndarray],
+    *,
+    side: int,
+    fs: Any,
+    modalities: tuple[str, ...] | None = None,
+    fit: str = "crop",
 ) -> dict[str, np.ndarray]:
     """Read each ``image_uri`` through ``fs`` and turn it into its cached (side, side) uint8 square.
 
@@ -68,7 +109,8 @@ def read_and_decode(
     when it is not one of ``modalities``, which are not decoded; else "")
     and ``read_size`` (bytes read; -1 when the file could not be read).
     Other columns pass through. A bad file never raises: it becomes a row
-    with ``error`` set. No file is read past ``MAX_BYTES``.
+    with ``error`` set. No file is read past ``MAX_BYTES``. ``fit``: how the
+    image becomes a square (``fit_square``).
     """
     uris = batch["image_uri"]
     pixels = np.zeros((len(uris), side, side), dtype=np.uint8)
@@ -87,7 +129,7 @@ def read_and_decode(
             continue
         sizes[i] = len(data)
         try:
-            pixels[i] = load_square(data, side, accept)
+            pixels[i] = load_square(data, side, accept, fit)
         except DecodeError as exc:
             errors[i] = one_line(str(exc))
         except NotScored as exc:
@@ -111,23 +153,34 @@ class EvalPreset:
         return out
 
 
-def preprocessing_record(image_size: int) -> dict[str, Any]:
-    """What a checkpoint stores to redo this preprocessing: input size, cache side, normalisation."""
+def preprocessing_record(image_size: int, fit: str = "crop") -> dict[str, Any]:
+    """What a checkpoint stores to redo this preprocessing: input size, fit, cache side, normalisation."""
     return {
         "image_size": image_size,
-        "cache_side": cache_side(image_size),
+        "fit": fit,
+        "cache_side": cache_side(image_size, fit),
         "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "gray_to_rgb": True},
     }
 
 
-def box_in_input(box: tuple[float, float, float, float], height: int, width: int, image_size: int) -> np.ndarray:
+def box_in_input(
+    box: tuple[float, float, float, float], height: int, width: int, image_size: int, fit: str = "crop"
+) -> np.ndarray:
     """A box ``(x0, y0, x1, y1)`` in an original image's pixels -> the same box in the model's (S, S) input,
-    through the cache's resize and centre crop and the evaluation crop."""
+    through the cache's ``fit`` and the evaluation crop."""
+    x0, y0, x1, y1 = box
+    if fit == "stretch":
+        sx, sy = image_size / width, image_size / height
+        return np.array([x0 * sx, y0 * sy, (x1 + 1) * sx, (y1 + 1) * sy])
+    if fit == "pad":
+        nh, nw = _padded_size(height, width, image_size)
+        top, left = (image_size - nh) // 2, (image_size - nw) // 2
+        sx, sy = nw / width, nh / height
+        return np.array([x0 * sx + left, y0 * sy + top, (x1 + 1) * sx + left, (y1 + 1) * sy + top])
     side = cache_side(image_size)
     scale = side / min(height, width)
     nh, nw = max(side, round(height * scale)), max(side, round(width * scale))
     top, left = (nh - side) // 2, (nw - side) // 2
     off = (side - image_size) // 2
-    x0, y0, x1, y1 = box
     sx, sy = nw / width, nh / height
     return np.array([x0 * sx - left - off, y0 * sy - top - off, (x1 + 1) * sx - left - off, (y1 + 1) * sy - top - off])

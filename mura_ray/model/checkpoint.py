@@ -30,13 +30,13 @@ WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "metadata.json"
 
 
-def model_metadata(image_size: int) -> dict[str, Any]:
+def model_metadata(image_size: int, fit: str = "crop") -> dict[str, Any]:
     """The metadata every checkpoint carries to rebuild the model and prepare its input."""
     return {
         "architecture": ARCHITECTURE,
         "num_classes": NUM_CLASSES,
         "classes": ["normal", "abnormal"],
-        **preprocessing_record(image_size),
+        **preprocessing_record(image_size, fit),
     }
 
 

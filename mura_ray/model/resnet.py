@@ -45,9 +45,24 @@ def parse_trainable(spec: str) -> tuple[str, ...]:
 
 
 def set_trainable(model: nn.Module, blocks: tuple[str, ...]) -> None:
-    """Freeze every parameter outside ``blocks``."""
+    """Freeze every parameter outside ``blocks`` (``freeze_frozen_norms`` keeps their batch norms still too)."""
     for name, param in model.named_parameters():
         param.requires_grad = name.split(".")[0] in blocks
+
+
+def freeze_frozen_norms(model: nn.Module) -> int:
+    """Put every batch norm whose weights are frozen in eval mode; returns how many.
+
+    ``model.train()`` sets all of them to normalise with batch statistics and
+    to overwrite their running statistics: a frozen block (the ImageNet stem,
+    layer1 and layer2 under ``--trainable auto``) would then drift although no
+    weight of it is trained. Call it after every ``model.train()``."""
+    frozen = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+            m.eval()
+            frozen += 1
+    return frozen
 
 
 def load_starting_weights(model: nn.Module, weights: str) -> list[str]:

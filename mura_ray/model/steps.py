@@ -18,7 +18,7 @@ from torch import nn
 from mura_ray.errors import UsageError
 from mura_ray.hardware import bf16_native
 from mura_ray.imaging.tensors import to_input
-from mura_ray.model.resnet import NUM_CLASSES
+from mura_ray.model.resnet import NUM_CLASSES, freeze_frozen_norms
 
 
 def class_weights(labels: np.ndarray) -> list[float]:
@@ -80,6 +80,7 @@ def train_one_epoch(
     ``on_batch(i, loss)`` gets the batch's loss as a tensor on the device: reading it (``float``) waits for
     the device, so a caller does that only when it shows the value."""
     model.train()
+    freeze_frozen_norms(model)  # a frozen block's batch norms keep their running statistics
     total = torch.zeros((), device=device)
     seen = 0
     for i, batch in enumerate(batches):

@@ -26,7 +26,7 @@ from mura_ray.archive import storage
 from mura_ray.archive.catalog import build_catalog
 from mura_ray.config import ExplainConfig, ScoreConfig
 from mura_ray.errors import UsageError
-from mura_ray.imaging.preprocess import EvalPreset, load_square
+from mura_ray.imaging.preprocess import EvalPreset, fit_of, load_square
 from mura_ray.model.checkpoint import read_checkpoint, resolve_model_dir
 from mura_ray.model.heatmaps import HEATMAP_LAYER, display_square, grad_cam, overlay
 from mura_ray.model.resnet import build_model
@@ -52,11 +52,14 @@ def overlays_of(
     model = build_model()
     model.load_state_dict(st_load(weights))
     blobs = [storage.read_bytes(fs, storage.path_in(u)) for u in uris]
-    squares = np.stack([load_square(b, side) for b in blobs])
+    fit = fit_of(meta)
+    squares = np.stack([load_square(b, side, fit=fit) for b in blobs])
     pixels = EvalPreset(size=size)({"pixels": squares})["pixels"]
     with torch.enable_grad():
         maps, own = grad_cam(model, pixels, layer=HEATMAP_LAYER, temperature=float(meta.get("temperature", 1.0)))
-    shown = [display_square(load_square(b, round(display * side / size)), size, side, side=display) for b in blobs]
+    shown = [
+        display_square(load_square(b, round(display * side / size), fit=fit), size, side, side=display) for b in blobs
+    ]
     return [overlay(s, m, float(p)) for s, m, p in zip(shown, maps, own if probs is None else probs)]
 
 

@@ -107,7 +107,7 @@ def check_model(model_dir: str, data: str, split: str = "valid") -> dict[str, An
 
     from mura_ray.archive import storage
     from mura_ray.archive.catalog import build_catalog
-    from mura_ray.imaging.preprocess import EvalPreset, load_square
+    from mura_ray.imaging.preprocess import EvalPreset, fit_of, load_square
     from mura_ray.model.checkpoint import read_checkpoint, resolve_model_dir
     from mura_ray.model.resnet import build_model, for_inference
 
@@ -121,7 +121,7 @@ def check_model(model_dir: str, data: str, split: str = "valid") -> dict[str, An
     squares, kept = [], []
     for row in catalog:
         try:
-            squares.append(load_square(storage.read_bytes(fs, row["image_uri"]), side))
+            squares.append(load_square(storage.read_bytes(fs, row["image_uri"]), side, fit=fit_of(meta)))
             kept.append(row)
         except Exception:  # unreadable images are the scorer's error rows, not part of the comparison
             continue

@@ -8,6 +8,17 @@ from mura_ray.reporting.calibration import calibration_table
 from mura_ray.reporting.guard import engine_rows
 from mura_ray.reporting.metrics import fmt, fmt_ci
 
+FIT_WORDS = {
+    "pad": "the long side scaled to the input and the rest letterboxed: the whole image",
+    "stretch": "the whole image resized to the square",
+    "crop": "the short side scaled and the centre cut: the ends of a long image are not seen",
+}
+
+
+def _selected(cfg: dict[str, Any]) -> str:
+    """The tuning metric that chose the kept epoch (``--select-on``; image F1 before it existed)."""
+    return {"study_kappa": "study kappa", "auroc": "AUROC"}.get(cfg.get("select_on") or "f1", "F1 at threshold 0.5")
+
 
 def render_model_card(meta: dict[str, Any]) -> str:
     """``model_card.md`` of a checkpoint, from its metadata."""
@@ -33,11 +44,12 @@ def _what_it_is(meta: dict[str, Any]) -> list[str]:
         f"- Binary classifier (normal / abnormal) of musculoskeletal radiographs, {meta['architecture']} with a "
         f"{meta['num_classes']}-class head, input {meta['image_size']}x{meta['image_size']} grayscale "
         "repeated to 3 channels, "
-        "ImageNet normalisation.",
+        f"ImageNet normalisation; each image fitted to the square by `{meta.get('fit', 'crop')}` "
+        f"({FIT_WORDS.get(meta.get('fit', 'crop'), '')}).",
         f"- Model id (sha256 of `model.safetensors`): `{meta['model_id']}`",
         f"- Created {meta.get('created_at', 'n/a')} by mura-ray {meta.get('package_version', 'n/a')}.",
         f"- Kept epoch: {m.get('epoch', 'n/a')} of at most {cfg.get('epochs', 'n/a')} "
-        f"(best {_chooser(meta, 'epoch')} F1 at threshold 0.5).",
+        f"(best {_chooser(meta, 'epoch')} {_selected(cfg)}).",
         "",
     ]
 

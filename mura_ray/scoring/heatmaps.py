@@ -23,7 +23,7 @@ from mura_ray.archive import storage
 from mura_ray.data import catalog_dataset
 from mura_ray.hardware import no_cuda_message
 from mura_ray.imaging.decode import MAX_BYTES, one_line
-from mura_ray.imaging.preprocess import EvalPreset, load_square, read_capped
+from mura_ray.imaging.preprocess import EvalPreset, fit_of, load_square, read_capped
 from mura_ray.model.checkpoint import model_id_of
 from mura_ray.model.heatmaps import HEATMAP_LAYER, display_square, grad_cam, overlay, peak, png_bytes
 from mura_ray.model.resnet import build_model
@@ -52,8 +52,11 @@ def heatmap_name(image_uri: str, root: str) -> str:
     return rel.lstrip("/") + SUFFIX
 
 
-def read_for_heatmaps(batch: dict[str, np.ndarray], *, side: int, display: int, fs: Any) -> dict[str, np.ndarray]:
-    """Each image as the model sees it (its cached square) and as a person sees it (a larger square)."""
+def read_for_heatmaps(
+    batch: dict[str, np.ndarray], *, side: int, display: int, fs: Any, fit: str = "crop"
+) -> dict[str, np.ndarray]:
+    """Each image as the model sees it (its cached square, by the model's ``fit``) and as a person sees it
+    (a larger square of the same geometry)."""
     n = len(batch["image_uri"])
     pixels = np.zeros((n, side, side), np.uint8)
     shown = np.zeros((n, display, display), np.uint8)
@@ -61,8 +64,8 @@ def read_for_heatmaps(batch: dict[str, np.ndarray], *, side: int, display: int, 
     for i, uri in enumerate(batch["image_uri"]):
         try:
             data = read_capped(fs, uri, MAX_BYTES)
-            pixels[i] = load_square(data, side)
-            shown[i] = load_square(data, display)
+            pixels[i] = load_square(data, side, fit=fit)
+            shown[i] = load_square(data, display, fit=fit)
         except Exception as exc:  # the row says why; other images go on
             errors[i] = one_line(f"{type(exc).__name__}: {exc}")
     return dict(batch, pixels=pixels, shown=shown, error=errors)
@@ -127,7 +130,10 @@ def heatmap_dataset(
     side = int(meta["cache_side"])
     display = round(DISPLAY * side / int(meta["image_size"]))  # the shown square, before its centre crop
     ds = catalog_dataset(keys.select(columns)).map_batches(
-        read_for_heatmaps, fn_kwargs={"side": side, "display": display, "fs": fs}, batch_size=16, num_cpus=0.5
+        read_for_heatmaps,
+        fn_kwargs={"side": side, "display": display, "fs": fs, "fit": fit_of(meta)},
+        batch_size=16,
+        num_cpus=0.5,
     )
     return ds.map_batches(
         HeatmapMaker,

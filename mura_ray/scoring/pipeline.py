@@ -26,7 +26,7 @@ from mura_ray.archive import storage
 from mura_ray.config import ScoreConfig
 from mura_ray.data import catalog_dataset
 from mura_ray.hardware import no_cuda_message
-from mura_ray.imaging.preprocess import read_and_decode
+from mura_ray.imaging.preprocess import fit_of, read_and_decode
 from mura_ray.model import backends
 from mura_ray.model.scorer import BatchScorer
 
@@ -62,7 +62,12 @@ def scored_dataset(keys: pa.Table, weights: bytes, meta: dict[str, Any], cfg: Sc
     fs, _ = storage.filesystem(cfg.data)
     ds = catalog_dataset(keys.select(["image_uri"])).map_batches(
         read_and_decode,
-        fn_kwargs={"side": int(meta["cache_side"]), "fs": fs, "modalities": accepted_modalities(cfg.modalities)},
+        fn_kwargs={
+            "side": int(meta["cache_side"]),
+            "fs": fs,
+            "modalities": accepted_modalities(cfg.modalities),
+            "fit": fit_of(meta),
+        },
         batch_size=16,
         num_cpus=0.5,
     )

@@ -22,35 +22,58 @@ from mura_ray.imaging.preprocess import EvalPreset
 from mura_ray.imaging.tensors import TrainPreset
 
 
+def shuffled_rows(table: pa.Table, seed: int) -> pa.Table:
+    """``table``'s rows in a seeded random order.
+
+    The catalog is sorted by path, so its blocks of rows would each hold a
+    few patients of one body part; shuffling within a buffer and the blocks'
+    order cannot mix what a block does not hold. Permuted before they are cut
+    into blocks, the rows of any batch come from the whole split."""
+    return table.take(pa.array(np.random.default_rng(seed).permutation(table.num_rows)))
+
+
 def cached_training_split(
-    catalog: pa.Table, *, split: str, side: int, fs: Any, shuffle_labels_seed: int | None = None, sink: Any = None
+    catalog: pa.Table,
+    *,
+    split: str,
+    side: int,
+    fs: Any,
+    shuffle_labels_seed: int | None = None,
+    order_seed: int | None = None,
+    fit: str = "crop",
+    sink: Any = None,
 ) -> tuple[ray.data.Dataset, int]:
     """Decode one labelled split once and keep it in the object store.
 
     Returns ``(dataset, n_unreadable)``; the dataset has ``image_uri``,
     ``pixels`` and ``label``, and no unreadable rows. ``shuffle_labels_seed`` permutes
-    labels across images (a leakage check: nothing real should be learnt).
+    labels across images (a leakage check: nothing real should be learnt); ``order_seed``
+    puts the rows in a seeded random order (``shuffled_rows``), for the training split.
     """
     part = catalog.filter(pc.and_(pc.equal(catalog["split"], split), pc.is_valid(catalog["label"])))
+    if order_seed is not None:
+        part = shuffled_rows(part, order_seed)
     if shuffle_labels_seed is not None:
         perm = np.random.default_rng(shuffle_labels_seed).permutation(part.num_rows)
         part = part.set_column(part.schema.get_field_index("label"), "label", part["label"].take(perm))
-    ds = decoded_images(part.select(["image_uri", "label"]), side=side, fs=fs, sink=sink)
+    ds = decoded_images(part.select(["image_uri", "label"]), side=side, fs=fs, fit=fit, sink=sink)
     ds = ds.materialize()
     clean = ds.filter(expr=col("error") == "").select_columns(["image_uri", "pixels", "label"]).materialize()
     return clean, ds.count() - clean.count()
 
 
-def train_view(cached: ray.data.Dataset, *, size: int) -> ray.data.Dataset:
+def train_view(cached: ray.data.Dataset, *, size: int, rotation: float = 15.0) -> ray.data.Dataset:
     """Per-epoch random augmentation over the cached squares (re-run on every iteration).
 
-    Order is randomised cheaply: the blocks' order here, and rows within a
-    buffer where the worker iterates (``local_shuffle_buffer_size``); a full
-    ``random_shuffle`` would move every image through the object store each epoch.
+    Order is randomised cheaply: the rows were put in a random order once,
+    before they were cut into blocks (``shuffled_rows``); each epoch the
+    blocks' order changes here, and rows within a buffer where the worker
+    iterates (``local_shuffle_buffer_size``). A full ``random_shuffle`` would
+    move every image through the object store each epoch.
     """
 
     def augment(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return TrainPreset(size=size)(batch)
+        return TrainPreset(size=size, rotation=rotation)(batch)
 
     return (
         cached.select_columns(["pixels", "label"])

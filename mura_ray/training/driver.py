@@ -33,10 +33,10 @@ from mura_ray.errors import UsageError
 from mura_ray.imaging.preprocess import cache_side
 from mura_ray.model.checkpoint import STATE_JSON, model_metadata
 from mura_ray.model.registry import tracking_uri
-from mura_ray.model.resnet import DEFAULT_TRAINABLE, build_model, load_starting_weights, parse_trainable
+from mura_ray.model.resnet import build_model, load_starting_weights, parse_trainable
 from mura_ray.model.steps import class_weights
 from mura_ray.progress import Follower, Progress, event_sink
-from mura_ray.training import protocol, rundir
+from mura_ray.training import protocol, recipes, rundir
 from mura_ray.training.dataset import ExactValidationConfig, cached_training_split, eval_view, train_view
 from mura_ray.training.distributed import backend_for
 from mura_ray.training.events import TrainingDisplay
@@ -50,8 +50,7 @@ log = logging.getLogger(__name__)
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
     """Train and keep the best model under ``cfg.out``; returns its metrics and where it is."""
     t_start = time.monotonic()
-    if cfg.trainable == "auto":
-        cfg.trainable = "all" if cfg.weights == "none" else ",".join(DEFAULT_TRAINABLE)
+    filled = recipes.resolve(cfg)
     parse_trainable(cfg.trainable)
     rundir.check_same_run(cfg.out, cfg.to_dict(), resumable_fields())
     tracker = start_tracking(cfg)
@@ -62,6 +61,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         console.set_ray_log(storage.join(cfg.out, "ray.log"))
     cluster.connect()
     scaling, cpus = _place_workers(cfg)
+    log.info("recipe %s: %s", cfg.recipe, ", ".join(filled) or "every setting given")
     log.info("starting weights: %s (%d tensors left at initial values)", cfg.weights, len(skipped))
     cached, unreadable = _decode_splits(cfg, catalog)
 
@@ -164,7 +164,7 @@ def _trainer(
         scaling_config=scaling,
         torch_config=TorchConfig(backend=backend_for(scaling.use_gpu)),
         datasets={
-            "train": train_view(cached["train"], size=cfg.image_size),
+            "train": train_view(cached["train"], size=cfg.image_size, rotation=cfg.rotation),
             TUNE: eval_view(cached[chooser], size=cfg.image_size),
         },
         dataset_config=ExactValidationConfig(),
@@ -209,7 +209,7 @@ def _catalog_for_training(cfg: TrainConfig) -> tuple[Any, list[float], list[str]
 def _decode_splits(cfg: TrainConfig, catalog: Any) -> tuple[dict[str, Any], int]:
     """The splits decoded once into the object store, with a progress bar; ({split: dataset}, unreadable)."""
     fs, _ = storage.filesystem(cfg.data)
-    side = cache_side(cfg.image_size)
+    side = cache_side(cfg.image_size, cfg.fit)
     splits = ["train", TUNE, "valid"] if cfg.tune_fraction > 0 else ["train", "valid"]
     in_splits = pc.and_(pc.is_in(catalog["split"], pa.array(splits)), pc.is_valid(catalog["label"]))
     total = pc.sum(in_splits).as_py() or 0
@@ -218,9 +218,16 @@ def _decode_splits(cfg: TrainConfig, catalog: Any) -> tuple[dict[str, Any], int]
     with Progress(f"decoding to {side}x{side}", total) as bar, Follower(sink, lambda e: bar.update(e["decoded"])):
         cached, bad = {}, {}
         for split in splits:
-            shuffle = seed if split == "train" else None
+            train = split == "train"
             cached[split], bad[split] = cached_training_split(
-                catalog, split=split, side=side, fs=fs, shuffle_labels_seed=shuffle, sink=sink
+                catalog,
+                split=split,
+                side=side,
+                fs=fs,
+                shuffle_labels_seed=seed if train else None,
+                order_seed=cfg.seed if train else None,
+                fit=cfg.fit,
+                sink=sink,
             )
     log.info(
         "decoded %d images to %dx%d in %.1fs (%.0f images/s)",
@@ -270,7 +277,7 @@ def _write_model(
         raise RuntimeError(f"training of {cfg.out} finished without a kept model")
     best = max((h for h in history if h.get("best")), key=lambda h: h["epoch"])
     metadata = {
-        **model_metadata(cfg.image_size),
+        **model_metadata(cfg.image_size, cfg.fit),
         "class_weights": weights,
         "metrics": {k: v for k, v in best.items() if k != "best"},
         "data_fingerprint": data_fingerprint,

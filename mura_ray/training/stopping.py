@@ -1,4 +1,4 @@
-"""Early stopping on a score that should rise (validation F1)."""
+"""Early stopping on a score that should rise (a tuning-split metric: F1, study kappa or AUROC)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,11 @@ class EarlyStopping:
         self.bad_epochs = 0
 
     def step(self, score: float) -> bool:
-        """Record an epoch's score; returns whether it is the best so far."""
-        if score > self.best:
+        """Record an epoch's score; returns whether it is the best so far. An undefined score (NaN: a kappa
+        where every prediction is one class) ranks below any defined one, and the first epoch is kept."""
+        if math.isnan(score):
+            score = -math.inf
+        if score > self.best or self.best == -math.inf:
             self.best, self.bad_epochs = score, 0
             return True
         self.bad_epochs += 1

@@ -32,6 +32,7 @@ from mura_ray.training import rundir
 from mura_ray.training.distributed import gather_arrays
 from mura_ray.training.epoch import train_epoch, tune_predictions
 from mura_ray.training.events import StepReporter, tell_driver
+from mura_ray.training.recipes import SELECTED
 from mura_ray.training.stopping import EarlyStopping
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics.update(epoch_seconds=time.monotonic() - t0, train_seconds=train_seconds)
         _report(run, progress, metrics, predictions)
     if run.is_rank0 and progress.stopper.should_stop:
-        tell_driver(run.sink, kind="note", text=f"early stop: no better tuning F1 for {run.cfg.patience} epochs")
+        name = SELECTED[run.cfg.select_on or "f1"]
+        tell_driver(run.sink, kind="note", text=f"early stop: no better tuning {name} for {run.cfg.patience} epochs")
 
 
 def _set_up(config: dict[str, Any]) -> _Setup:
@@ -142,7 +144,9 @@ def _restore(run: _Setup) -> _Progress:
         progress.stopper.load(state)
         progress.resumed_from = state["epoch"]
         if run.is_rank0:
-            text = f"resuming after epoch {progress.resumed_from} (best tuning F1 so far {progress.stopper.best:.3f})"
+            name = SELECTED[run.cfg.select_on or "f1"]
+            best = progress.stopper.best
+            text = f"resuming after epoch {progress.resumed_from} (best tuning {name} so far {best:.3f})"
             log.info("%s", text)
             tell_driver(run.sink, kind="note", text=text)
             rundir.log_event(run.cfg.out, event="resumed", after_epoch=progress.resumed_from)
@@ -205,7 +209,7 @@ def _epoch_metrics(
         np.asarray(predictions["study_uri"].to_pylist(), dtype=object),
     )
     run.scheduler.step(val_loss)
-    improved = progress.stopper.step(m["f1"])
+    improved = progress.stopper.step(m[run.cfg.select_on or "f1"])
     if improved:
         progress.best_weights, progress.best_predictions = state_dict_bytes(run.plain), predictions
     return {
