@@ -23,22 +23,12 @@ import urllib.request
 import duckdb
 import pytest
 from conftest import LOOPBACK_ONLY, _free_port
+from fake_autoscaler import RAY_START
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 RAY = os.path.join(BIN, "ray")
-# Ray swaps 127.0.0.1 for the machine's network address unless LOOPBACK_ONLY is "0", which also
-# refuses to start a second node. The node processes get LOOPBACK_ONLY=0 (so every Ray process
-# they launch stays on 127.0.0.1), and `ray start` itself runs with the multi-node check passed
-# and the address it is given kept as is.
-RAY_START = [
-    sys.executable,
-    "-c",
-    "import sys, ray._private.services as s, ray._private.ray_constants as c; "
-    "s.resolve_ip_for_localhost = lambda host: host; c.ENABLE_RAY_CLUSTER = True; "
-    "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; main()",
-    "start",
-]
+# `ray start` on 127.0.0.1 with the multi-node check passed (fake_autoscaler.RAY_START says why).
 
 
 def _node_ports() -> list[str]:
