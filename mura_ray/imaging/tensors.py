@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,14 +44,32 @@ class TrainPreset:
         self.seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Augment ``pixels``; with an ``aug_seed`` column (int64 per row), each row from its own seed, so an
+        image's augmentation depends on nothing but that seed (``augmentation_seeds``)."""
         pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"]))  # (B, R, R)
+        seeds = batch.get("aug_seed")
         with torch.random.fork_rng(devices=[]):  # v2 samples from the global generator: keep it to this call
-            torch.manual_seed(self.seed)
-            self.seed += 1
-            images = [self.transform(p[None]) for p in pixels]  # each (1, S, S)
+            if seeds is None:
+                torch.manual_seed(self.seed)
+                self.seed += 1
+            images = []
+            for i, p in enumerate(pixels):
+                if seeds is not None:
+                    torch.manual_seed(int(seeds[i]))
+                images.append(self.transform(p[None]))  # (1, S, S)
         out = dict(batch)
         out["pixels"] = torch.cat(images).numpy()
         return out
+
+
+def augmentation_seeds(seed: int, keys: Any, draws: Any) -> np.ndarray:
+    """One seed per row from (the run's ``seed``, the image's key, how many times it was drawn before): the
+    same image gets the same augmentation in the same epoch of two runs, whichever worker or batch it is in."""
+    out = np.empty(len(keys), dtype=np.int64)
+    for i, (key, n) in enumerate(zip(keys, draws)):
+        digest = hashlib.blake2b(f"{seed}\0{key}\0{n}".encode(), digest_size=8).digest()
+        out[i] = int.from_bytes(digest, "little") >> 1
+    return out
 
 
 def to_input(pixels: torch.Tensor, *, channels_last: bool = True) -> torch.Tensor:

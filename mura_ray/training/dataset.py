@@ -19,7 +19,7 @@ from ray.train import DataConfig
 
 from mura_ray.data import decoded_images
 from mura_ray.imaging.preprocess import EvalPreset
-from mura_ray.imaging.tensors import TrainPreset
+from mura_ray.imaging.tensors import TrainPreset, augmentation_seeds
 
 
 def shuffled_rows(table: pa.Table, seed: int) -> pa.Table:
@@ -62,10 +62,29 @@ def cached_training_split(
     return clean, ds.count() - clean.count()
 
 
-def train_view(cached: ray.data.Dataset, *, size: int, rotation: float = 15.0) -> ray.data.Dataset:
+@ray.remote(num_cpus=0)
+class AugmentationDraws:
+    """How many times each training image has been augmented so far: its epoch, counted in one place, so that
+    no prefetching or worker order can make two runs of the same seed draw another augmentation."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def next(self, keys: list[str]) -> list[int]:
+        out = [self.counts.get(k, 0) for k in keys]
+        for k, n in zip(keys, out):
+            self.counts[k] = n + 1
+        return out
+
+
+def train_view(
+    cached: ray.data.Dataset, *, size: int, rotation: float = 15.0, seed: int | None = None, draws: Any = None
+) -> ray.data.Dataset:
     """Per-epoch random augmentation over the cached squares (re-run on every iteration).
 
-    Order is randomised cheaply: the rows were put in a random order once,
+    With ``seed`` (and ``draws``, an ``AugmentationDraws`` actor), each image's
+    augmentation comes from (seed, image, epoch): two runs with the same seed
+    see the same augmented images. Order is randomised cheaply: the rows were put in a random order once,
     before they were cut into blocks (``shuffled_rows``); each epoch the
     blocks' order changes here, and rows within a buffer where the worker
     iterates (``local_shuffle_buffer_size``). A full ``random_shuffle`` would
@@ -73,13 +92,15 @@ def train_view(cached: ray.data.Dataset, *, size: int, rotation: float = 15.0) -
     """
 
     def augment(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return TrainPreset(size=size, rotation=rotation)(batch)
+        if seed is None:
+            return TrainPreset(size=size, rotation=rotation)(batch)
+        keys = batch["image_uri"].tolist()
+        seeds = augmentation_seeds(seed, keys, ray.get(draws.next.remote(keys)))
+        out = TrainPreset(size=size, rotation=rotation)({"pixels": batch["pixels"], "aug_seed": seeds})
+        return {"pixels": out["pixels"], "label": batch["label"]}
 
-    return (
-        cached.select_columns(["pixels", "label"])
-        .randomize_block_order()
-        .map_batches(augment, batch_size=64, num_cpus=0.5)
-    )
+    columns = ["pixels", "label"] if seed is None else ["image_uri", "pixels", "label"]
+    return cached.select_columns(columns).randomize_block_order().map_batches(augment, batch_size=64, num_cpus=0.5)
 
 
 def eval_view(cached: ray.data.Dataset, *, size: int) -> ray.data.Dataset:

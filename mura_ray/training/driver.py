@@ -37,7 +37,13 @@ from mura_ray.model.resnet import build_model, load_starting_weights, parse_trai
 from mura_ray.model.steps import class_weights
 from mura_ray.progress import Follower, Progress, event_sink
 from mura_ray.training import protocol, recipes, rundir
-from mura_ray.training.dataset import ExactValidationConfig, cached_training_split, eval_view, train_view
+from mura_ray.training.dataset import (
+    AugmentationDraws,
+    ExactValidationConfig,
+    cached_training_split,
+    eval_view,
+    train_view,
+)
 from mura_ray.training.distributed import backend_for
 from mura_ray.training.events import TrainingDisplay
 from mura_ray.training.protocol import TUNE
@@ -164,7 +170,13 @@ def _trainer(
         scaling_config=scaling,
         torch_config=TorchConfig(backend=backend_for(scaling.use_gpu)),
         datasets={
-            "train": train_view(cached["train"], size=cfg.image_size, rotation=cfg.rotation),
+            "train": train_view(
+                cached["train"],
+                size=cfg.image_size,
+                rotation=cfg.rotation,
+                seed=cfg.seed,
+                draws=AugmentationDraws.remote(),
+            ),
             TUNE: eval_view(cached[chooser], size=cfg.image_size),
         },
         dataset_config=ExactValidationConfig(),
