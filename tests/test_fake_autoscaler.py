@@ -179,6 +179,7 @@ def test_gpu_requests_that_cannot_be_met_end_with_one_line(
     tmp_path,
 ):
     cluster = fake_gpu_cluster
+    _no_gpu_node_up(cluster)
     root, _ = small_archive
     (model, _), _ = untrained_models
     # More workers than the autoscaler's node types can ever hold: refused before any node is asked for.
