@@ -111,7 +111,7 @@ def test_report_matches_sklearn_overall_and_per_body_part(trained_run, learn_arc
     rows = dict(line.rsplit(",", 1) for line in open(out / "predictions.csv").read().splitlines())
     s_ids, _, _ = study_scores(studies, probs, labels)
     assert len(rows) == len(s_ids) and all(p.startswith("MURA-v1.1/valid/XR_") and p.endswith("/") for p in rows)
-    decided = {s.split("MURA-v1.1/", 1)[1]: int(p >= t) for s, p in zip(s_ids, s_probs)}
+    decided = {s.split("MURA-v1.1/", 1)[1].rstrip("/") + "/": int(p >= t) for s, p in zip(s_ids, s_probs)}
     assert {k.split("MURA-v1.1/", 1)[1]: int(v) for k, v in rows.items()} == decided
     competition = report["mura_competition"]
     assert competition["Overall"]["kappa"] == pytest.approx(report["study"]["kappa"])
