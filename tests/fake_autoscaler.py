@@ -50,6 +50,20 @@ RAY_START = [
     "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; main()",
     "start",
 ]
+
+
+def node_ports() -> list[str]:
+    """Free ports for every listener of one ``ray start`` node, so that clusters on one machine never collide."""
+    return [
+        f"--node-manager-port={_free_port()}",
+        f"--object-manager-port={_free_port()}",
+        f"--metrics-export-port={_free_port()}",
+        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--dashboard-agent-grpc-port={_free_port()}",
+        f"--runtime-env-agent-port={_free_port()}",
+    ]
+
+
 HEAD_TYPE = "ray.head.default"  # the fake provider's name for the head's node type
 GPU_TYPE = "gpu_worker"
 MiB = 1024 * 1024
@@ -178,12 +192,7 @@ class FakeAutoscalingCluster:
             f"--ray-client-server-port={_free_port()}",
             f"--temp-dir={self.temp}/head",
             "--disable-usage-stats",
-            f"--node-manager-port={_free_port()}",
-            f"--object-manager-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}",
-            f"--dashboard-agent-listen-port={_free_port()}",
-            f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--runtime-env-agent-port={_free_port()}",
+            *node_ports(),
         ]
         log = open(os.path.join(self.temp, "head.log"), "w")
         # Its own process group: the monitor and the fake nodes it starts are in it, and stop() ends it.

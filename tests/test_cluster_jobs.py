@@ -23,23 +23,12 @@ import urllib.request
 import duckdb
 import pytest
 from conftest import LOOPBACK_ONLY, _free_port
-from fake_autoscaler import RAY_START
+from fake_autoscaler import RAY_START, node_ports
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 RAY = os.path.join(BIN, "ray")
 # `ray start` on 127.0.0.1 with the multi-node check passed (fake_autoscaler.RAY_START says why).
-
-
-def _node_ports() -> list[str]:
-    return [
-        f"--node-manager-port={_free_port()}",
-        f"--object-manager-port={_free_port()}",
-        f"--metrics-export-port={_free_port()}",
-        f"--dashboard-agent-listen-port={_free_port()}",
-        f"--dashboard-agent-grpc-port={_free_port()}",
-        f"--runtime-env-agent-port={_free_port()}",
-    ]
 
 
 class TwoNodeCluster:
@@ -79,7 +68,7 @@ class TwoNodeCluster:
                     f"--dashboard-port={self.dash_port}",
                     f"--temp-dir={self.temp}/head",
                     *common,
-                    *_node_ports(),
+                    *node_ports(),
                 ],
                 "head",
             )
@@ -93,7 +82,7 @@ class TwoNodeCluster:
                     '--resources={"second_node": 1}',
                     f"--temp-dir={self.temp}/n2",
                     *common,
-                    *_node_ports(),
+                    *node_ports(),
                 ],
                 "node2",
             )
