@@ -135,6 +135,11 @@ def gpus_option(per: str, resumable: bool = False) -> Any:
     return option(1.0, metavar="G", check=positive_float, resumable=resumable, help=text)
 
 
+def placement_of(cfg: Any) -> tuple[str, float, float]:
+    """``(--use-gpu, --gpus-per-actor, --gpu-timeout)`` of a config that scores (score, evaluate, explain)."""
+    return cfg.use_gpu, cfg.gpus_per_actor, cfg.gpu_timeout
+
+
 def gpu_timeout_option(resumable: bool = False) -> Any:
     """``--gpu-timeout``: how long to wait for GPUs to be placed before giving up with one line."""
     from mura_ray.checks import positive_float

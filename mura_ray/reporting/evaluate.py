@@ -30,6 +30,7 @@ from mura_ray.config import EvalConfig, ScoreConfig
 from mura_ray.errors import UsageError
 from mura_ray.model import backends
 from mura_ray.model.checkpoint import read_checkpoint, resolve_model_dir
+from mura_ray.options import placement_of
 from mura_ray.progress import Progress
 from mura_ray.reporting import plots
 from mura_ray.reporting.calibration import calibration_line, calibration_report, calibration_table
@@ -61,7 +62,8 @@ def predict(
     batch_size: int | None,
     engine: tuple[str, str] = AUTO,
     tta: str = "none",
-    placement: tuple[str, float, float] = ("auto", 1.0, 900.0),
+    *,
+    placement: tuple[str, float, float],
 ) -> pa.Table:
     """Labelled images of ``split``: their catalog columns, ``prob_abnormal`` (calibrated; null where
     unreadable), ``prob_uncalibrated`` and ``error``. ``placement``: ``--use-gpu``, ``--gpus-per-actor`` and
@@ -108,10 +110,8 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     warning = protocol_warning(meta, cfg.split)
     if warning:
         log.warning("%s", warning)
-    placement = (cfg.use_gpu, cfg.gpus_per_actor, cfg.gpu_timeout)
-    table = predict(
-        weights, meta, cfg.data, cfg.split, cfg.batch_size, (cfg.backend, cfg.precision), cfg.tta, placement
-    )
+    engine = (cfg.backend, cfg.precision)
+    table = predict(weights, meta, cfg.data, cfg.split, cfg.batch_size, engine, cfg.tta, placement=placement_of(cfg))
     fs, out = storage.filesystem(cfg.out)
     fs.makedirs(out, exist_ok=True)
     with fs.open(storage.join(out, "predictions.parquet"), "wb") as f:

@@ -30,6 +30,7 @@ from mura_ray.imaging.preprocess import EvalPreset, fit_of, load_square
 from mura_ray.model.checkpoint import read_checkpoint, resolve_model_dir
 from mura_ray.model.heatmaps import HEATMAP_LAYER, display_square, grad_cam, overlay
 from mura_ray.model.resnet import build_model
+from mura_ray.options import placement_of
 from mura_ray.progress import Progress
 from mura_ray.reporting.metrics import study_scores
 from mura_ray.scoring.heatmaps import heatmap_dataset, heatmap_name, index_rows
@@ -75,9 +76,8 @@ def run_explain(cfg: ExplainConfig) -> dict[str, Any]:
     fs.makedirs(out, exist_ok=True)
     study_of = dict(zip(catalog["image_uri"].to_pylist(), catalog["study_uri"].to_pylist()))
     parts = []
-    placement = (cfg.use_gpu, cfg.gpus_per_actor, cfg.gpu_timeout)
     ds = heatmap_dataset(
-        chosen, weights, meta, cfg.data, layer=cfg.layer, batch_size=cfg.batch_size, placement=placement
+        chosen, weights, meta, cfg.data, layer=cfg.layer, batch_size=cfg.batch_size, placement=placement_of(cfg)
     )
     with Progress("heatmaps", chosen.num_rows) as bar:
         for batch in ds.iter_batches(batch_size=16, batch_format="numpy"):

@@ -117,7 +117,8 @@ def heatmap_dataset(
     data: str,
     layer: str = HEATMAP_LAYER,
     batch_size: int = 16,
-    placement: tuple[str, float, float] = ("auto", 1.0, 900.0),
+    *,
+    placement: tuple[str, float, float],
 ) -> ray.data.Dataset:
     """``image_uri`` rows (and ``prob_abnormal`` when known, shown on the overlay) -> ``png`` bytes per image,
     with the map's peak and the score, or ``error``. ``placement``: ``--use-gpu``, ``--gpus-per-actor`` and

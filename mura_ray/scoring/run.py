@@ -37,6 +37,7 @@ from mura_ray.model import backends
 from mura_ray.model.checkpoint import read_checkpoint, resolve_model_dir
 from mura_ray.model.heatmaps import HEATMAP_LAYER
 from mura_ray.model.resnet import build_model
+from mura_ray.options import placement_of
 from mura_ray.progress import Progress
 from mura_ray.scoring.heatmaps import heatmap_dataset, heatmap_name, index_rows
 from mura_ray.scoring.lease import Lease
@@ -212,7 +213,7 @@ def _heatmaps_into(writer: RunWriter, todo: pa.Table, weights: bytes, meta: dict
     folder = storage.join("heatmaps", f"run_date={writer.run_date}", f"run_id={writer.run_id}")
     study_of = dict(zip(todo["image_uri"].to_pylist(), todo["study_uri"].to_pylist()))
     parts = []
-    ds = heatmap_dataset(flagged, weights, meta, data, placement=(cfg.use_gpu, cfg.gpus_per_actor, cfg.gpu_timeout))
+    ds = heatmap_dataset(flagged, weights, meta, data, placement=placement_of(cfg))
     with Progress("heatmaps of flagged studies", flagged.num_rows) as bar:
         for batch in ds.iter_batches(batch_size=16, batch_format="numpy"):
             for uri, png in zip(batch["image_uri"], batch["png"]):

@@ -93,7 +93,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics.update(epoch_seconds=time.monotonic() - t0, train_seconds=train_seconds)
         _report(run, progress, metrics, predictions)
     if run.is_rank0 and progress.stopper.should_stop:
-        name = SELECTED[run.cfg.select_on or "f1"]
+        name = SELECTED[run.cfg.select_on]
         tell_driver(run.sink, kind="note", text=f"early stop: no better tuning {name} for {run.cfg.patience} epochs")
 
 
@@ -144,7 +144,7 @@ def _restore(run: _Setup) -> _Progress:
         progress.stopper.load(state)
         progress.resumed_from = state["epoch"]
         if run.is_rank0:
-            name = SELECTED[run.cfg.select_on or "f1"]
+            name = SELECTED[run.cfg.select_on]
             best = progress.stopper.best
             text = f"resuming after epoch {progress.resumed_from} (best tuning {name} so far {best:.3f})"
             log.info("%s", text)
@@ -209,7 +209,7 @@ def _epoch_metrics(
         np.asarray(predictions["study_uri"].to_pylist(), dtype=object),
     )
     run.scheduler.step(val_loss)
-    improved = progress.stopper.step(m[run.cfg.select_on or "f1"])
+    improved = progress.stopper.step(m[run.cfg.select_on])
     if improved:
         progress.best_weights, progress.best_predictions = state_dict_bytes(run.plain), predictions
     return {
