@@ -8,6 +8,14 @@ population stability index (PSI) of the night's scores against a reference:
 the model's validation predictions (``--model``), else the first night.
 PSI = sum over bins of (p - q) ln(p / q), over the reference's deciles; by
 a common rule of thumb under 0.1 is stable, over 0.2 a shift worth a look.
+
+A small night drifts by chance: for n images drawn from the reference's own
+population, against N reference images, PSI over k groups is about
+(1/n + 1/N) times a chi-square with k - 1 degrees of freedom (its mean is
+(k - 1)(1/n + 1/N): 0.1 for 140 images against 265). ``psi_noise`` is that
+chi-square's ``NOISE_QUANTILE`` quantile, and a night is flagged only when
+its PSI is over both ``--psi-alert`` and its ``psi_noise``. Images of one
+study are alike, so the effective n is smaller and the bound is a floor.
 ``alerts`` name what the latest night crossed; the CLI exits 4 on any.
 """
 
@@ -18,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
+from scipy.stats import chi2
 
 from mura_ray.archive import storage
 from mura_ray.config import MonitorConfig
@@ -29,6 +38,7 @@ from mura_ray.scoring.ledger import Ledger
 
 GROUPS = 10
 EPS = 1e-4  # share given to an empty bin, so that ln(p / q) stays finite
+NOISE_QUANTILE = 0.999  # an unchanged population crosses psi_noise once in 1000 nights
 
 
 def decile_groups(reference: np.ndarray, groups: int = GROUPS) -> list[tuple[int, int]]:
@@ -53,6 +63,13 @@ def psi(reference: np.ndarray, counts: np.ndarray, groups: list[tuple[int, int]]
     return float(np.sum((p - q) * np.log(p / q)))
 
 
+def psi_noise(reference_images: int, night_images: int, groups: int, quantile: float = NOISE_QUANTILE) -> float:
+    """The PSI that ``night_images`` drawn from the reference's population exceed with probability 1 - quantile."""
+    if reference_images < 1 or night_images < 1:
+        return float("inf")
+    return float(chi2.ppf(quantile, max(groups - 1, 1)) * (1 / night_images + 1 / reference_images))
+
+
 def nights(scores: str, model_id: str | None) -> list[dict[str, Any]]:
     """The committed runs of ``scores`` (of ``model_id`` when given, else of the latest run's model) that
     scored images and recorded their distribution, oldest first."""
@@ -67,6 +84,7 @@ def night_row(m: dict[str, Any], reference: np.ndarray, groups: list[tuple[int, 
     run, d = m["run"], m["run"]["distribution"]
     parts = d["body_parts"]
     scored = run["images"] - run["errors"]
+    counts = np.asarray(d["histogram"])
     return {
         "run_id": m["run_id"],
         "run_date": m["run_date"],
@@ -79,7 +97,8 @@ def night_row(m: dict[str, Any], reference: np.ndarray, groups: list[tuple[int, 
         "flagged_share_by_body_part": {
             k: p["flagged"] / max(p["images"] - p["errors"], 1) for k, p in parts.items() if p["images"] > p["errors"]
         },
-        "psi": psi(reference, np.asarray(d["histogram"]), groups),
+        "psi": psi(reference, counts, groups),
+        "psi_noise": psi_noise(int(reference.sum()), int(counts.sum()), len(groups)),
         "histogram": d["histogram"],
     }
 
@@ -105,8 +124,12 @@ def run_monitor(cfg: MonitorConfig) -> dict[str, Any]:
     rows = [night_row(m, reference, groups) for m in runs]
     latest = rows[-1]
     alerts = []
-    if latest["psi"] > cfg.psi_alert:
-        alerts.append(f"PSI {latest['psi']:.3f} of run {latest['run_id']} is over --psi-alert {cfg.psi_alert}")
+    if latest["psi"] > max(cfg.psi_alert, latest["psi_noise"]):
+        alerts.append(
+            f"PSI {latest['psi']:.3f} of run {latest['run_id']} is over --psi-alert {cfg.psi_alert} and over "
+            f"{latest['psi_noise']:.3f}, what chance reaches once in {1 / (1 - NOISE_QUANTILE):.0f} nights of "
+            f"{int(np.sum(latest['histogram']))} images"
+        )
     if latest["error_rate"] > cfg.max_error_rate:
         alerts.append(
             f"error rate {latest['error_rate']:.1%} of run {latest['run_id']} is over --max-error-rate "
@@ -119,6 +142,7 @@ def run_monitor(cfg: MonitorConfig) -> dict[str, Any]:
         "reference_histogram": reference.tolist(),
         "bins": BINS,
         "psi_alert": cfg.psi_alert,
+        "noise_quantile": NOISE_QUANTILE,
         "max_error_rate": cfg.max_error_rate,
         "nights": rows,
         "alerts": alerts,
@@ -137,15 +161,17 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"# Nightly monitor of `{r['scores']}`",
         "",
         f"Model `{r['model_id'][:12]}`. PSI of each night's scores against {r['reference']}, over its deciles; "
-        f"alert over {r['psi_alert']}. Error rate alert over {r['max_error_rate']:.1%}.",
+        f"alert over {r['psi_alert']} when also over the night's chance bound (the PSI that an unchanged "
+        f"population of its size exceeds once in {1 / (1 - r['noise_quantile']):.0f} nights). "
+        f"Error rate alert over {r['max_error_rate']:.1%}.",
         "",
-        "| run | date | images | error rate | flagged abnormal | PSI | images/s |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| run | date | images | error rate | flagged abnormal | PSI | chance bound | images/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for n in r["nights"]:
         lines.append(
             f"| {n['run_id']} | {n['run_date']} | {n['images']} | {n['error_rate']:.1%} | {n['flagged_share']:.1%} | "
-            f"{n['psi']:.3f} | {n['images_per_second'] or 0:.1f} |"
+            f"{n['psi']:.3f} | {n['psi_noise']:.3f} | {n['images_per_second'] or 0:.1f} |"
         )
     parts = sorted({p for n in r["nights"] for p in n["flagged_share_by_body_part"]})
     lines += ["", "## Share flagged abnormal per body part", "", "| run | " + " | ".join(parts) + " |"]

@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import confusion_matrix, roc_curve  # noqa: E402
 
 from mura_ray.archive import storage  # noqa: E402
+from mura_ray.model.calibration import Calibration  # noqa: E402
 
 
 def png(fig) -> bytes:
@@ -114,7 +115,7 @@ def reliability_png(report: dict[str, Any]) -> bytes:
         ax.set_ylim(0, 1)
         ax.set_xlabel("mean predicted P(abnormal) in bin")
         ax.set_ylabel("observed share abnormal")
-        ax.set_title(f"{level} level (T = {report['temperature']:.2f})")
+        ax.set_title(f"{level} level ({Calibration.of(report).describe()})")
         ax.legend(fontsize=7, loc="upper left")
     return png(fig)
 
@@ -184,9 +185,10 @@ def monitor(report: dict[str, Any], uri: str) -> None:
     axes[3].bar(
         x,
         [n["psi"] for n in nights],
-        color=["tab:red" if n["psi"] > report["psi_alert"] else "tab:green" for n in nights],
+        color=["tab:red" if n["psi"] > max(report["psi_alert"], n["psi_noise"]) else "tab:green" for n in nights],
     )
-    axes[3].axhline(report["psi_alert"], color="gray", linestyle=":", label="alert")
+    axes[3].axhline(report["psi_alert"], color="gray", linestyle=":", label="--psi-alert")
+    axes[3].plot(x, [n["psi_noise"] for n in nights], "k_", markersize=20, label="chance bound")
     axes[3].set_title("PSI of the scores vs reference")
     for ax in axes[:4]:
         ax.set_xticks(x, labels, fontsize=7)
