@@ -26,6 +26,7 @@ from mura_ray.checks import (
     run_name,
 )
 from mura_ray.imaging.preprocess import FITS
+from mura_ray.model.calibration import METHODS as CALIBRATIONS
 from mura_ray.options import (
     ConfigBase,
     add_options,
@@ -109,6 +110,14 @@ class TrainConfig(ConfigBase):
         check=fraction,
         help="training patients set aside (stratified by body part) to choose the epoch, temperature and "
         "threshold, so that the validation split only reports; 0: the validation split chooses",
+    )
+    calibration: str = option(
+        "platt",
+        choices=CALIBRATIONS,
+        help="how the probabilities are calibrated on the tuning split: platt = sigmoid(z / T + b), whose "
+        "offset b also takes back the shift of the logit that the class weights cause; temperature = "
+        "sigmoid(z / T)",
+        resumable=True,
     )
     patience: int = option(
         3, help="early stopping: epochs without a better tuning-split F1", check=positive_int, resumable=True

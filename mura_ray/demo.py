@@ -13,6 +13,7 @@ from mura_ray import console
 from mura_ray.archive import storage
 from mura_ray.archive.sample import write_sample
 from mura_ray.config import DemoConfig, EvalConfig, ScoreConfig, TrainConfig
+from mura_ray.model.calibration import Calibration
 from mura_ray.reporting.evaluate import run_evaluation
 from mura_ray.reporting.metrics import binary_metrics, fmt_ci
 from mura_ray.scoring.run import run_scoring
@@ -108,7 +109,7 @@ def _summary(
             }
             for level in ("image", "study")
         },
-        "temperature": report["calibration"]["temperature"],
+        "calibrated_by": Calibration.of(report["calibration"]).describe(),
         "heatmaps": scored["heatmaps"],
         "best_epoch": trained["metrics"],
         "images_scored": scored["images"],
@@ -141,8 +142,8 @@ def render_summary(s: dict[str, Any]) -> str:
     chooser = "tuning split" if p["chosen_on"]["threshold"] == "tune" else "validation split"
     lines = [
         "",
-        f"validation split (chose nothing; 95% CIs over patients); epoch {s['best_epoch']['epoch']}, temperature "
-        f"{s['temperature']:.2f} and threshold {s['threshold']:.3f} chosen on the {chooser} "
+        f"validation split (chose nothing; 95% CIs over patients); epoch {s['best_epoch']['epoch']}, calibration "
+        f"{s['calibrated_by']} and threshold {s['threshold']:.3f} chosen on the {chooser} "
         f"({p['tune_patients']} training patients)",
         f"  {'level':<6} {'n':>5}  {'kappa (95% CI)':<22} {'AUROC (95% CI)':<22} {'sens.':>6} {'spec.':>6}",
     ]

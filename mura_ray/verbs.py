@@ -44,7 +44,7 @@ def train(args: argparse.Namespace) -> int:
     (--use-gpu). --recipe sets what is left unset: default, or mura (the MURA paper's: 320 px, every
     layer, Adam 1e-4 scaled with the global batch, rotations up to 30 degrees, 30 epochs). A tuning
     split (--tune-fraction of the training patients, by body part) chooses the epoch (--select-on),
-    the temperature that calibrates the probabilities and the decision threshold; the validation
+    the calibration of the probabilities (--calibration) and the decision threshold; the validation
     split only reports, with patient-level intervals. The model goes to RUN_DIR/model/
     (safetensors, metadata.json, model_card.md, reliability.png), the per-epoch history to
     RUN_DIR/metrics.{csv,json} and RUN_DIR/training_curves.png. Every epoch is checkpointed: the
@@ -78,7 +78,7 @@ def evaluate(args: argparse.Namespace) -> int:
     Score a labelled split with a model and write, under --out: report.json and report.md (image-
     and study-level kappa, F1, precision, sensitivity, specificity, accuracy, AUROC; 95% bootstrap
     intervals over patients; the same per body part; ECE and Brier score before and after the
-    model's temperature scaling; which split chose the epoch, temperature and threshold),
+    model's calibration; which split chose the epoch, calibration and threshold),
     predictions.parquet, and PNGs: confusion matrices, ROC with the operating point, kappa per body
     part, the reliability diagram, the most confident false positives and negatives under their
     Grad-CAM heatmaps. Warns when the split evaluated helped choose the model.
@@ -189,8 +189,10 @@ def monitor(args: argparse.Namespace) -> int:
     the population stability index (PSI) of the night's scores against the model's validation
     predictions (--model) or, without it, the first night.
 
-    Exit status: 0; 4 when the latest night's PSI is over --psi-alert or its error rate over
-    --max-error-rate (for cron or a Ray Job to alert on); 2 for unusable arguments.
+    Exit status: 0; 4 when the latest night's PSI is over --psi-alert and over what chance gives a
+    night of its size (the "chance" column: the PSI an unchanged population exceeds once in 1000
+    nights), or its error rate over --max-error-rate (for cron or a Ray Job to alert on); 2 for
+    unusable arguments.
     """
     from mura_ray.reporting.monitor import run_monitor
 
@@ -198,7 +200,7 @@ def monitor(args: argparse.Namespace) -> int:
     for n in r["nights"]:
         print(
             f"{n['run_id']:<28} {n['run_date']}  {n['images']:>7} images  errors {n['error_rate']:6.1%}  "
-            f"flagged {n['flagged_share']:6.1%}  PSI {n['psi']:.3f}"
+            f"flagged {n['flagged_share']:6.1%}  PSI {n['psi']:.3f} (chance {n['psi_noise']:.3f})"
         )
     for alert in r["alerts"]:
         print(f"mura-ray: alert: {alert}", file=sys.stderr)

@@ -17,7 +17,7 @@ from sklearn.metrics import (
 )
 
 from mura_ray import cli
-from mura_ray.model.calibration import apply_temperature
+from mura_ray.model.calibration import Calibration
 from mura_ray.reporting.metrics import study_scores
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -97,7 +97,7 @@ def test_report_matches_sklearn_overall_and_per_body_part(trained_run, learn_arc
 
     # Calibration: the scores are the model's own, tempered; ECE and Brier before and after, as computed here.
     raw = preds["prob_uncalibrated"].to_numpy().astype(float)
-    assert np.allclose(probs, apply_temperature(raw, meta["temperature"]), atol=1e-6)
+    assert np.allclose(probs, Calibration.of(meta).apply(raw), atol=1e-6)
     c = report["calibration"]
     assert c["temperature"] == meta["temperature"]
     assert c["image"]["before"]["ece"] == pytest.approx(_ece(labels, raw))

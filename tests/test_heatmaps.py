@@ -17,6 +17,7 @@ from safetensors.torch import load as st_load
 from mura_ray.archive.sample import FINDINGS_CSV
 from mura_ray.config import DemoConfig, ExplainConfig, ScoreConfig
 from mura_ray.imaging.preprocess import EvalPreset, box_in_input, load_square
+from mura_ray.model.calibration import Calibration
 from mura_ray.model.checkpoint import read_checkpoint
 from mura_ray.model.heatmaps import HEATMAP_LAYER, grad_cam, peak
 from mura_ray.model.resnet import build_model
@@ -63,7 +64,7 @@ def test_pointing_game_on_the_demo_model(demo_model):
     rng = np.random.default_rng(0)
     rates = {}
     for layer in (HEATMAP_LAYER, "layer4"):
-        maps, probs = grad_cam(model, pixels, layer=layer, temperature=meta["temperature"])
+        maps, probs = grad_cam(model, pixels, layer=layer, calibration=Calibration.of(meta))
         tp = probs >= meta["threshold"]
         hits = np.array([_hit(findings[n][0], peak(m), size) for n, m in zip(names, maps)])
         random_peaks = rng.integers(0, size, (len(names), 200, 2))

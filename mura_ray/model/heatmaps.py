@@ -21,14 +21,14 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from mura_ray.imaging.tensors import to_input
-from mura_ray.model.calibration import apply_temperature
+from mura_ray.model.calibration import IDENTITY, Calibration
 
 HEATMAP_LAYER = "layer3"
 OVERLAY_ALPHA = 0.45
 
 
 def grad_cam(
-    model: nn.Module, pixels: np.ndarray, *, layer: str = HEATMAP_LAYER, temperature: float = 1.0
+    model: nn.Module, pixels: np.ndarray, *, layer: str = HEATMAP_LAYER, calibration: Calibration = IDENTITY
 ) -> tuple[np.ndarray, np.ndarray]:
     """(B, S, S) uint8 model inputs -> ((B, S, S) float32 maps in [0, 1], (B,) calibrated P(abnormal)).
 
@@ -46,7 +46,7 @@ def grad_cam(
         maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(1)] * len(x))
         logits = cam.outputs.detach().float()
     probs = torch.softmax(logits, dim=1)[:, 1].cpu().numpy()
-    return np.asarray(maps, dtype=np.float32), apply_temperature(probs, temperature)
+    return np.asarray(maps, dtype=np.float32), calibration.apply(probs)
 
 
 def peak(cam: np.ndarray) -> tuple[int, int]:

@@ -17,7 +17,7 @@ from safetensors.torch import load as st_load
 
 from mura_ray.imaging.preprocess import EvalPreset
 from mura_ray.model import backends
-from mura_ray.model.calibration import apply_temperature
+from mura_ray.model.calibration import IDENTITY, Calibration
 from mura_ray.model.checkpoint import model_id_of
 from mura_ray.model.resnet import build_model, for_inference
 
@@ -37,7 +37,7 @@ class BatchScorer:
         backend: str = "auto",
         precision: str = "auto",
         refused: tuple[str, ...] = (),
-        temperature: float = 1.0,
+        calibration: Calibration = IDENTITY,
         tta: str = "none",
     ):
         torch.set_num_threads(threads)
@@ -50,7 +50,7 @@ class BatchScorer:
         self.model_id, self.image_size, self.setting, self.refused = model_id, image_size, (backend, precision), refused
         self.crop = EvalPreset(size=image_size)
         self.engine: backends.Engine | None = None
-        self.temperature, self.tta = temperature, tta
+        self.calibration, self.tta = calibration, tta
 
     def choose_engine(self, pixels: np.ndarray) -> backends.Engine:
         """The engine, chosen once on ``pixels`` (centre-cropped squares) as the accuracy guard's batch."""
@@ -71,7 +71,7 @@ class BatchScorer:
             raw[ok] = engine(pixels)
             if self.tta == "flip":
                 raw[ok] = (raw[ok] + engine(pixels[:, :, ::-1])) / 2
-            probs[ok] = apply_temperature(raw[ok], self.temperature)
+            probs[ok] = self.calibration.apply(raw[ok])
         engine = self.engine
         return {
             "image_uri": batch["image_uri"],

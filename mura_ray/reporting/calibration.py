@@ -3,7 +3,7 @@
 ECE is the expected calibration error over 10 equal-width bins of the
 predicted probability: the bins' |mean prediction - observed frequency|,
 weighted by their share of the cases. The Brier score is scikit-learn's.
-Both are reported before and after temperature scaling, for images and for
+Both are reported before and after calibration (``model.calibration``), for images and for
 studies (a study's probability is the mean of its images').
 """
 
@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import brier_score_loss
 
+from mura_ray.model.calibration import Calibration
 from mura_ray.reporting.metrics import fmt, study_scores
 
 BINS = 10
@@ -46,10 +47,10 @@ def brier(labels: np.ndarray, probs: np.ndarray) -> float:
 
 
 def calibration_report(
-    labels: np.ndarray, raw: np.ndarray, calibrated: np.ndarray, studies: np.ndarray, temperature: float
+    labels: np.ndarray, raw: np.ndarray, calibrated: np.ndarray, studies: np.ndarray, calibration: Calibration
 ) -> dict[str, Any]:
-    """ECE, Brier and reliability bins before and after calibration, for images and studies."""
-    report: dict[str, Any] = {"temperature": temperature, "bins": BINS}
+    """ECE, Brier and reliability bins before and after ``calibration``, for images and studies."""
+    report: dict[str, Any] = {**calibration.record(), "bins": BINS}
     for level in ("image", "study"):
         report[level] = {}
         for when, probs in (("before", raw), ("after", calibrated)):
@@ -71,9 +72,9 @@ def calibration_table(report: dict[str, Any]) -> list[str]:
 
 
 def calibration_line(report: dict[str, Any], level: str = "study") -> str:
-    """``ECE 0.081 -> 0.032, Brier 0.110 -> 0.098 (T = 1.62)`` for one level."""
+    """``ECE 0.081 -> 0.032, Brier 0.110 -> 0.098 (T = 1.62, b = -0.41 (platt))`` for one level."""
     before, after = report[level]["before"], report[level]["after"]
     return (
         f"ECE {before['ece']:.3f} -> {after['ece']:.3f}, Brier {before['brier']:.3f} -> {after['brier']:.3f} "
-        f"(T = {report['temperature']:.2f})"
+        f"({Calibration.of(report).describe()})"
     )

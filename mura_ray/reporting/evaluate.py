@@ -29,6 +29,7 @@ from mura_ray.archive.catalog import build_catalog
 from mura_ray.config import EvalConfig, ScoreConfig
 from mura_ray.errors import UsageError
 from mura_ray.model import backends
+from mura_ray.model.calibration import Calibration
 from mura_ray.model.checkpoint import read_checkpoint, resolve_model_dir
 from mura_ray.options import placement_of
 from mura_ray.progress import Progress
@@ -125,7 +126,6 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     report = full_report(
         labels, probs, studies, parts, threshold, patients=patients, resamples=cfg.resamples, seed=cfg.seed
     )
-    temperature = float(meta.get("temperature", 1.0))
     raw = scored["prob_uncalibrated"].to_numpy().astype(np.float64)
     s_ids, s_probs, s_labels = study_scores(studies, probs, labels)
     storage.write_bytes(
@@ -143,7 +143,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
         engines=engines_used(scored),
         tta=cfg.tta,
         protocol=protocol_summary(meta, cfg.split, warning),
-        calibration=calibration_report(labels, raw, probs, studies, temperature),
+        calibration=calibration_report(labels, raw, probs, studies, Calibration.of(meta)),
         mura_competition=competition_report(s_ids, s_labels, s_probs >= threshold, cfg.data),
     )
     storage.write_bytes(fs, storage.join(out, "report.json"), json.dumps(report, indent=2).encode())
@@ -289,9 +289,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     c = report["calibration"]
     lines += [
         "",
-        f"## Calibration (temperature T = {c['temperature']:.3f}, from the checkpoint)",
+        f"## Calibration ({Calibration.of(c).describe()}, from the checkpoint)",
         "",
-        f"ECE over {c['bins']} equal-width bins and Brier score, before and after temperature scaling. Study level: "
+        f"ECE over {c['bins']} equal-width bins and Brier score, before and after calibration. Study level: "
         f"{calibration_line(c)}.",
         "",
         *calibration_table(c),

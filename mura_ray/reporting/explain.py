@@ -27,6 +27,7 @@ from mura_ray.archive.catalog import build_catalog
 from mura_ray.config import ExplainConfig, ScoreConfig
 from mura_ray.errors import UsageError
 from mura_ray.imaging.preprocess import EvalPreset, fit_of, load_square
+from mura_ray.model.calibration import Calibration
 from mura_ray.model.checkpoint import read_checkpoint, resolve_model_dir
 from mura_ray.model.heatmaps import HEATMAP_LAYER, display_square, grad_cam, overlay
 from mura_ray.model.resnet import build_model
@@ -57,7 +58,7 @@ def overlays_of(
     squares = np.stack([load_square(b, side, fit=fit) for b in blobs])
     pixels = EvalPreset(size=size)({"pixels": squares})["pixels"]
     with torch.enable_grad():
-        maps, own = grad_cam(model, pixels, layer=HEATMAP_LAYER, temperature=float(meta.get("temperature", 1.0)))
+        maps, own = grad_cam(model, pixels, layer=HEATMAP_LAYER, calibration=Calibration.of(meta))
     shown = [
         display_square(load_square(b, round(display * side / size), fit=fit), size, side, side=display) for b in blobs
     ]

@@ -18,7 +18,7 @@ from torch import nn
 
 from mura_ray.errors import UsageError
 from mura_ray.model import backends
-from mura_ray.model.calibration import apply_temperature
+from mura_ray.model.calibration import IDENTITY, Calibration
 from mura_ray.reporting.metrics import study_scores
 
 LIMITS = {"max_abs_diff": 0.01, "decision_agreement": 0.995, "study_kappa_diff": 0.01}
@@ -56,21 +56,21 @@ def check_engines(
     studies: np.ndarray,
     threshold: float,
     batch_size: int = 64,
-    temperature: float = 1.0,
+    calibration: Calibration = IDENTITY,
 ) -> dict[str, dict[str, Any]]:
     """The guard's figures for every engine installed here, on ``squares`` (centre-cropped uint8 model inputs).
 
-    ``model`` is the folded model; decisions are taken on probabilities calibrated with ``temperature``, as
+    ``model`` is the folded model; decisions are taken on probabilities calibrated with ``calibration``, as
     scoring takes them. Keys are engine names ("openvino bf16")."""
     device = torch.device("cpu")
     graph = backends.ProbabilityOf(model).eval()
     side = squares.shape[-1]
     engine = backends.build_torch(graph, "fp32", device, side, model_id)
-    reference = apply_temperature(_probs(engine, squares, batch_size), temperature)
+    reference = calibration.apply(_probs(engine, squares, batch_size))
     results = {}
     for name, precision in backends.all_engines(device):
         engine = backends.BUILDERS[name](graph, precision, device, side, model_id)
-        probs = apply_temperature(_probs(engine, squares, batch_size), temperature)
+        probs = calibration.apply(_probs(engine, squares, batch_size))
         results[engine.name] = figures(probs, reference, labels, studies, threshold)
     return results
 
@@ -96,7 +96,7 @@ def check_sample(
         labels,
         studies,
         float(meta["threshold"]),
-        temperature=float(meta.get("temperature", 1.0)),
+        calibration=Calibration.of(meta),
     )
     return {"split": "valid", "images": len(pixels), "device": "cpu", "measured_on": cpu_line(), "engines": engines}
 
@@ -131,9 +131,8 @@ def check_model(model_dir: str, data: str, split: str = "valid") -> dict[str, An
     labels = np.array([r["label"] for r in kept])
     studies = np.array([r["study_uri"] for r in kept], dtype=object)
     threshold = float(meta.get("threshold", 0.5))
-    temperature = float(meta.get("temperature", 1.0))
     engines = check_engines(
-        for_inference(model), meta["model_id"], pixels, labels, studies, threshold, temperature=temperature
+        for_inference(model), meta["model_id"], pixels, labels, studies, threshold, calibration=Calibration.of(meta)
     )
     return {"model_id": meta["model_id"], "images": len(kept), "threshold": threshold, "engines": engines}
 

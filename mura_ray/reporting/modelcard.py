@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mura_ray.model.calibration import Calibration, class_weight_offset
 from mura_ray.reporting.calibration import calibration_table
 from mura_ray.reporting.guard import engine_rows
 from mura_ray.reporting.metrics import fmt, fmt_ci
@@ -95,6 +96,19 @@ def _protocol(meta: dict[str, Any]) -> list[str]:
     ]
 
 
+def _method_line(meta: dict[str, Any]) -> str:
+    cal = Calibration.of(meta)
+    if cal.method != "platt":
+        return f"Temperature scaling, P = sigmoid(z / T) with T = {cal.temperature:.3f}"
+    line = f"Platt scaling, P = sigmoid(z / T + b) with T = {cal.temperature:.3f} and b = {cal.offset:+.3f}"
+    if meta.get("class_weights"):
+        line += (
+            f" (the class weights shift the logit by log(w1 / w0) = {class_weight_offset(meta['class_weights']):+.3f}"
+            ", which b takes back)"
+        )
+    return line
+
+
 def _calibration(meta: dict[str, Any]) -> list[str]:
     c = meta.get("calibration")
     if not c:
@@ -102,7 +116,7 @@ def _calibration(meta: dict[str, Any]) -> list[str]:
     lines = [
         "## Calibration (validation split)",
         "",
-        f"Temperature scaling, T = {c['temperature']:.3f}, fitted on the {_chooser(meta, 'temperature')}; "
+        f"{_method_line(meta)}, fitted on the {_chooser(meta, 'temperature')}; "
         f"`prob_abnormal` is calibrated. ECE over {c['bins']} equal-width bins; reliability diagram in "
         "`reliability.png`.",
         "",

@@ -24,6 +24,7 @@ from mura_ray.data import catalog_dataset
 from mura_ray.hardware import no_cuda_message
 from mura_ray.imaging.decode import MAX_BYTES, one_line
 from mura_ray.imaging.preprocess import EvalPreset, fit_of, load_square, read_capped
+from mura_ray.model.calibration import Calibration
 from mura_ray.model.checkpoint import model_id_of
 from mura_ray.model.heatmaps import HEATMAP_LAYER, display_square, grad_cam, overlay, peak, png_bytes
 from mura_ray.model.resnet import build_model
@@ -95,9 +96,7 @@ class HeatmapMaker:
         out["png"] = np.full(n, b"", dtype=object)
         if ok.any():
             pixels = self.crop({"pixels": batch["pixels"][ok]})["pixels"]
-            maps, probs = grad_cam(
-                self.model, pixels, layer=self.layer, temperature=float(self.meta.get("temperature", 1.0))
-            )
+            maps, probs = grad_cam(self.model, pixels, layer=self.layer, calibration=Calibration.of(self.meta))
             given = batch["prob_abnormal"][ok] if "prob_abnormal" in batch else np.full(len(probs), np.nan)
             shown = np.where(np.isnan(given.astype(np.float32)), probs, given)  # the score the run recorded
             size, side = int(self.meta["image_size"]), int(self.meta["cache_side"])

@@ -28,6 +28,7 @@ from mura_ray.data import catalog_dataset
 from mura_ray.hardware import no_cuda_message
 from mura_ray.imaging.preprocess import fit_of, read_and_decode
 from mura_ray.model import backends
+from mura_ray.model.calibration import Calibration
 from mura_ray.model.scorer import BatchScorer
 
 
@@ -82,7 +83,7 @@ def scored_dataset(keys: pa.Table, weights: bytes, meta: dict[str, Any], cfg: Sc
             "backend": cfg.backend,
             "precision": cfg.precision,
             "refused": backends.failed_guard(meta, "cuda" if plan.use_gpu else "cpu"),
-            "temperature": float(meta.get("temperature", 1.0)),
+            "calibration": Calibration.of(meta),
             "tta": cfg.tta,
         },
         batch_size=plan.batch_size(cfg.batch_size),

@@ -31,6 +31,7 @@ from mura_ray.archive.catalog import build_catalog, fingerprint
 from mura_ray.config import TrainConfig, resumable_fields
 from mura_ray.errors import UsageError
 from mura_ray.imaging.preprocess import cache_side
+from mura_ray.model.calibration import Calibration
 from mura_ray.model.checkpoint import STATE_JSON, model_metadata
 from mura_ray.model.registry import tracking_uri
 from mura_ray.model.resnet import build_model, load_starting_weights, parse_trainable
@@ -305,13 +306,14 @@ def _write_model(
         valid,
         dict(metadata, protocol=record),
         target_sensitivity=cfg.target_sensitivity,
+        calibration=cfg.calibration,
         seed=cfg.seed,
         guard_sample=guard_sample,
     )
     log.info(
-        "kept epoch %d; temperature %.2f and threshold %.3f (%s); validation study kappa %.3f [%.3f, %.3f]",
+        "kept epoch %d; calibration %s and threshold %.3f (%s); validation study kappa %.3f [%.3f, %.3f]",
         best["epoch"],
-        meta["temperature"],
+        Calibration.of(meta).describe(),
         meta["threshold"],
         meta["threshold_rule"],
         meta["validation"]["study"]["kappa"],

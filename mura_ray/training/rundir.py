@@ -113,11 +113,12 @@ def write_model_folder(
     *,
     target_sensitivity: float | None,
     seed: int,
+    calibration: str = "platt",
     guard_sample: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``RUN_DIR/model/`` once, complete: weights, predictions, model card, metadata.
 
-    The temperature and the threshold are chosen on the kept epoch's tuning
+    The calibration (``calibration``: its method) and the threshold are chosen on the kept epoch's tuning
     predictions, and the report with patient-level intervals is computed on
     the validation predictions (``selection.choose_and_report``). The folder is
     replaced whole (``write_checkpoint``): a reader sees the earlier model or
@@ -126,6 +127,7 @@ def write_model_folder(
     torch fp32 at the chosen threshold and the figures kept in the metadata
     (``engine_guard``), which ``--backend auto`` obeys. Returns the metadata.
     """
+    from mura_ray.model.calibration import Calibration
     from mura_ray.model.checkpoint import METADATA_FILE, WEIGHTS_FILE, model_id_of, write_checkpoint
     from mura_ray.reporting.modelcard import render_model_card
     from mura_ray.reporting.plots import reliability_png
@@ -133,7 +135,12 @@ def write_model_folder(
 
     chooser = metadata["protocol"]["chosen_on"]["threshold"]
     chosen = choose_and_report(
-        tune_predictions, valid_predictions, target_sensitivity=target_sensitivity, seed=seed, chooser=chooser
+        tune_predictions,
+        valid_predictions,
+        target_sensitivity=target_sensitivity,
+        seed=seed,
+        chooser=chooser,
+        method=calibration,
     )
     meta = dict(metadata, **chosen, package_versions=package_versions(), model_id=model_id_of(weights))
     if guard_sample is not None and len(guard_sample["pixels"]):
@@ -144,8 +151,8 @@ def write_model_folder(
         )
     files = {
         WEIGHTS_FILE: weights,
-        VALID_PREDICTIONS: storage.parquet_bytes(with_calibrated(valid_predictions, meta["temperature"])),
-        TUNE_PREDICTIONS: storage.parquet_bytes(with_calibrated(tune_predictions, meta["temperature"])),
+        VALID_PREDICTIONS: storage.parquet_bytes(with_calibrated(valid_predictions, Calibration.of(meta))),
+        TUNE_PREDICTIONS: storage.parquet_bytes(with_calibrated(tune_predictions, Calibration.of(meta))),
         RELIABILITY: reliability_png(meta["calibration"]),
         "model_card.md": render_model_card(meta).encode(),
         METADATA_FILE: json.dumps(meta, indent=2, sort_keys=True).encode(),

@@ -1,6 +1,6 @@
 """After training: what the tuning split chooses, and what the validation split then reports.
 
-``choose_and_report`` fits the temperature on the kept epoch's tuning
+``choose_and_report`` fits the calibration on the kept epoch's tuning
 predictions, chooses the decision threshold on them after calibration
 (study level), and reports on the validation split, which chose nothing:
 metrics with patient-level intervals, and calibration before and after.
@@ -17,7 +17,7 @@ import pyarrow as pa
 import torch
 from safetensors.torch import load as st_load
 
-from mura_ray.model.calibration import apply_temperature, fit_temperature
+from mura_ray.model.calibration import Calibration, fit
 from mura_ray.model.resnet import build_model
 from mura_ray.model.steps import evaluate
 from mura_ray.reporting.calibration import calibration_report
@@ -56,14 +56,21 @@ def _columns(predictions: pa.Table) -> tuple[np.ndarray, ...]:
 
 
 def choose_and_report(
-    tune: pa.Table, valid: pa.Table, *, target_sensitivity: float | None, seed: int, chooser: str
+    tune: pa.Table,
+    valid: pa.Table,
+    *,
+    target_sensitivity: float | None,
+    seed: int,
+    chooser: str,
+    method: str = "platt",
 ) -> dict[str, Any]:
-    """Temperature and threshold from ``tune`` (the kept epoch's predictions on the split that chooses),
-    the report from ``valid``. Returns the metadata fields: ``temperature``, ``threshold``,
+    """Calibration (``method``) and threshold from ``tune`` (the kept epoch's predictions on the split that
+    chooses), the report from ``valid``. Returns the metadata fields: the calibration's (``temperature``,
+    ``logit_offset``, ``calibration_method``), ``threshold``,
     ``threshold_rule``, ``validation``, ``calibration`` (validation split) and ``tuning_calibration``."""
     t_labels, t_probs, t_studies = _columns(tune)
-    temperature = fit_temperature(t_labels, t_probs)
-    t_calibrated = apply_temperature(t_probs, temperature).astype(np.float64)
+    calibration = fit(t_labels, t_probs, method)
+    t_calibrated = calibration.apply(t_probs).astype(np.float64)
     _, s_probs, s_labels = study_scores(t_studies, t_calibrated, t_labels)
     threshold = choose_threshold(s_labels, s_probs, target_sensitivity)
     where = "the tuning split" if chooser == "tune" else "the validation split"
@@ -73,22 +80,22 @@ def choose_and_report(
         else f"maximises study-level Cohen's kappa on {where}, after calibration"
     )
     v_labels, v_probs, v_studies = _columns(valid)
-    v_calibrated = apply_temperature(v_probs, temperature).astype(np.float64)
+    v_calibrated = calibration.apply(v_probs).astype(np.float64)
     parts = np.asarray(valid["body_part"].to_pylist(), dtype=object)
     patients = np.asarray(valid["patient_id"].to_pylist(), dtype=object)
     return {
-        "temperature": temperature,
+        **calibration.record(),
         "threshold": threshold,
         "threshold_rule": rule,
         "validation": full_report(v_labels, v_calibrated, v_studies, parts, threshold, patients=patients, seed=seed),
-        "calibration": calibration_report(v_labels, v_probs, v_calibrated, v_studies, temperature),
-        "tuning_calibration": calibration_report(t_labels, t_probs, t_calibrated, t_studies, temperature),
+        "calibration": calibration_report(v_labels, v_probs, v_calibrated, v_studies, calibration),
+        "tuning_calibration": calibration_report(t_labels, t_probs, t_calibrated, t_studies, calibration),
     }
 
 
-def with_calibrated(predictions: pa.Table, temperature: float) -> pa.Table:
+def with_calibrated(predictions: pa.Table, calibration: Calibration) -> pa.Table:
     """The predictions with ``prob_abnormal`` calibrated and the model's own output kept as ``prob_uncalibrated``."""
     raw = predictions["prob_abnormal"].to_numpy()
     i = predictions.schema.get_field_index("prob_abnormal")
-    table = predictions.set_column(i, "prob_abnormal", pa.array(apply_temperature(raw, temperature)))
+    table = predictions.set_column(i, "prob_abnormal", pa.array(calibration.apply(raw)))
     return table.append_column("prob_uncalibrated", pa.array(raw.astype(np.float32)))

@@ -110,7 +110,9 @@ class Tracker:
             for when in ("before", "after"):
                 for key in ("ece", "brier"):
                     values[f"valid_{level}_{key}_{when}_calibration"] = meta["calibration"][level][when][key]
-        values.update(threshold=meta["threshold"], temperature=meta["temperature"])
+        values.update(
+            threshold=meta["threshold"], temperature=meta["temperature"], logit_offset=meta.get("logit_offset", 0.0)
+        )
         finite = [Metric(k, float(v), now, 0) for k, v in values.items() if v == v]  # NaN where undefined
         self.client.log_batch(self.run_id, metrics=finite)
 
