@@ -75,6 +75,10 @@ def bench_options(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -
     C.add_options(b, C.BenchGuardConfig)
     b = kinds.add_parser("nightly", help="a night's fixed cost at archive scale and history", parents=[common])
     C.add_options(b, C.BenchNightlyConfig)
+    b = kinds.add_parser(
+        "recipe", help="crop vs pad and one model vs an ensemble of 3, on the hard sample", parents=[common]
+    )
+    C.add_options(b, C.BenchRecipeConfig)
 
 
 VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], Any, str]] = {
@@ -83,6 +87,16 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], Any, str]] = {
         V.train,
         C.TrainConfig,
         "mura-ray train --data archive --out runs/r1 --weights none --epochs 5 --image-size 64",
+    ),
+    "tune": (
+        V.tune,
+        C.TuneSearchConfig,
+        "mura-ray tune --data archive --out runs/search --trials 6 --keep 3 --image-sizes 224,320 --use-gpu yes",
+    ),
+    "ensemble": (
+        V.ensemble,
+        C.EnsembleConfig,
+        "mura-ray ensemble --models runs/r1/model runs/r2/model runs/r3/model --out runs/ensemble",
     ),
     "evaluate": (V.evaluate, C.EvalConfig, "mura-ray evaluate --model runs/r1/model --data archive --out eval"),
     "score": (V.score, C.ScoreConfig, "mura-ray score --model runs/r1/model --data /mnt/xrays --out scores"),

@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from mura_ray.archive.catalog import SPLITS
+from mura_ray.archive.sample import KINDS
 from mura_ray.checks import (
     fraction,
     image_size,
@@ -47,6 +48,13 @@ class SampleConfig(ConfigBase):
     out: str = option(help="folder or s3:// prefix to write MURA-v1.1/ into", metavar="DIR", path=True)
     studies: int = option(400, help="number of studies (about 2.6 images each)", check=positive_int)
     seed: int = option(0, help="random seed; the same seed writes the same bytes", check=non_negative_int)
+    kind: str = option(
+        "demo",
+        choices=KINDS,
+        help="demo = fractures near the image centre, sizes and orientations drawn freely; hard = each body "
+        "part's own shape (tall forearms and humeri, wide hands), fractures anywhere along the bone, ends "
+        "included, and subtler: what a centre crop misses",
+    )
 
 
 @dataclass
@@ -82,6 +90,7 @@ class TrainConfig(ConfigBase):
         None, help="images per worker per step (default: the recipe's, 32 or 8)", check=positive_int
     )
     lr: float | None = option(None, help="Adam learning rate (default: the recipe's)", check=positive_float)
+    weight_decay: float = option(0.0, help="Adam's L2 weight decay", check=non_negative_float)
     rotation: float | None = option(
         None,
         help="augmentation: random rotation up to this many degrees (default: the recipe's, 15 or 30)",
@@ -126,7 +135,15 @@ class TrainConfig(ConfigBase):
         1, help="ReduceLROnPlateau: epochs without a lower tuning-split loss", check=non_negative_int
     )
     lr_factor: float = option(0.3, help="ReduceLROnPlateau: factor applied to the learning rate", check=open_fraction)
-    seed: int = option(0, help="random seed", check=non_negative_int)
+    seed: int = option(
+        0, help="random seed of the weights' start, the batches and the augmentation", check=non_negative_int
+    )
+    split_seed: int = option(
+        0,
+        help="random seed of the tuning split's draw of patients: runs that differ only in --seed share their "
+        "tuning split, as the members of an ensemble must",
+        check=non_negative_int,
+    )
     precision: str = option(
         "auto",
         help="bf16 autocast where the CPU (AVX512-BF16, AMX) or GPU computes it natively (auto), or fp32|bf16",
@@ -302,6 +319,60 @@ class MonitorConfig(ConfigBase):
 
 
 @dataclass
+class EnsembleConfig(ConfigBase):
+    models: list[str] = option(
+        help="the members: model folders, run directories holding model/, or models:/ registry URIs, trained "
+        "with the same tuning split and preprocessing (fit)",
+        metavar="MODEL",
+        path=True,
+        many=True,
+    )
+    out: str = option(
+        help="run directory: the ensemble's model folder goes to RUN_DIR/model", metavar="RUN_DIR", path=True
+    )
+    calibration: str = option(
+        "platt", choices=CALIBRATIONS, help="how the mean probability is calibrated on the tuning split"
+    )
+    target_sensitivity: float | None = option(
+        None,
+        metavar="S",
+        check=fraction,
+        help="decision threshold: the highest whose study-level tuning-split sensitivity is >= S; default: the "
+        "one that maximises study-level kappa",
+    )
+    seed: int = option(0, help="random seed of the bootstrap intervals", check=non_negative_int)
+
+
+@dataclass
+class TuneSearchConfig(TrainConfig):
+    out: str = option(
+        help="search directory: the trials' run directories (trials/), Ray Tune's experiment (search/), the "
+        "ensemble (ensemble/model), tune.md and tune.json",
+        metavar="OUT",
+        path=True,
+    )
+    trials: int = option(4, help="trials of the search (each a training run under OUT/trials/)", check=positive_int)
+    keep: int = option(
+        3, help="the best trials (tuning split) that make the ensemble in OUT/ensemble", check=positive_int
+    )
+    lr_range: str | None = option(
+        None,
+        metavar="LOW,HIGH",
+        help="learning rates searched, log-uniform (default: the recipe's / 3 to x 3; --lr fixes it)",
+    )
+    weight_decays: str = option("0,1e-5,1e-4", metavar="LIST", help="weight decays searched (comma list)")
+    image_sizes: str | None = option(
+        None, metavar="LIST", help="input sides searched, e.g. 224,320 (default: the recipe's; --image-size fixes it)"
+    )
+    max_concurrent: int | None = option(
+        None,
+        metavar="N",
+        help="trials at once (default: as many as the cluster's GPUs hold, autoscaled ones included; 1 on CPUs)",
+        check=positive_int,
+    )
+
+
+@dataclass
 class DemoConfig(ConfigBase):
     out: str = option("demo-out", help="folder for everything the demo writes", metavar="DIR", path=True)
     studies: int = option(400, help="studies in the synthetic archive", check=positive_int)
@@ -324,6 +395,15 @@ class BenchGuardConfig(ConfigBase):
     model: str = option(help="checkpoint folder (RUN_DIR/model) or a training RUN_DIR", metavar="MODEL", path=True)
     data: str = option(help="archive root with labels", metavar="ROOT", path=True)
     split: str = option("valid", help="labelled split to compare on", choices=("train", "valid"))
+    json: str | None = option(None, metavar="FILE", help="also write the figures as JSON", path=True)
+
+
+@dataclass
+class BenchRecipeConfig(ConfigBase):
+    out: str = option(help="folder for the hard sample, the runs and the ensemble", metavar="DIR", path=True)
+    studies: int = option(400, help="studies in the hard synthetic archive", check=positive_int)
+    image_size: int = option(96, help="model input side", check=image_size)
+    epochs: int = option(8, help="maximum epochs per run", check=positive_int)
     json: str | None = option(None, metavar="FILE", help="also write the figures as JSON", path=True)
 
 

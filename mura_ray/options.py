@@ -28,14 +28,18 @@ def option(
     path: bool = False,
     cli: bool = True,
     resumable: bool = False,
+    many: bool = False,
 ) -> Any:
     """A config field with what the CLI and the checks need to know about it.
 
     ``path``: resolved to an absolute path or URI before anything reaches Ray.
     ``resumable``: a rerun of the same training RUN_DIR may change it.
     ``cli``: offered as a command-line flag.
+    ``many``: a list of one or more values (``--models A B C``); checks and paths apply to each.
     """
-    meta = dict(help=help, metavar=metavar, check=check, choices=choices, path=path, cli=cli, resumable=resumable)
+    meta = dict(
+        help=help, metavar=metavar, check=check, choices=choices, path=path, cli=cli, resumable=resumable, many=many
+    )
     return field(default=default, metadata=meta)
 
 
@@ -56,7 +60,8 @@ class ConfigBase:
             except (argparse.ArgumentTypeError, ValueError) as exc:
                 raise UsageError(f"--{f.name.replace('_', '-')}: {exc}") from None
             if f.metadata.get("path") and value:
-                setattr(self, f.name, storage.resolve(value))
+                resolved = [storage.resolve(v) for v in value] if f.metadata.get("many") else storage.resolve(value)
+                setattr(self, f.name, resolved)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -83,6 +88,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["choices"] = meta["choices"]
         if meta.get("metavar"):
             kwargs["metavar"] = meta["metavar"]
+        if meta.get("many"):
+            kwargs["nargs"] = "+"
         if not required:
             kwargs["default"] = f.default
         parser.add_argument(flag, **kwargs)

@@ -32,7 +32,7 @@ def sample(args: argparse.Namespace) -> int:
     from mura_ray.archive.sample import write_sample
 
     cfg = config_from(C.SampleConfig, args)
-    plan = write_sample(cfg.out, studies=cfg.studies, seed=cfg.seed)
+    plan = write_sample(cfg.out, studies=cfg.studies, seed=cfg.seed, kind=cfg.kind)
     print(f"wrote {len(plan)} images in {len({i.study_rel for i in plan})} studies to {cfg.out}/MURA-v1.1")
     return 0
 
@@ -69,6 +69,68 @@ def train(args: argparse.Namespace) -> int:
         t = result["mlflow"]
         registered = f"; registered as {args.register} version {t['registered']}" if t["registered"] else ""
         print(f"MLflow run {t['run_id']} at {t['tracking_uri']}{registered}")
+    return 0
+
+
+def tune(args: argparse.Namespace) -> int:
+    """a hyperparameter search on Ray Tune; its best trials become an ensemble
+
+    Search learning rate, weight decay and input side on Ray Tune: --trials training runs (each the
+    same as `train` with these options, under OUT/trials/trial-K, with --seed + K and one tuning
+    split for all, from --split-seed), --max-concurrent at once (default: what the cluster's GPUs
+    hold). An option given fixes what it sets: --lr, --image-size. Trials are ranked by the kept
+    epoch's tuning-split --select-on metric; the best --keep are ensembled into OUT/ensemble/model
+    (see `ensemble`). OUT/tune.md and tune.json list every trial. Rerunning the same command
+    resumes the search where it stopped.
+    """
+    from mura_ray.training.search import run_search
+
+    cfg = config_from(C.TuneSearchConfig, args)
+    r = run_search(cfg)
+    for t in r["trials"]:
+        kept = "  (in the ensemble)" if t["member"] in r["kept"] else ""
+        print(
+            f"trial {t['member']}: tuning {r['select_on']} {t['score']:.3f}  lr {t['lr']:.2e}  weight decay "
+            f"{t['weight_decay']:.0e}  {t['image_size']} px  validation study kappa {t['valid_study_kappa']:.3f}{kept}"
+        )
+    e = r["ensemble"]
+    if e:
+        lo, hi = e["validation_study_kappa_ci"]
+        print(
+            f"ensemble {e['model_id'][:12]}: validation study kappa {e['validation_study_kappa']:.3f} "
+            f"[{lo:.3f}, {hi:.3f}]; model in {e['model_dir']}"
+        )
+    print(f"trials in {cfg.out}/tune.md")
+    return 0
+
+
+def ensemble(args: argparse.Namespace) -> int:
+    """one model from several trained ones: the mean of their probabilities
+
+    Combine trained models (--models, two or more, trained on the same archive with the same tuning
+    split and fit; their input sides may differ) into one model folder under RUN_DIR/model whose
+    P(abnormal) is the mean of the members' probabilities, as the MURA paper's ensemble. From the
+    members' saved predictions, without Ray or images: the calibration and the threshold are chosen
+    on the tuning split and the report with patient-level intervals computed on the validation
+    split. score, evaluate, explain and the registry take the folder as any model; its model_id
+    covers every member's weights and metadata.json names them.
+    """
+    from mura_ray.reporting.calibration import calibration_line
+    from mura_ray.reporting.metrics import fmt_ci
+    from mura_ray.training.ensemble import build_ensemble
+
+    cfg = config_from(C.EnsembleConfig, args)
+    r = build_ensemble(cfg)
+    for k, m in enumerate(r["members"]):
+        kappa = m["validation_study_kappa"]
+        alone = f"{kappa:.3f}" if kappa is not None else "n/a"
+        print(f"member {k}: {m['model_id'][:12]} ({m['image_size']} px), validation study kappa alone {alone}")
+    v = r["validation"]["study"]
+    print(
+        f"ensemble {r['model_id'][:12]}: threshold {r['threshold']:.3f}; validation study kappa {v['kappa']:.3f} "
+        f"{fmt_ci(v['kappa_ci'])}, AUROC {v['auroc']:.3f} {fmt_ci(v['auroc_ci'])}; "
+        f"{calibration_line(r['calibration'])}; model in {r['model_dir']}"
+    )
     return 0
 
 
@@ -254,14 +316,16 @@ def doctor(args: argparse.Namespace) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
-    """benchmarks: scoring and training throughput
+    """benchmarks: scoring and training throughput, and the recipe's choices
 
-        Throughput benchmarks on synthetic images of MURA-like size. 'score' measures the model alone,
-        decoding alone, the machine's limit, the notebook's DataLoader way and the mura-ray pipeline
-        side by side; 'train' measures the data pipeline's first and later epochs and training with 1
-        and 2 workers; 'nightly' times a night that finds new images in a large archive with 1 and 100
-        committed nights behind it; 'guard' compares every inference engine installed here with torch
-    fp32 on a model and a labelled split (the accuracy guard). Each prints the CPU's model and flags beside its figures.
+    Benchmarks on synthetic images of MURA-like size. 'score' measures the model alone, decoding
+    alone, the machine's limit, the notebook's DataLoader way and the mura-ray pipeline side by side;
+    'train' measures the data pipeline's first and later epochs and training with 1 and 2 workers;
+    'nightly' times a night that finds new images in a large archive with 1 and 100 committed nights
+    behind it; 'guard' compares every inference engine installed here with torch fp32 on a model and
+    a labelled split (the accuracy guard); 'recipe' trains --fit crop and pad and an ensemble of 3
+    pad models on the hard sample and compares them on the validation split. Each prints the CPU's
+    model and flags beside its figures.
     """
     from mura_ray.archive import storage
     from mura_ray.bench import nightly, scoring, training
@@ -279,6 +343,12 @@ def bench(args: argparse.Namespace) -> int:
         result = guard.check_model(cfg.model, cfg.data, cfg.split)
         print(guard.guard_table(result))
         print(hardware.cpu_line())
+    elif args.bench == "recipe":
+        from mura_ray.bench import recipe
+
+        cfg = config_from(C.BenchRecipeConfig, args)
+        result = recipe.bench_recipe(studies=cfg.studies, image_size=cfg.image_size, epochs=cfg.epochs, out=cfg.out)
+        print(recipe.recipe_table(result))
     elif args.bench == "nightly":
         cfg = config_from(C.BenchNightlyConfig, args)
         result = nightly.bench_nightly(cfg.sizes, cfg.nights, cfg.new)

@@ -5,7 +5,7 @@ import numpy as np
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from mura_ray.archive.sample import BODY_PARTS, plan_sample, render_radiograph
+from mura_ray.archive.sample import BODY_PARTS, draw_radiograph, plan_sample, render_radiograph
 
 
 def test_plan_is_deterministic_and_patients_stay_in_one_split():
@@ -75,3 +75,28 @@ def test_images_vary_and_trivial_statistics_do_not_give_the_label_away(learn_arc
     }.items():
         auc = roc_auc_score(labels, values)
         assert 0.4 < auc < 0.6, f"{name} predicts the label (AUROC {auc:.3f})"
+
+
+def test_the_hard_kind_has_each_body_parts_shape_and_fractures_that_a_centre_crop_cuts(tmp_path):
+    import csv
+
+    from mura_ray.archive.sample import FINDINGS_CSV, HARD_ASPECT, write_sample
+    from mura_ray.bench.recipe import findings_by_place
+
+    root = str(tmp_path / "hard")
+    plan = write_sample(root, studies=80, seed=5, workers=1, kind="hard")
+    for item in plan:
+        with Image.open(os.path.join(root, item.rel_path)) as im:
+            lo, hi = HARD_ASPECT[item.body_part]
+            assert lo - 0.02 <= im.height / im.width <= hi + 0.02, (item.body_part, im.size)
+    places = findings_by_place(root)
+    outside = sum(not inside for inside in places.values())
+    print(f"hard sample: {len(places)} images show a fracture, {outside} of them outside the centre crop's square")
+    assert len(places) > 40 and 0.15 < outside / len(places) < 0.6
+    with open(os.path.join(root, FINDINGS_CSV)) as f:
+        assert {r["image"] for r in csv.DictReader(f)} == set(places)
+    # The demo kind ignores the body part: its images are drawn as before.
+    for seed in (1, 2, 3):
+        a, _ = draw_radiograph(seed, True)
+        b, _ = draw_radiograph(seed, True, "FOREARM", "demo")
+        assert np.array_equal(a, b)

@@ -14,6 +14,13 @@ of their images. Image size, storage mode (gray or RGB), noise, brightness
 and contrast are drawn independently of the label, and every image is
 re-normalised to a randomly drawn mean, so that none of size, mean
 brightness or file size gives the label away.
+
+``kind="hard"`` draws what a centre crop and a weak recipe miss, as MURA
+has it: each body part's own shape (tall forearms, humeri and fingers up to
+1:2.6 with the bone along the long side, wide hands and wrists), the
+fracture anywhere along the bone, ends included, and a subtler one (a
+narrower gap, a smaller shift and angulation). The default kind is the
+demo's and its bytes do not change.
 """
 
 from __future__ import annotations
@@ -38,6 +45,17 @@ FINDING_VISIBLE = 0.85
 RGB_FRACTION = 0.2
 MIN_SIDE, MAX_SIDE = 150, 512
 FINDINGS_CSV = "sample_findings.csv"  # beside MURA-v1.1/, never read by catalog, training or scoring
+KINDS = ("demo", "hard")
+# kind="hard": height / width of each body part's images (a range), as MURA's tend to be.
+HARD_ASPECT = {
+    "FOREARM": (1.8, 2.6),
+    "HUMERUS": (1.8, 2.6),
+    "FINGER": (1.6, 2.4),
+    "HAND": (0.75, 1.0),
+    "WRIST": (0.8, 1.1),
+    "ELBOW": (1.0, 1.4),
+    "SHOULDER": (0.8, 1.2),
+}
 
 
 @dataclass(frozen=True)
@@ -118,13 +136,22 @@ def render_radiograph(seed: int, abnormal: bool) -> np.ndarray:
     return draw_radiograph(seed, abnormal)[0]
 
 
-def draw_radiograph(seed: int, abnormal: bool) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
+def draw_radiograph(
+    seed: int, abnormal: bool, body_part: str | None = None, kind: str = "demo"
+) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
     """The radiograph and, when a fracture is drawn, its box ``(x0, y0, x1, y1)`` in pixels (inclusive):
-    where the dark gap crosses the bone."""
+    where the dark gap crosses the bone. ``body_part`` shapes the image under ``kind="hard"`` only."""
     rng = np.random.default_rng(seed)
+    hard = kind == "hard"
     long_side = int(rng.integers(300, MAX_SIDE + 1))
-    short_side = int(rng.integers(max(MIN_SIDE, int(long_side * 0.55)), long_side + 1))
-    h, w = (long_side, short_side) if rng.random() < 0.6 else (short_side, long_side)
+    if hard:
+        lo, hi = HARD_ASPECT.get(body_part or "", (0.8, 1.25))
+        aspect = rng.uniform(lo, hi)  # height / width
+        h, w = (long_side, round(long_side / aspect)) if aspect >= 1 else (round(long_side * aspect), long_side)
+        rng.random()  # keeps the draws below in step with the demo kind's
+    else:
+        short_side = int(rng.integers(max(MIN_SIDE, int(long_side * 0.55)), long_side + 1))
+        h, w = (long_side, short_side) if rng.random() < 0.6 else (short_side, long_side)
     side = min(h, w)
 
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -133,6 +160,8 @@ def draw_radiograph(seed: int, abnormal: bool) -> tuple[np.ndarray, tuple[int, i
     cx = w / 2 + rng.uniform(-0.08, 0.08) * side
     cy = h / 2 + rng.uniform(-0.08, 0.08) * side
     theta = rng.uniform(0, np.pi)
+    if hard and max(h, w) / side > 1.3:  # a long bone runs along the image's long side
+        theta = (np.pi / 2 if h > w else 0.0) + (theta - np.pi / 2) * 0.1
     ux, uy = np.cos(theta), np.sin(theta)  # bone axis
     along = (xx - cx) * ux + (yy - cy) * uy  # signed distance along the axis
     across = -(xx - cx) * uy + (yy - cy) * ux  # signed distance across it
@@ -149,15 +178,16 @@ def draw_radiograph(seed: int, abnormal: bool) -> tuple[np.ndarray, tuple[int, i
     for i, off in enumerate(offsets):
         a = across - off
         if i == broken:
-            at = rng.uniform(-0.12, 0.12) * side  # where along the axis it breaks
+            # Where along the axis it breaks: near the centre, or (hard) anywhere to near the bone's ends.
+            at = rng.uniform(-0.12, 0.12) * side if not hard else rng.uniform(-0.42, 0.42) * max(h, w)
             tilt = rng.uniform(-0.5, 0.5)  # fracture line not quite perpendicular
             jag = 0.015 * side * np.sin(a / (0.02 * side) + rng.uniform(0, 6.3))
             line = along - at - tilt * a + jag
-            gap = side * rng.uniform(0.05, 0.07)
-            shift = half_width * rng.uniform(0.6, 0.9) * rng.choice([-1.0, 1.0])
+            gap = side * (rng.uniform(0.05, 0.07) if not hard else rng.uniform(0.035, 0.05))
+            shift = half_width * (rng.uniform(0.6, 0.9) if not hard else rng.uniform(0.35, 0.6)) * rng.choice([-1, 1.0])
             far = line > 0
             # Angulation: the far fragment turns about the break point.
-            phi = rng.uniform(0.3, 0.5) * rng.choice([-1.0, 1.0])
+            phi = (rng.uniform(0.3, 0.5) if not hard else rng.uniform(0.15, 0.3)) * rng.choice([-1.0, 1.0])
             a_far = np.sin(phi) * (along - at) + np.cos(phi) * a
             a = np.where(far, a_far - shift, a)
             bone = _bone_profile(np.abs(a), half_width)
@@ -194,11 +224,13 @@ def encode_png(pixels: np.ndarray, rgb: bool) -> bytes:
     return buf.getvalue()
 
 
-def _render_one(item: SampleImage) -> tuple[bytes, tuple[int, int, int, int] | None, tuple[int, int]]:
+def _render_one(
+    item: SampleImage, kind: str = "demo"
+) -> tuple[bytes, tuple[int, int, int, int] | None, tuple[int, int]]:
     """PNG bytes, the drawn fracture's box (None when the image shows none) and the image's (height, width)."""
     rng = np.random.default_rng(item.seed ^ 0x5EED)
     shows_finding = bool(item.label) and rng.random() < FINDING_VISIBLE
-    pixels, box = draw_radiograph(item.seed, shows_finding)
+    pixels, box = draw_radiograph(item.seed, shows_finding, item.body_part, kind)
     return encode_png(pixels, rgb=rng.random() < RGB_FRACTION), box, pixels.shape
 
 
@@ -209,14 +241,18 @@ def findings_csv(rows: list[tuple[str, tuple[int, int, int, int], tuple[int, int
     return "\n".join(lines) + "\n"
 
 
-def write_sample(out: str, studies: int = 400, seed: int = 0, workers: int | None = None) -> list[SampleImage]:
+def write_sample(
+    out: str, studies: int = 400, seed: int = 0, workers: int | None = None, kind: str = "demo"
+) -> list[SampleImage]:
     """Write the archive under ``out`` (a local path or s3:// URI); return the plan."""
+    if kind not in KINDS:
+        raise UsageError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
     plan = plan_sample(studies, seed)
     fs, base = storage.filesystem(out)
     workers = workers or max(1, min(os.cpu_count() or 1, 8))
     findings = []
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        for item, (data, box, shape) in zip(plan, pool.map(_render_one, plan, chunksize=8)):
+        for item, (data, box, shape) in zip(plan, pool.map(_render_one, plan, [kind] * len(plan), chunksize=8)):
             storage.write_bytes(fs, storage.join(base, item.rel_path), data)
             if box is not None:
                 findings.append((item.rel_path, box, shape))

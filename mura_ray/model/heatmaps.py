@@ -22,6 +22,7 @@ from torch import nn
 
 from mura_ray.imaging.tensors import to_input
 from mura_ray.model.calibration import IDENTITY, Calibration
+from mura_ray.model.ensemble import members_of
 
 HEATMAP_LAYER = "layer3"
 OVERLAY_ALPHA = 0.45
@@ -41,8 +42,8 @@ def grad_cam(
     model.eval()
     device = next(model.parameters()).device
     x = to_input(torch.from_numpy(np.ascontiguousarray(pixels)).to(device), channels_last=False)
-    target = getattr(model, layer)[-1]
-    with GradCAM(model=model, target_layers=[target]) as cam:
+    targets = [getattr(m, layer)[-1] for m in members_of(model)]  # an ensemble's maps are its members' mean
+    with GradCAM(model=model, target_layers=targets) as cam:
         maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(1)] * len(x))
         logits = cam.outputs.detach().float()
     probs = torch.softmax(logits, dim=1)[:, 1].cpu().numpy()

@@ -11,15 +11,17 @@ the weights taken from Ray's object store; the GPU check
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
-from safetensors.torch import load as st_load
 
 from mura_ray.imaging.preprocess import EvalPreset
 from mura_ray.model import backends
 from mura_ray.model.calibration import IDENTITY, Calibration
 from mura_ray.model.checkpoint import model_id_of
-from mura_ray.model.resnet import build_model, for_inference
+from mura_ray.model.ensemble import module_from
+from mura_ray.model.resnet import for_inference
 
 CPU_GUARD_IMAGES = 16
 
@@ -39,12 +41,12 @@ class BatchScorer:
         refused: tuple[str, ...] = (),
         calibration: Calibration = IDENTITY,
         tta: str = "none",
+        architecture: dict[str, Any] | None = None,
     ):
         torch.set_num_threads(threads)
         if model_id_of(weights) != model_id:
             raise RuntimeError(f"the weights handed to this actor are not model {model_id[:12]}")
-        model = build_model()
-        model.load_state_dict(st_load(weights))
+        model = module_from(weights, architecture or {})
         self.device = device
         self.model = for_inference(model, device)
         self.model_id, self.image_size, self.setting, self.refused = model_id, image_size, (backend, precision), refused

@@ -19,7 +19,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from safetensors.torch import load as st_load
 
 from mura_ray import console
 from mura_ray.archive import storage
@@ -29,8 +28,8 @@ from mura_ray.errors import UsageError
 from mura_ray.imaging.preprocess import EvalPreset, fit_of, load_square
 from mura_ray.model.calibration import Calibration
 from mura_ray.model.checkpoint import read_checkpoint, resolve_model_dir
+from mura_ray.model.ensemble import module_from
 from mura_ray.model.heatmaps import HEATMAP_LAYER, display_square, grad_cam, overlay
-from mura_ray.model.resnet import build_model
 from mura_ray.options import placement_of
 from mura_ray.progress import Progress
 from mura_ray.reporting.metrics import study_scores
@@ -51,8 +50,7 @@ def overlays_of(
         return []
     fs, _ = storage.filesystem(data)
     size, side = int(meta["image_size"]), int(meta["cache_side"])
-    model = build_model()
-    model.load_state_dict(st_load(weights))
+    model = module_from(weights, meta)
     blobs = [storage.read_bytes(fs, storage.path_in(u)) for u in uris]
     fit = fit_of(meta)
     squares = np.stack([load_square(b, side, fit=fit) for b in blobs])

@@ -80,14 +80,12 @@ def check_sample(
 ) -> dict[str, Any]:
     """The guard's record for a model's metadata: figures per engine on ``squares`` (cached squares of the
     validation split) at the model's threshold, and the CPU they were measured on."""
-    from safetensors.torch import load as st_load
-
     from mura_ray.hardware import cpu_line
     from mura_ray.imaging.preprocess import EvalPreset
-    from mura_ray.model.resnet import build_model, for_inference
+    from mura_ray.model.ensemble import module_from
+    from mura_ray.model.resnet import for_inference
 
-    model = build_model()
-    model.load_state_dict(st_load(weights))
+    model = module_from(weights, meta)
     pixels = EvalPreset(size=int(meta["image_size"]))({"pixels": squares})["pixels"]
     engines = check_engines(
         for_inference(model),
@@ -103,17 +101,15 @@ def check_sample(
 
 def check_model(model_dir: str, data: str, split: str = "valid") -> dict[str, Any]:
     """The guard's figures for every engine, for the model in ``model_dir`` on the labelled ``split`` of ``data``."""
-    from safetensors.torch import load as st_load
-
     from mura_ray.archive import storage
     from mura_ray.archive.catalog import build_catalog
     from mura_ray.imaging.preprocess import EvalPreset, fit_of, load_square
     from mura_ray.model.checkpoint import read_checkpoint, resolve_model_dir
-    from mura_ray.model.resnet import build_model, for_inference
+    from mura_ray.model.ensemble import module_from
+    from mura_ray.model.resnet import for_inference
 
     weights, meta = read_checkpoint(resolve_model_dir(model_dir))
-    model = build_model()
-    model.load_state_dict(st_load(weights))
+    model = module_from(weights, meta)
     catalog = build_catalog(data, split=split)
     catalog = catalog.filter(pc.is_valid(catalog["label"])).to_pylist()
     fs, _ = storage.filesystem(data)

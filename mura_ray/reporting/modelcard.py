@@ -36,6 +36,8 @@ def render_model_card(meta: dict[str, Any]) -> str:
 
 
 def _what_it_is(meta: dict[str, Any]) -> list[str]:
+    if meta.get("architecture") == "ensemble":
+        return _what_the_ensemble_is(meta)
     cfg, m = meta.get("train_config", {}), meta.get("metrics", {})
     return [
         f"# Model card: mura-ray ResNet18 {meta['model_id'][:12]}",
@@ -55,7 +57,35 @@ def _what_it_is(meta: dict[str, Any]) -> list[str]:
     ]
 
 
+def _what_the_ensemble_is(meta: dict[str, Any]) -> list[str]:
+    members = meta["members"]
+    lines = [
+        f"# Model card: mura-ray ensemble of {len(members)} ResNet18 models {meta['model_id'][:12]}",
+        "",
+        "## What it is",
+        "",
+        f"- Binary classifier (normal / abnormal) of musculoskeletal radiographs: P(abnormal) is the mean of its "
+        f"{len(members)} members' probabilities (as the MURA paper's ensemble), then calibrated. Input "
+        f"{meta['image_size']}x{meta['image_size']} grayscale repeated to 3 channels, resized to each member's "
+        f"side; each image fitted to the square by `{meta.get('fit', 'crop')}` "
+        f"({FIT_WORDS.get(meta.get('fit', 'crop'), '')}).",
+        f"- Model id (sha256 of `model.safetensors`, which holds every member's weights): `{meta['model_id']}`",
+        f"- Created {meta.get('created_at', 'n/a')} by mura-ray {meta.get('package_version', 'n/a')}.",
+        "",
+        "| member | model id | input | validation study kappa (alone) | from |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {k} | `{m['model_id'][:12]}` | {m['image_size']} | {fmt(m.get('validation_study_kappa'))} | "
+        f"`{m['source']}` |"
+        for k, m in enumerate(members)
+    ]
+    return [*lines, ""]
+
+
 def _data_and_configuration(meta: dict[str, Any]) -> list[str]:
+    if meta.get("architecture") == "ensemble":
+        return [f"- Training data fingerprint (the first member's): `{meta.get('data_fingerprint', 'n/a')}`.", ""]
     cfg = meta.get("train_config", {})
     lines = [
         "## Data",

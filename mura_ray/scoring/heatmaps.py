@@ -16,7 +16,6 @@ import numpy as np
 import pyarrow as pa
 import ray
 import torch
-from safetensors.torch import load as st_load
 
 from mura_ray import cluster
 from mura_ray.archive import storage
@@ -26,8 +25,8 @@ from mura_ray.imaging.decode import MAX_BYTES, one_line
 from mura_ray.imaging.preprocess import EvalPreset, fit_of, load_square, read_capped
 from mura_ray.model.calibration import Calibration
 from mura_ray.model.checkpoint import model_id_of
+from mura_ray.model.ensemble import module_from
 from mura_ray.model.heatmaps import HEATMAP_LAYER, display_square, grad_cam, overlay, peak, png_bytes
-from mura_ray.model.resnet import build_model
 
 DISPLAY = 256  # side of each half of an overlay, in pixels
 SUFFIX = ".heatmap.png"
@@ -83,9 +82,7 @@ class HeatmapMaker:
         if use_gpu and not torch.cuda.is_available():
             raise RuntimeError(no_cuda_message(ray.get_runtime_context().get_node_id()))
         device = torch.device("cuda" if use_gpu else "cpu")
-        self.model = build_model()
-        self.model.load_state_dict(st_load(data))
-        self.model.to(device).eval()
+        self.model = module_from(data, meta).to(device).eval()
         self.meta, self.layer = meta, layer
         self.crop = EvalPreset(size=int(meta["image_size"]))
 

@@ -29,6 +29,7 @@ from mura_ray.hardware import no_cuda_message
 from mura_ray.imaging.preprocess import fit_of, read_and_decode
 from mura_ray.model import backends
 from mura_ray.model.calibration import Calibration
+from mura_ray.model.ensemble import architecture_of
 from mura_ray.model.scorer import BatchScorer
 
 
@@ -84,6 +85,7 @@ def scored_dataset(keys: pa.Table, weights: bytes, meta: dict[str, Any], cfg: Sc
             "precision": cfg.precision,
             "refused": backends.failed_guard(meta, "cuda" if plan.use_gpu else "cpu"),
             "calibration": Calibration.of(meta),
+            "architecture": architecture_of(meta),
             "tta": cfg.tta,
         },
         batch_size=plan.batch_size(cfg.batch_size),

@@ -26,7 +26,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from safetensors.torch import load as st_load
 
 from mura_ray import faults
 from mura_ray.archive import storage
@@ -35,8 +34,8 @@ from mura_ray.config import ScoreConfig
 from mura_ray.imaging.decode import READ_ERROR
 from mura_ray.model import backends
 from mura_ray.model.checkpoint import read_checkpoint, resolve_model_dir
+from mura_ray.model.ensemble import module_from
 from mura_ray.model.heatmaps import HEATMAP_LAYER
-from mura_ray.model.resnet import build_model
 from mura_ray.options import placement_of
 from mura_ray.progress import Progress
 from mura_ray.scoring.heatmaps import heatmap_dataset, heatmap_name, index_rows
@@ -100,7 +99,7 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     started_at = dt.datetime.now(dt.timezone.utc)
     backends.check_choice(cfg.backend, cfg.precision)
     weights, meta = read_checkpoint(resolve_model_dir(cfg.model))
-    build_model().load_state_dict(st_load(weights))  # fail here, not in every actor, if the weights do not fit
+    module_from(weights, meta)  # fail here, not in every actor, if the weights do not fit
     scan = scan_archive(cfg.data, split=cfg.split)
     ledger = Ledger(cfg.out)
     run_id = cfg.run_id or started_at.strftime("%Y%m%dT%H%M%SZ-") + secrets.token_hex(3)

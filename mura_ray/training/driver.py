@@ -190,7 +190,7 @@ def _catalog_for_training(cfg: TrainConfig) -> tuple[Any, list[float], list[str]
     on, and the tuning patients; refuses archives that cannot train."""
     t0 = time.monotonic()
     catalog = build_catalog(cfg.data)
-    catalog, patients = protocol.carve_tuning_split(catalog, cfg.tune_fraction, cfg.seed, cfg.out)
+    catalog, patients = protocol.carve_tuning_split(catalog, cfg.tune_fraction, cfg.split_seed, cfg.out)
     counts = {}
     for split in ("train", TUNE, "valid") if patients else ("train", "valid"):
         n = pc.sum(pc.and_(pc.equal(catalog["split"], split), pc.is_valid(catalog["label"]))).as_py() or 0

@@ -112,7 +112,9 @@ def _set_up(config: dict[str, Any]) -> _Setup:
     model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))  # Ray: DDP wrap, device
     device = ray.train.torch.get_device()
     weights = torch.tensor(config["class_weights"], dtype=torch.float32, device=device)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    optimizer = torch.optim.Adam(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience
     )

@@ -1,0 +1,178 @@
+"""Ensembles: the module is the mean of its members' probabilities through every engine, and
+`mura-ray ensemble` builds a model folder that scores end to end like any other."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from mura_ray import cli
+from mura_ray.model import backends
+from mura_ray.model.calibration import Calibration
+from mura_ray.model.checkpoint import model_id_of, read_checkpoint
+from mura_ray.model.ensemble import Ensemble, module_from
+from mura_ray.model.heatmaps import grad_cam
+from mura_ray.model.resnet import build_model, for_inference
+from mura_ray.training.ensemble import ensemble_weights
+
+
+def _members(sizes):
+    members = []
+    for seed in range(len(sizes)):
+        torch.manual_seed(seed)
+        members.append(build_model().eval())
+    return members
+
+
+def test_the_module_gives_the_mean_of_its_members_probabilities_at_their_own_sides():
+    members = _members([48, 48, 32])
+    model = Ensemble([48, 48, 32])
+    for mine, theirs in zip(model.members, members):
+        mine.load_state_dict(theirs.state_dict())
+    model.eval()
+    x = torch.randn(3, 3, 48, 48)
+    with torch.no_grad():
+        small = torch.nn.functional.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
+        inputs = [x, x, small]
+        expected = torch.stack([torch.softmax(m(i), dim=1) for m, i in zip(members, inputs)]).mean(dim=0)
+        got = torch.softmax(model(x), dim=1)
+        folded = torch.softmax(for_inference(model)(x.contiguous(memory_format=torch.channels_last)), dim=1)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.allclose(folded, expected, atol=1e-4)
+
+
+def test_the_weights_file_round_trips_into_the_module_and_every_engine_agrees_with_torch(tmp_path, monkeypatch):
+    monkeypatch.setenv("MURA_RAY_CACHE", str(tmp_path / "cache"))
+    members = _members([40, 32])
+    weights = ensemble_weights([backends_free_bytes(m) for m in members])
+    meta = {"architecture": "ensemble", "members": [{"image_size": 40}, {"image_size": 32}]}
+    model = module_from(weights, meta)
+    assert isinstance(model, Ensemble) and model.side == 40
+    for k, m in enumerate(members):
+        for name, t in m.state_dict().items():
+            assert torch.equal(model.members[k].state_dict()[name], t)
+    pixels = np.random.default_rng(0).integers(0, 255, (8, 40, 40), dtype=np.uint8)
+    graph = backends.ProbabilityOf(for_inference(model)).eval()
+    reference = backends.build_torch(graph, "fp32", torch.device("cpu"), 40, model_id_of(weights))(pixels)
+    for name, precision in backends.all_engines(torch.device("cpu")):
+        engine = backends.BUILDERS[name](graph, precision, torch.device("cpu"), 40, model_id_of(weights))
+        assert backends.guard_failure(engine, engine, pixels) is None
+        diff = float(np.max(np.abs(engine(pixels) - reference)))
+        print(f"{engine.name}: max |P - P_torch_fp32| = {diff:.1e}")
+        assert diff < 0.01, engine.name
+    maps, probs = grad_cam(model, pixels[:2], calibration=Calibration())
+    assert maps.shape == (2, 40, 40) and np.allclose(probs, reference[:2], atol=1e-4)
+
+
+def backends_free_bytes(model):
+    from mura_ray.model.checkpoint import state_dict_bytes
+
+    return state_dict_bytes(model)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_an_ensemble_of_two_runs_is_built_scored_and_read_back(trained_run, learn_archive, tmp_path, capsys):
+    from mura_ray.config import TrainConfig
+    from mura_ray.training.driver import run_training
+
+    first_cfg, first = trained_run
+    root, _ = learn_archive
+    second = run_training(
+        TrainConfig(
+            data=root,
+            out=str(tmp_path / "r2"),
+            workers=2,
+            epochs=2,
+            image_size=40,
+            fit=first_cfg.fit,
+            batch_size=16,
+            weights="none",
+            seed=1,
+        )
+    )
+    out = str(tmp_path / "ens")
+    capsys.readouterr()
+    assert cli.main(["ensemble", "--models", first["model_dir"], second["model_dir"], "--out", out]) == 0
+    printed = capsys.readouterr().out
+    print(printed)
+    assert "member 0" in printed and "member 1" in printed and "ensemble" in printed
+    weights, meta = read_checkpoint(os.path.join(out, "model"))
+    assert meta["architecture"] == "ensemble" and meta["image_size"] == max(48, 40)
+    assert [m["model_id"] for m in meta["members"]] == [first["model_id"], second["model_id"]]
+    assert meta["calibration_method"] == "platt" and meta["protocol"]["chosen_on"]["threshold"] == "tune"
+    # The tuning split chose: the ensemble's tuning predictions are the members' mean.
+    members = [
+        pq.read_table(os.path.join(d, "tune_predictions.parquet")) for d in (first["model_dir"], second["model_dir"])
+    ]
+    mine = pq.read_table(os.path.join(out, "model", "tune_predictions.parquet"))
+    mean = np.mean([t.sort_by("image_uri")["prob_uncalibrated"].to_numpy() for t in members], axis=0)
+    assert np.allclose(mine.sort_by("image_uri")["prob_uncalibrated"].to_numpy(), mean, atol=1e-6)
+    card = open(os.path.join(out, "model", "model_card.md")).read()
+    assert "ensemble of 2" in card and first["model_id"][:12] in card
+
+    scores = str(tmp_path / "scores")
+    rc = cli.main(["-q", "score", "--model", out, "--data", root, "--out", scores, "--split", "valid"])
+    assert rc == 0
+    images = pq.read_table(os.path.join(scores, "images"))  # pyarrow, as any reader of the output
+    assert set(images["model_id"].to_pylist()) == {meta["model_id"]} and images.num_rows > 0
+    assert images.filter(images["error"].is_null()).num_rows == images.num_rows
+    valid = pq.read_table(os.path.join(out, "model", "valid_predictions.parquet")).to_pandas()
+    rows = images.to_pandas().merge(valid, on="image_uri", suffixes=("", "_valid"))
+    assert len(rows) == images.num_rows
+    # Scored through the model's engine from the archive, against the mean of the members' own predictions.
+    gap = np.abs(rows["prob_uncalibrated"] - rows["prob_uncalibrated_valid"])
+    print(f"scored vs the members' mean: max {gap.max():.3f}, median {gap.median():.4f} over {len(rows)} images")
+    assert np.median(gap) < 0.02
+    calibrated = Calibration.of(meta).apply(rows["prob_uncalibrated"].to_numpy())
+    assert np.allclose(rows["prob_abnormal"], calibrated, atol=1e-5)
+    studies = pq.read_table(os.path.join(scores, "studies"))
+    assert studies.num_rows == len(set(images["study_uri"].to_pylist()))
+
+    # Refusals are one line and exit 2.
+    assert cli.main(["ensemble", "--models", first["model_dir"], "--out", str(tmp_path / "x")]) == 2
+    assert cli.main(["ensemble", "--models", out, first["model_dir"], "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err
+    assert "at least 2 members" in err and "is an ensemble" in err and "Traceback" not in err
+    assert json.load(open(os.path.join(out, "model", "metadata.json")))["model_id"] == model_id_of(weights)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_tune_searches_on_ray_tune_keeps_one_tuning_split_ensembles_the_best_and_resumes(
+    learn_archive, tmp_path, capsys
+):
+    root, _ = learn_archive
+    out = str(tmp_path / "search")
+    argv = [
+        "tune", "--data", root, "--out", out, "--trials", "2", "--keep", "2", "--workers", "1", "--epochs", "1",
+        "--image-sizes", "32,40", "--weights", "none", "--batch-size", "16", "--guard-images", "0",
+        "--lr-range", "1e-4,3e-3",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    print(printed)
+    result = json.load(open(os.path.join(out, "tune.json")))
+    trials = {t["member"]: t for t in result["trials"]}
+    assert sorted(trials) == [0, 1] and sorted(result["kept"]) == [0, 1]
+    assert all(1e-4 <= t["lr"] <= 3e-3 and t["image_size"] in (32, 40) for t in trials.values())
+    configs = [json.load(open(os.path.join(out, "trials", f"trial-{k}", "train_config.json"))) for k in (0, 1)]
+    assert [c["seed"] for c in configs] == [0, 1] and [c["lr"] for c in configs] == [trials[k]["lr"] for k in (0, 1)]
+    tuned = [open(os.path.join(out, "trials", f"trial-{k}", "tune_patients.txt")).read() for k in (0, 1)]
+    assert tuned[0] == tuned[1] and tuned[0].strip()
+    # Ranked by the tuning split's metric, best first.
+    scores = [t["score"] for t in result["trials"]]
+    assert scores == sorted(scores, reverse=True)
+    _, meta = read_checkpoint(os.path.join(out, "ensemble", "model"))
+    assert {m["model_id"] for m in meta["members"]} == {t["model_id"] for t in trials.values()}
+    assert "| 0 |" in open(os.path.join(out, "tune.md")).read() and "ensemble" in printed
+
+    # The same command again: Tune restores the finished experiment, and nothing is trained again.
+    assert cli.main(argv) == 0
+    again = json.load(open(os.path.join(out, "tune.json")))
+    assert {t["model_id"] for t in again["trials"]} == {t["model_id"] for t in trials.values()}
