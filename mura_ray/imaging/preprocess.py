@@ -45,14 +45,26 @@ def fit_of(meta: dict[str, Any]) -> str:
     return str(meta.get("fit", "crop"))
 
 
-def resize_center_square(gray: np.ndarray, side: int) -> np.ndarray:
-    """Resize so the short side is ``side``, then crop the centre square: (side, side) uint8."""
-    h, w = gray.shape
+def _crop_geometry(h: int, w: int, side: int) -> tuple[int, int, int, int]:
+    """How ``crop`` fits an (h, w) image into (side, side): the size (nh, nw) the whole image would be resized
+    to (short side ``side``) and the offset (top, left) of the centre square in it. Nothing is allocated."""
     scale = side / min(h, w)
     nh, nw = max(side, round(h * scale)), max(side, round(w * scale))
-    image = Image.fromarray(gray, mode="L").resize((nw, nh), Image.BILINEAR, reducing_gap=2.0)
-    top, left = (nh - side) // 2, (nw - side) // 2
-    return np.asarray(image, dtype=np.uint8)[top : top + side, left : left + side]
+    return nh, nw, (nh - side) // 2, (nw - side) // 2
+
+
+def resize_center_square(gray: np.ndarray, side: int) -> np.ndarray:
+    """Resize so the short side is ``side``, then crop the centre square: (side, side) uint8.
+
+    Only the square is ever made: its box is taken back to the source's
+    coordinates and resampled from there, so an image however long costs no
+    more memory than itself and the square."""
+    h, w = gray.shape
+    nh, nw, top, left = _crop_geometry(h, w, side)
+    sx, sy = nw / w, nh / h
+    box = (left / sx, top / sy, (left + side) / sx, (top + side) / sy)
+    image = Image.fromarray(gray, mode="L").resize((side, side), Image.BILINEAR, box=box, reducing_gap=2.0)
+    return np.asarray(image, dtype=np.uint8)
 
 
 def _padded_size(h: int, w: int, side: int) -> tuple[int, int]:
@@ -80,9 +92,16 @@ def fit_square(gray: np.ndarray, side: int, fit: str = "crop") -> np.ndarray:
     return square
 
 
-def load_square(data: bytes, side: int, modalities: frozenset[str] | None = None, fit: str = "crop") -> np.ndarray:
-    """Bytes of one image -> (side, side) uint8 gray square (the cached form), by ``fit``."""
-    return fit_square(decode_gray(data, target=side, modalities=modalities), side, fit)
+def load_square(
+    data: bytes,
+    side: int,
+    modalities: frozenset[str] | None = None,
+    fit: str = "crop",
+    name: str | None = None,
+) -> np.ndarray:
+    """Bytes of one image -> (side, side) uint8 gray square (the cached form), by ``fit``. ``name``: the
+    file's name or URI, whose extension says which format it may be opened as (``decode.pillow_formats``)."""
+    return fit_square(decode_gray(data, target=side, modalities=modalities, name=name), side, fit)
 
 
 def read_capped(fs: Any, uri: str, max_bytes: int) -> bytes:
@@ -129,11 +148,13 @@ def read_and_decode(
             continue
         sizes[i] = len(data)
         try:
-            pixels[i] = load_square(data, side, accept, fit)
+            pixels[i] = load_square(data, side, accept, fit, name=str(uri))
         except DecodeError as exc:
             errors[i] = one_line(str(exc))
         except NotScored as exc:
             skipped[i] = exc.modality
+        except Exception as exc:  # whatever else one file raises (MemoryError too) fails that file, not the task
+            errors[i] = one_line(f"cannot decode image: {type(exc).__name__}: {exc}")
     out = dict(batch)
     out.update(pixels=pixels, error=errors, modality=skipped, read_size=sizes)
     return out
@@ -178,9 +199,7 @@ def box_in_input(
         sx, sy = nw / width, nh / height
         return np.array([x0 * sx + left, y0 * sy + top, (x1 + 1) * sx + left, (y1 + 1) * sy + top])
     side = cache_side(image_size)
-    scale = side / min(height, width)
-    nh, nw = max(side, round(height * scale)), max(side, round(width * scale))
-    top, left = (nh - side) // 2, (nw - side) // 2
+    nh, nw, top, left = _crop_geometry(height, width, side)
     off = (side - image_size) // 2
     sx, sy = nw / width, nh / height
     return np.array([x0 * sx - left - off, y0 * sy - top - off, (x1 + 1) * sx - left - off, (y1 + 1) * sy - top - off])

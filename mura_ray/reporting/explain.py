@@ -53,12 +53,13 @@ def overlays_of(
     model = module_from(weights, meta)
     blobs = [storage.read_bytes(fs, storage.path_in(u)) for u in uris]
     fit = fit_of(meta)
-    squares = np.stack([load_square(b, side, fit=fit) for b in blobs])
+    squares = np.stack([load_square(b, side, fit=fit, name=u) for u, b in zip(uris, blobs)])
     pixels = EvalPreset(size=size)({"pixels": squares})["pixels"]
     with torch.enable_grad():
         maps, own = grad_cam(model, pixels, layer=HEATMAP_LAYER, calibration=Calibration.of(meta))
     shown = [
-        display_square(load_square(b, round(display * side / size), fit=fit), size, side, side=display) for b in blobs
+        display_square(load_square(b, round(display * side / size), fit=fit, name=u), size, side, side=display)
+        for u, b in zip(uris, blobs)
     ]
     return [overlay(s, m, float(p)) for s, m, p in zip(shown, maps, own if probs is None else probs)]
 

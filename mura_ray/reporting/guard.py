@@ -117,7 +117,8 @@ def check_model(model_dir: str, data: str, split: str = "valid") -> dict[str, An
     squares, kept = [], []
     for row in catalog:
         try:
-            squares.append(load_square(storage.read_bytes(fs, row["image_uri"]), side, fit=fit_of(meta)))
+            uri = row["image_uri"]
+            squares.append(load_square(storage.read_bytes(fs, uri), side, fit=fit_of(meta), name=uri))
             kept.append(row)
         except Exception:  # unreadable images are the scorer's error rows, not part of the comparison
             continue

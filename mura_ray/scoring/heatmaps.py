@@ -64,8 +64,8 @@ def read_for_heatmaps(
     for i, uri in enumerate(batch["image_uri"]):
         try:
             data = read_capped(fs, uri, MAX_BYTES)
-            pixels[i] = load_square(data, side, fit=fit)
-            shown[i] = load_square(data, display, fit=fit)
+            pixels[i] = load_square(data, side, fit=fit, name=str(uri))
+            shown[i] = load_square(data, display, fit=fit, name=str(uri))
         except Exception as exc:  # the row says why; other images go on
             errors[i] = one_line(f"{type(exc).__name__}: {exc}")
     return dict(batch, pixels=pixels, shown=shown, error=errors)

@@ -1,0 +1,229 @@
+"""Hostile files cost one error row each, never the decode task, the worker's memory or a foreign program.
+
+Each test reads real files through ``read_and_decode``, the function the
+scoring and training pipelines map; the ones about memory or programs run it
+in a fresh Python process, under an address-space limit or with a fake
+Ghostscript first on PATH.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import fsspec
+import numpy as np
+import pydicom
+import pytest
+from dicom_files import PHI, dicom_bytes, gradient
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEG2000, JPEGBaseline8Bit, JPEGLSLossless, SecondaryCaptureImageStorage, generate_uid
+
+from mura_ray.imaging import decode
+from mura_ray.imaging.decode import READ_ERROR
+from mura_ray.imaging.preprocess import read_and_decode
+
+SENTINEL = b"987654"  # a valid DS/IS value, replaced in the file's bytes by the hostile one
+
+
+def _decode_files(paths, side: int = 32, fit: str = "crop") -> dict[str, np.ndarray]:
+    return read_and_decode(
+        {"image_uri": np.array([str(p) for p in paths])}, side=side, fs=fsspec.filesystem("file"), fit=fit
+    )
+
+
+def _run_isolated(script: str, *args: str, env: dict[str, str] | None = None) -> dict:
+    """Run ``script`` in a fresh Python (this checkout's package, one thread); returns the JSON it prints last."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    child_env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", **(env or {}))
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script), *args],
+        capture_output=True,
+        text=True,
+        env=child_env,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---- 1. header values that are not numbers ----
+
+
+def _with_header_value(keyword: str, raw: bytes) -> bytes:
+    """A windowed, rescaled 12-bit DICOM whose ``keyword`` holds ``raw`` (written as bytes, as a PACS might)."""
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(gradient(), bits=12, window=(2000, 4000), rescale=(1.0, 0.0))))
+    setattr(ds, keyword, SENTINEL.decode())
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    data = buf.getvalue()
+    assert data.count(SENTINEL) == 1
+    return data.replace(SENTINEL, raw.ljust(len(SENTINEL)))
+
+
+@pytest.mark.parametrize(
+    ("keyword", "raw", "scored"),
+    [
+        ("WindowCenter", b"abcd", False),
+        ("WindowCenter", b"", True),  # empty: as if absent
+        ("RescaleSlope", b"xy", False),
+        ("RescaleSlope", b"", True),
+        ("NumberOfFrames", b"xy", False),
+    ],
+)
+def test_header_values_that_are_not_numbers_fail_their_file_only(tmp_path, keyword, raw, scored):
+    hostile = tmp_path / "hostile.dcm"
+    hostile.write_bytes(_with_header_value(keyword, raw))
+    good = tmp_path / "good.dcm"
+    good.write_bytes(dicom_bytes(gradient(), bits=12))
+    out = _decode_files([hostile, good, tmp_path / "gone.dcm"])
+    assert list(out["error"][1:2]) == [""] and out["pixels"][1].max() > 0
+    assert out["error"][2].startswith(READ_ERROR)  # a read failure is retried next night
+    error = out["error"][0]
+    if scored:
+        assert error == "" and out["pixels"][0].max() > 0
+    else:
+        assert keyword in error and not error.startswith(READ_ERROR)  # a decode failure is not retried
+        assert not any(value in error for value in PHI.values())
+
+
+# ---- 2. tiny files, huge allocations ----
+
+LONG_SIDE = 1_000_000
+ISOLATED_DECODE = """
+    import json, resource, sys
+    import fsspec, numpy as np
+    from mura_ray.imaging.preprocess import fit_square, read_and_decode
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))  # a 61 GiB image cannot be made
+    fits = {f: fit_square(np.zeros((1, 1_000_000), np.uint8), 256, f).shape for f in ("pad", "stretch", "crop")}
+    out = read_and_decode({"image_uri": np.array(sys.argv[1:])}, side=256, fs=fsspec.filesystem("file"))
+    print(json.dumps({"errors": list(out["error"]), "fits": {f: list(s) for f, s in fits.items()}}))
+"""
+
+
+def test_a_long_thin_image_is_refused_without_a_large_allocation(tmp_path):
+    png = tmp_path / "thin.png"
+    Image.new("L", (LONG_SIDE, 1), 128).save(png)
+    assert png.stat().st_size < 5000
+    dcm = tmp_path / "thin.dcm"
+    dcm.write_bytes(dicom_bytes(np.full((1, 65535), 100, np.uint16)))
+    report = _run_isolated(ISOLATED_DECODE, str(png), str(dcm))
+    assert report["fits"] == {"pad": [256, 256], "stretch": [256, 256], "crop": [256, 256]}
+    png_error, dcm_error = report["errors"]
+    assert f"aspect ratio 1:{LONG_SIDE} is over the limit 1:{decode.MAX_ASPECT}" in png_error
+    assert "aspect ratio 1:65535 is over the limit" in dcm_error
+
+
+# ---- 3. compressed streams larger than their header says ----
+
+
+def _encapsulated_dicom(stream: bytes, syntax, rows: int, columns: int) -> bytes:
+    """An 8-bit grayscale DICOM whose header says rows x columns and whose one frame is ``stream``."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = syntax
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CR"
+    ds.Rows, ds.Columns = rows, columns
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = encapsulate([stream])
+    ds["PixelData"].VR = "OB"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _pillow_stream(fmt: str, side: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (side, side), 90).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+ISOLATED_GROWTH = """
+    import json, sys
+    import fsspec, numpy as np
+    from mura_ray.imaging.preprocess import read_and_decode
+
+    def kib(key):
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key))
+
+    fs = fsspec.filesystem("file")
+    read_and_decode({"image_uri": np.array([sys.argv[1]])}, side=32, fs=fs)  # imports and warms the decoders
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak resident size starts again from here
+    before = kib("VmRSS")
+    out = read_and_decode({"image_uri": np.array([sys.argv[2]])}, side=32, fs=fs)
+    print(json.dumps({"error": out["error"][0], "grew_mib": (kib("VmHWM") - before) / 1024}))
+"""
+
+
+@pytest.mark.parametrize(("fmt", "syntax"), [("JPEG", JPEGBaseline8Bit), ("JPEG2000", JPEG2000)])
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="measures the peak resident size on Linux")
+def test_a_stream_larger_than_its_header_is_refused_before_it_is_decoded(tmp_path, fmt, syntax):
+    small = tmp_path / "small.dcm"
+    small.write_bytes(_encapsulated_dicom(_pillow_stream(fmt, 100), syntax, 100, 100))
+    hostile = tmp_path / "hostile.dcm"
+    hostile.write_bytes(_encapsulated_dicom(_pillow_stream(fmt, 4000), syntax, 100, 100))
+    assert hostile.stat().st_size < 300_000
+    assert _decode_files([small])["error"][0] == ""  # the same stream at the header's size decodes
+    report = _run_isolated(ISOLATED_GROWTH, str(small), str(hostile))
+    assert report["grew_mib"] < 8  # a decoded 4000x4000 frame alone is 15 MiB, its decoders' buffers more
+    assert "4000x4000" in report["error"] and "the header's 100x100" in report["error"]
+
+
+def test_a_jpeg_ls_stream_larger_than_its_header_is_refused(tmp_path):
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(gradient(400, 300), bits=12, syntax=JPEGLSLossless)))
+    ds.Rows, ds.Columns = 40, 30
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    path = tmp_path / "hostile.dcm"
+    path.write_bytes(buf.getvalue())
+    error = _decode_files([path])["error"][0]
+    assert "300x400" in error and "the header's 30x40" in error
+
+
+# ---- 4. files that are not what their name says ----
+
+FAKE_GS = """#!/bin/sh
+echo "$@" >> "{marker}"
+exit 0
+"""
+ISOLATED_FILES = """
+    import json, sys
+    import fsspec, numpy as np
+    from mura_ray.imaging.preprocess import read_and_decode
+    out = read_and_decode({"image_uri": np.array(sys.argv[1:])}, side=32, fs=fsspec.filesystem("file"))
+    print(json.dumps({"errors": list(out["error"])}))
+"""
+
+
+def test_files_named_png_open_as_png_only_and_start_no_program(tmp_path):
+    marker = tmp_path / "gs-ran"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "gs").write_text(FAKE_GS.format(marker=marker))
+    (bin_dir / "gs").chmod(0o755)
+    picture = Image.fromarray(gradient(64, 48).astype(np.uint8))
+    files = {}
+    for name, fmt in [("eps.png", "EPS"), ("tiff.png", "TIFF"), ("tiff.jpg", "TIFF"), ("png.dcm", "PNG")]:
+        files[name] = tmp_path / name
+        picture.save(files[name], format=fmt)
+    files["real.png"] = tmp_path / "real.png"
+    picture.save(files["real.png"], format="PNG")
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    errors = dict(zip(files, _run_isolated(ISOLATED_FILES, *map(str, files.values()), env=env)["errors"]))
+    assert not marker.exists(), marker.read_text()
+    assert errors.pop("real.png") == ""
+    assert all(error for error in errors.values()), errors
+    assert "not a PNG file" in errors["eps.png"] and "not a JPEG file" in errors["tiff.jpg"]
+    assert Image.MAX_IMAGE_PIXELS == decode.MAX_PIXELS
