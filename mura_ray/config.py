@@ -165,7 +165,8 @@ class TrainConfig(ConfigBase):
     )
     shuffle_labels: bool = option(
         False,
-        help="leakage check: train on randomly permuted training labels; validation metrics should stay at chance",
+        help="leakage check: train and tune on randomly permuted labels (the tuning split's too, since it "
+        "chooses); validation metrics should stay at chance",
     )
     max_failures: int = option(
         0,

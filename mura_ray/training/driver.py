@@ -237,7 +237,8 @@ def _decode_splits(cfg: TrainConfig, catalog: Any) -> tuple[dict[str, Any], int]
                 split=split,
                 side=side,
                 fs=fs,
-                shuffle_labels_seed=seed if train else None,
+                # The leakage check permutes every label that trains or chooses; the validation split keeps its own.
+                shuffle_labels_seed=None if seed is None or split == "valid" else seed + (split == TUNE),
                 order_seed=cfg.seed if train else None,
                 fit=cfg.fit,
                 sink=sink,
