@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -131,3 +133,110 @@ def test_training_records_the_accuracy_guard_and_auto_obeys_it(trained_run, lear
     assert picked.name not in refused
     wanted = next(f"{b} {p}" for b, p in backends.candidates("auto", "auto", CPU) if f"{b} {p}" not in refused)
     assert picked.name == wanted
+
+
+# ---- the export cache: nothing found in it is loaded unless this user wrote it for this model and versions ----
+
+EXPORTS = {"openvino": "openvino-48", "onnxruntime": "onnx-48"}
+
+
+@pytest.fixture(scope="module")
+def other_folded():
+    torch.manual_seed(4)
+    return for_inference(build_model())
+
+
+def _scores(model, squares, backend="openvino", model_id="model-a" * 8):
+    graph = backends.ProbabilityOf(model).eval()
+    return backends.BUILDERS[backend](graph, "fp32", CPU, SIDE, model_id)(squares)
+
+
+def _torch_scores(model, squares):
+    return backends.build_torch(backends.ProbabilityOf(model).eval(), "fp32", CPU, SIDE, "any")(squares)
+
+
+def _export_of(model, backend, cache):
+    """The export folder another model's scorer leaves in ``cache``: what a planter copies."""
+    _scores(model, SQUARES_8, backend, model_id="model-b" * 8)
+    return cache / "engines" / ("model-b" * 8)[:32] / EXPORTS[backend]
+
+
+SQUARES_8 = np.random.default_rng(5).integers(0, 256, size=(8, SIDE, SIDE), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("backend", [b for b in EXPORTS if backends.installed(b)])
+@pytest.mark.parametrize("plant", ["another model's export", "with its manifest", "weights swapped"])
+def test_a_planted_export_is_not_loaded_the_scorer_exports_again(
+    backend, plant, folded, other_folded, squares, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("MURA_RAY_CACHE", str(tmp_path))
+    want, theirs = _torch_scores(folded, squares), _torch_scores(other_folded, squares)
+    assert np.abs(want - theirs).max() > 0.05  # the plant would show in the scores
+    planted = _export_of(other_folded, backend, tmp_path)
+    ours = tmp_path / "engines" / ("model-a" * 8)[:32] / EXPORTS[backend]
+    if plant == "weights swapped":  # our own export, manifest and all, with the other model's weights file
+        _scores(folded, squares, backend)
+        weights = "model.bin" if backend == "openvino" else "model.onnx"
+        (ours / weights).write_bytes((planted / weights).read_bytes())
+    else:
+        ours.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        shutil.copytree(planted, ours, dirs_exist_ok=True)
+        if plant == "another model's export":
+            (ours / "manifest.json").unlink(missing_ok=True)
+    assert np.abs(_scores(folded, squares, backend) - want).max() < 1e-4
+
+
+@pytest.mark.parametrize("unsafe", ["model folder world-writable", "export world-writable", "export of another uid"])
+def test_an_export_folder_others_can_write_is_not_trusted(unsafe, folded, other_folded, squares, tmp_path, monkeypatch):
+    """Anyone who can write the folder can also write a manifest that matches what they planted."""
+    if unsafe.endswith("uid") and os.getuid() != 0:
+        pytest.skip("giving a folder to another uid needs root")
+    monkeypatch.setenv("MURA_RAY_CACHE", str(tmp_path))
+    want = _torch_scores(folded, squares)
+    planted = _export_of(other_folded, "openvino", tmp_path)
+    _scores(folded, squares)
+    ours = tmp_path / "engines" / ("model-a" * 8)[:32] / "openvino-48"
+    shutil.rmtree(ours)
+    shutil.copytree(planted, ours)
+    if (ours / "manifest.json").exists():
+        manifest = json.loads((ours / "manifest.json").read_text())
+        manifest["key"]["model_id"] = "model-a" * 8
+        (ours / "manifest.json").write_text(json.dumps(manifest))
+    if unsafe == "model folder world-writable":
+        ours.parent.chmod(0o777)
+    elif unsafe == "export world-writable":
+        ours.chmod(0o777)
+    else:
+        os.chown(ours, 12345, 12345)
+    assert np.abs(_scores(folded, squares) - want).max() < 1e-4
+    for folder in (ours.parent, ours):
+        assert folder.stat().st_mode & 0o777 == 0o700 and folder.stat().st_uid == os.getuid()
+
+
+def test_an_engine_cache_others_can_write_is_refused(folded, squares, tmp_path, monkeypatch):
+    monkeypatch.setenv("MURA_RAY_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir(mode=0o777)
+    (tmp_path / "cache").chmod(0o777)
+    with pytest.raises(RuntimeError, match="writable by others"):
+        _scores(folded, squares)
+    # Under auto the scorer goes on with torch, which reads no cache.
+    engine = backends.select(folded, "auto", "auto", CPU, SIDE, "model-a" * 8, squares[:8])
+    assert engine.backend == "torch"
+
+
+@pytest.mark.parametrize("package", ["mura_ray", "torch", "openvino"])
+def test_another_version_of_mura_ray_torch_or_the_engine_exports_again(package, folded, squares, tmp_path, monkeypatch):
+    import importlib
+
+    monkeypatch.setenv("MURA_RAY_CACHE", str(tmp_path))
+    want = _torch_scores(folded, squares)
+    _scores(folded, squares)
+    model_xml = tmp_path / "engines" / ("model-a" * 8)[:32] / "openvino-48" / "model.xml"
+    first = model_xml.stat().st_ino
+    _scores(folded, squares)
+    assert model_xml.stat().st_ino == first  # the same versions: the export is reused
+    monkeypatch.setattr(importlib.import_module(package), "__version__", "99.0-test")
+    assert np.abs(_scores(folded, squares) - want).max() < 1e-4
+    assert model_xml.stat().st_ino != first
+    manifest = json.loads((model_xml.parent / "manifest.json").read_text())
+    assert "99.0-test" in manifest["key"]["versions"].values()

@@ -6,6 +6,10 @@ They are all built from the same folded module (``for_inference``), with the
 normalisation inside the exported graph, so the engines differ only in how
 they run it. Exports are cached on local disk per model_id and backend
 (``MURA_RAY_CACHE``, default ``~/.cache/mura-ray``); nothing is downloaded.
+The cache is trusted only as far as this user wrote it: its folders are
+private (mode 0o700), and an export is loaded only when its manifest names
+the full model_id, the versions of mura-ray, torch and the engine, and the
+SHA-256 of every file in it; otherwise it is exported again.
 
 ``auto`` tries, in order, the engines that are fastest on this node
 (measured by ``mura-ray bench score``): on a GPU torch bf16 where the GPU
@@ -20,10 +24,13 @@ never candidates on a GPU.
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -35,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+import mura_ray
 from mura_ray.errors import UsageError
 from mura_ray.hardware import bf16_native, ieee_fp32
 from mura_ray.imaging.tensors import to_input
@@ -46,6 +54,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CPU_ONLY = ("openvino", "onnxruntime")
 INSTALL = {"openvino": "openvino", "onnxruntime": "mura-ray[onnxruntime]"}
 GUARD_MAX_ABS = 0.01  # the largest |P - P_fp32| an engine may show on the guard batch
+MANIFEST = "manifest.json"  # in each export folder: what it was exported for, and its files' hashes
 
 
 @dataclass
@@ -136,21 +145,123 @@ def failed_guard(meta: dict[str, Any], device: str = "cpu") -> list[str]:
     return sorted(name for name, figures in record.get("engines", {}).items() if not figures["passes"])
 
 
+def cache_root() -> Path:
+    return Path(os.environ.get("MURA_RAY_CACHE") or Path.home() / ".cache" / "mura-ray")
+
+
 def cache_dir(model_id: str) -> Path:
-    root = Path(os.environ.get("MURA_RAY_CACHE") or Path.home() / ".cache" / "mura-ray")
-    return root / "engines" / model_id[:32]
+    return cache_root() / "engines" / model_id[:32]
 
 
-def _publish(folder: Path, write: Callable[[Path], None]) -> Path:
-    """Write a cache folder beside its place and rename it in, so concurrent actors never read half an export."""
-    if not folder.exists():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+def _not_private(path: Path) -> str | None:
+    """Why another user could have written in ``path``, or None where it is this user's folder and only theirs."""
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        return "not a folder"
+    if st.st_uid != os.getuid():
+        return f"owned by uid {st.st_uid}"
+    if st.st_mode & 0o022:
+        return f"writable by others (mode {st.st_mode & 0o777:o})"
+    return None
+
+
+def _discard(path: Path) -> None:
+    """Move ``path`` aside, then remove it: a reader sees it whole or not at all."""
+    aside = path.with_name(f".{path.name}.old-{os.getpid()}-{os.urandom(3).hex()}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:  # not there, or another actor discarded it first
+        return
+    if aside.is_symlink():
+        aside.unlink()
+    else:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _private_folder(path: Path) -> None:
+    """Make ``path`` a folder only this user can write. One that others could write (or own), where anyone
+    could have planted an export with a manifest to match, is discarded and made again."""
+    path.mkdir(mode=0o700, exist_ok=True)
+    why = _not_private(path)
+    if why is None:
+        return
+    log.warning("engine cache %s is %s: not trusted, made again", path, why)
+    try:
+        _discard(path)
+    except OSError as exc:
+        raise RuntimeError(f"engine cache {path} is {why} and cannot be replaced ({exc}): remove it") from None
+    path.mkdir(mode=0o700, exist_ok=True)
+    if (why := _not_private(path)) is not None:
+        raise RuntimeError(f"engine cache {path} is {why} after making it again")
+
+
+def export_folder(model_id: str, name: str) -> Path:
+    """``MURA_RAY_CACHE/engines/<model_id[:32]>/<name>``, every folder above the export private to this user.
+
+    The cache root itself is never replaced (it holds registry downloads too): one that others can write is
+    refused, and the scorer goes on without a cached engine."""
+    root = cache_root()
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if (why := _not_private(root)) is not None:
+        raise RuntimeError(f"MURA_RAY_CACHE {root} is {why}: set MURA_RAY_CACHE to a folder only you can write")
+    for folder in (root / "engines", cache_dir(model_id)):
+        _private_folder(folder)
+    return cache_dir(model_id) / name
+
+
+def export_key(model_id: str, side: int, engine: str, engine_version: str) -> dict[str, Any]:
+    """What an export is valid for: the whole model_id, the input side and the versions that made it."""
+    versions = {"mura-ray": mura_ray.__version__, "torch": str(torch.__version__), engine: str(engine_version)}
+    return {"model_id": model_id, "side": side, "versions": versions}
+
+
+def _file_hashes(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file in ``folder`` but the manifest; a link or a folder in it hashes to "" (never valid)."""
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() and not p.is_symlink() else ""
+        for p in sorted(folder.iterdir())
+        if p.name != MANIFEST
+    }
+
+
+def _verified(folder: Path, key: dict[str, Any]) -> bool:
+    """Whether ``folder`` holds an export made for ``key``: private, its manifest names ``key``, and its
+    files are those the manifest lists, with those hashes."""
+    try:
+        if _not_private(folder) is not None:
+            return False
+        manifest = json.loads((folder / MANIFEST).read_text())
+        return manifest["key"] == key and manifest["files"] == _file_hashes(folder)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _publish(folder: Path, key: dict[str, Any], write: Callable[[Path], None]) -> Path:
+    """``folder`` holding a verified export for ``key``, exported by ``write`` unless it already does.
+
+    The export and its manifest are written in a private folder beside its place and renamed in, so
+    concurrent actors never read half an export; whatever was there before is discarded."""
+    if _verified(folder, key):
+        return folder
+    if folder.exists() or folder.is_symlink():
+        log.warning(
+            "engine export %s is not one this user made for this model and these versions: exporting again", folder
+        )
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))  # mode 0o700
+    try:
         write(tmp)
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another actor published it first
-            shutil.rmtree(tmp, ignore_errors=True)
+        manifest = {"key": key, "files": _file_hashes(tmp)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        if not _verified(folder, key):  # else another actor published one while this one exported
+            _discard(folder)  # a folder cannot replace a folder in one rename
+            try:
+                os.rename(tmp, folder)
+            except OSError:  # another actor renamed its export in first
+                pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not _verified(folder, key):
+        raise RuntimeError(f"engine export {folder} does not match its manifest right after it was written")
     return folder
 
 
@@ -182,7 +293,8 @@ def build_openvino(graph: nn.Module, precision: str, device: torch.device, side:
             ir = ov.convert_model(copy.deepcopy(graph).cpu(), example_input=_example(side))
         ov.save_model(ir, str(folder / "model.xml"), compress_to_fp16=False)
 
-    xml = _publish(cache_dir(model_id) / f"openvino-{side}", export) / "model.xml"
+    key = export_key(model_id, side, "openvino", ov.__version__)
+    xml = _publish(export_folder(model_id, f"openvino-{side}"), key, export) / "model.xml"
     core = ov.Core()
     threads = torch.get_num_threads()
     hint = "bf16" if precision == "bf16" else "f32"
@@ -215,7 +327,8 @@ def build_onnxruntime(graph: nn.Module, precision: str, device: torch.device, si
                 dynamo=False,
             )
 
-    path = _publish(cache_dir(model_id) / f"onnx-{side}", export) / "model.onnx"
+    key = export_key(model_id, side, "onnxruntime", ort.__version__)
+    path = _publish(export_folder(model_id, f"onnx-{side}"), key, export) / "model.onnx"
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
