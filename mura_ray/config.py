@@ -163,6 +163,12 @@ class TrainConfig(ConfigBase):
     cpus_per_worker: float | None = option(
         None, help="CPUs each worker reserves (default: sized from the cluster)", check=positive_float, resumable=True
     )
+    frozen_norms: bool = option(
+        True,
+        cli=False,
+        help="batch norms of frozen blocks keep their running statistics (False: they follow the batches, as "
+        "model.train() has them; for `bench recipe`'s comparison)",
+    )
     shuffle_labels: bool = option(
         False,
         help="leakage check: train and tune on randomly permuted labels (the tuning split's too, since it "

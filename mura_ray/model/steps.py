@@ -74,13 +74,16 @@ def train_one_epoch(
     device: torch.device,
     on_batch: Callable[[int, torch.Tensor], None] | None = None,
     precision: str = "auto",
+    frozen_norms: bool = True,
 ) -> dict[str, float]:
     """Train over ``batches``; returns ``{"loss": mean loss per image, "images": n}``.
 
     ``on_batch(i, loss)`` gets the batch's loss as a tensor on the device: reading it (``float``) waits for
-    the device, so a caller does that only when it shows the value."""
+    the device, so a caller does that only when it shows the value. ``frozen_norms=False`` lets the batch
+    norms of frozen blocks follow the batches (``model.train()``'s own behaviour, for comparison only)."""
     model.train()
-    freeze_frozen_norms(model)  # a frozen block's batch norms keep their running statistics
+    if frozen_norms:
+        freeze_frozen_norms(model)  # a frozen block's batch norms keep their running statistics
     total = torch.zeros((), device=device)
     seen = 0
     for i, batch in enumerate(batches):

@@ -30,9 +30,10 @@ def train_epoch(
     device: torch.device,
     on_batch: Callable[[int, torch.Tensor], None] | None,
     precision: str,
+    frozen_norms: bool = True,
 ) -> tuple[float, int]:
     """Train over this worker's ``batches``; returns the loss per image and the images, over all workers."""
-    result = train_one_epoch(model, batches, loss_fn, optimizer, device, on_batch, precision)
+    result = train_one_epoch(model, batches, loss_fn, optimizer, device, on_batch, precision, frozen_norms)
     return mean_over_workers(result["loss"], result["images"], device)
 
 

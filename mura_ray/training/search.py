@@ -144,9 +144,9 @@ def run_search(cfg: TuneSearchConfig) -> dict[str, Any]:
         tuner = tune.Tuner(
             trainable,
             param_space=space,
+            # Tune ignores TuneConfig.max_concurrent_trials beside a search algorithm: it is set on the generator.
             tune_config=tune.TuneConfig(
-                max_concurrent_trials=max_concurrent(cfg),
-                search_alg=tune.search.BasicVariantGenerator(random_state=cfg.seed),
+                search_alg=tune.search.BasicVariantGenerator(random_state=cfg.seed, max_concurrent=max_concurrent(cfg))
             ),
             run_config=tune.RunConfig(name=SEARCH_DIR, storage_path=cfg.out, verbose=0),
         )

@@ -187,7 +187,9 @@ def _train(run: _Setup, shard: Any, epoch: int, steps: int, resumed_from: int) -
         pin_memory=run.device.type == "cuda",
         prefetch_batches=2,
     )
-    return train_epoch(run.model, batches, run.loss_fn, run.optimizer, run.device, on_batch, run.cfg.precision)
+    return train_epoch(
+        run.model, batches, run.loss_fn, run.optimizer, run.device, on_batch, run.cfg.precision, run.cfg.frozen_norms
+    )
 
 
 def _validate(run: _Setup, shard: Any) -> tuple[pa.Table, float]:
