@@ -22,6 +22,9 @@ import logging
 import math
 from typing import Any
 
+import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
 from mura_ray import cluster
 from mura_ray.archive import storage
 from mura_ray.config import EnsembleConfig, TrainConfig, TuneSearchConfig
@@ -85,15 +88,25 @@ def trial_config(cfg: TuneSearchConfig, point: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**fields)
 
 
-def trial(point: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
-    """One Tune trial: train into the trial's run directory and report the kept epoch's tuning metric."""
-    from ray import tune
-
+@ray.remote(num_cpus=0)
+def _train_outside_the_trial(cfg: TrainConfig) -> dict[str, Any]:
     from mura_ray.training.driver import run_training
+
+    return run_training(cfg)
+
+
+def trial(point: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    """One Tune trial: train into the trial's run directory and report the kept epoch's tuning metric.
+
+    Tune runs a trial in its placement group and captures what the trial starts into it: Ray Data's tasks
+    would wait forever for the trial's sliver of a CPU. The training runs in a task outside any placement
+    group instead, as it would from a driver; its TorchTrainer places its own workers."""
+    from ray import tune
 
     search = TuneSearchConfig(**cfg)
     train_cfg = trial_config(search, point)
-    result = run_training(train_cfg)
+    outside = PlacementGroupSchedulingStrategy(placement_group=None)
+    result = ray.get(_train_outside_the_trial.options(scheduling_strategy=outside).remote(train_cfg))
     chosen = train_cfg.select_on
     report = {
         "score": float(result["metrics"][f"tune_{chosen}"]),
