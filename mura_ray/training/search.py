@@ -35,7 +35,9 @@ from mura_ray.training.ensemble import build_ensemble
 log = logging.getLogger(__name__)
 
 SEARCH_DIR = "search"  # Ray Tune's experiment, under OUT
-TRIAL_CPUS = 0.01  # a trial is a driver: its workers reserve what they train with
+# A trial is a driver: it reserves no CPU (which would leave Ray Data a fraction short of the one its tasks need),
+# only a token of memory, since Tune needs a resource to place it by.
+TRIAL_RESOURCES = {"cpu": 0, "memory": 2**20}
 
 
 def _numbers(text: str, what: str, kind: type = float) -> list[Any]:
@@ -149,7 +151,7 @@ def run_search(cfg: TuneSearchConfig) -> dict[str, Any]:
     fs, base = storage.filesystem(cfg.out)
     fs.makedirs(base, exist_ok=True)
     experiment = storage.join(cfg.out, SEARCH_DIR)
-    trainable = tune.with_resources(tune.with_parameters(trial, cfg=cfg.to_dict()), {"cpu": TRIAL_CPUS})
+    trainable = tune.with_resources(tune.with_parameters(trial, cfg=cfg.to_dict()), TRIAL_RESOURCES)
     if tune.Tuner.can_restore(experiment):
         log.info("resuming the search in %s", experiment)
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
