@@ -87,7 +87,9 @@ def trial_config(cfg: TuneSearchConfig, point: dict[str, Any]) -> TrainConfig:
         weight_decay=float(point["weight_decay"]),
         image_size=int(point["image_size"]),
     )
-    return TrainConfig(**fields)
+    cfg = TrainConfig(**fields)
+    recipes.resolve(cfg)  # what run_training will resolve, known here too (select_on)
+    return cfg
 
 
 @ray.remote(num_cpus=0)
