@@ -409,8 +409,8 @@ class BenchGuardConfig(ConfigBase):
 class BenchRecipeConfig(ConfigBase):
     out: str = option(help="folder for the hard sample, the runs and the ensemble", metavar="DIR", path=True)
     studies: int = option(400, help="studies in the hard synthetic archive", check=positive_int)
-    image_size: int = option(96, help="model input side", check=image_size)
-    epochs: int = option(8, help="maximum epochs per run", check=positive_int)
+    image_size: int = option(112, help="model input side", check=image_size)
+    epochs: int = option(6, help="maximum epochs per run", check=positive_int)
     json: str | None = option(None, metavar="FILE", help="also write the figures as JSON", path=True)
 
 

@@ -75,7 +75,7 @@ def sensitivity_by_place(model_dir: str, meta: dict[str, Any], archive: str) -> 
 
 
 def bench_recipe(
-    *, studies: int = 400, image_size: int = 96, epochs: int = 8, out: str, workers: int = 2
+    *, studies: int = 400, image_size: int = 112, epochs: int = 6, out: str, workers: int = 2
 ) -> dict[str, Any]:
     """Train crop, pad and two more pad members on the hard sample; the ensemble; one row each."""
     archive = os.path.join(out, "archive")
