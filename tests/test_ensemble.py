@@ -14,7 +14,7 @@ from scipy.stats import spearmanr
 from mura_ray import cli
 from mura_ray.model import backends
 from mura_ray.model.calibration import Calibration, logit
-from mura_ray.model.checkpoint import model_id_of, read_checkpoint
+from mura_ray.model.checkpoint import model_id_of, read_checkpoint, state_dict_bytes
 from mura_ray.model.ensemble import Ensemble, module_from
 from mura_ray.model.heatmaps import grad_cam
 from mura_ray.model.resnet import build_model, for_inference
@@ -49,7 +49,7 @@ def test_the_module_gives_the_mean_of_its_members_probabilities_at_their_own_sid
 def test_the_weights_file_round_trips_into_the_module_and_every_engine_agrees_with_torch(tmp_path, monkeypatch):
     monkeypatch.setenv("MURA_RAY_CACHE", str(tmp_path / "cache"))
     members = _members([40, 32])
-    weights = ensemble_weights([backends_free_bytes(m) for m in members])
+    weights = ensemble_weights([state_dict_bytes(m) for m in members])
     meta = {"architecture": "ensemble", "members": [{"image_size": 40}, {"image_size": 32}]}
     model = module_from(weights, meta)
     assert isinstance(model, Ensemble) and model.side == 40
@@ -67,12 +67,6 @@ def test_the_weights_file_round_trips_into_the_module_and_every_engine_agrees_wi
         assert diff < 0.01, engine.name
     maps, probs = grad_cam(model, pixels[:2], calibration=Calibration())
     assert maps.shape == (2, 40, 40) and np.allclose(probs, reference[:2], atol=1e-4)
-
-
-def backends_free_bytes(model):
-    from mura_ray.model.checkpoint import state_dict_bytes
-
-    return state_dict_bytes(model)
 
 
 @pytest.mark.ray

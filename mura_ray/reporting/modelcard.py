@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from mura_ray.model.calibration import Calibration, class_weight_offset
+from mura_ray.model.ensemble import is_ensemble
 from mura_ray.reporting.calibration import calibration_table
 from mura_ray.reporting.guard import engine_rows
 from mura_ray.reporting.metrics import fmt, fmt_ci
@@ -36,7 +37,7 @@ def render_model_card(meta: dict[str, Any]) -> str:
 
 
 def _what_it_is(meta: dict[str, Any]) -> list[str]:
-    if meta.get("architecture") == "ensemble":
+    if is_ensemble(meta):
         return _what_the_ensemble_is(meta)
     cfg, m = meta.get("train_config", {}), meta.get("metrics", {})
     return [
@@ -84,7 +85,7 @@ def _what_the_ensemble_is(meta: dict[str, Any]) -> list[str]:
 
 
 def _data_and_configuration(meta: dict[str, Any]) -> list[str]:
-    if meta.get("architecture") == "ensemble":
+    if is_ensemble(meta):
         return [f"- Training data fingerprint (the first member's): `{meta.get('data_fingerprint', 'n/a')}`.", ""]
     cfg = meta.get("train_config", {})
     lines = [

@@ -58,8 +58,9 @@ def search_space(cfg: TuneSearchConfig) -> dict[str, Any]:
     if cfg.lr is not None:
         lr: Any = cfg.lr
     elif cfg.lr_range:
-        low, high = _numbers(cfg.lr_range, "--lr-range")[:2] if "," in cfg.lr_range else (None, None)
-        if low is None or not 0 < low < high:
+        bounds = _numbers(cfg.lr_range, "--lr-range")
+        low, high = bounds if len(bounds) == 2 else (0, 0)
+        if not 0 < low < high:
             raise UsageError(f"--lr-range: expected LOW,HIGH with 0 < LOW < HIGH, got {cfg.lr_range!r}")
         lr = tune.loguniform(low, high)
     else:
@@ -76,9 +77,14 @@ def search_space(cfg: TuneSearchConfig) -> dict[str, Any]:
     }
 
 
+def train_fields(cfg: TuneSearchConfig) -> dict[str, Any]:
+    """The search's options that are train's."""
+    return {f: getattr(cfg, f) for f in TrainConfig.__dataclass_fields__}
+
+
 def trial_config(cfg: TuneSearchConfig, point: dict[str, Any]) -> TrainConfig:
     """The TrainConfig of one trial: the search's own options, the point's values, its run directory and seed."""
-    fields = {f: getattr(cfg, f) for f in TrainConfig.__dataclass_fields__}
+    fields = train_fields(cfg)
     k = int(point["member"])
     fields.update(
         out=storage.join(cfg.out, "trials", f"trial-{k}"),
@@ -146,7 +152,7 @@ def run_search(cfg: TuneSearchConfig) -> dict[str, Any]:
         raise UsageError(f"--keep {cfg.keep} is more than --trials {cfg.trials}")
     if cfg.tune_fraction <= 0:
         raise UsageError("--tune-fraction must be over 0: the tuning split ranks the trials")
-    probe = TrainConfig(**{f: getattr(cfg, f) for f in TrainConfig.__dataclass_fields__})
+    probe = TrainConfig(**train_fields(cfg))
     recipes.resolve(probe)  # the select_on and batch size every trial will resolve to
     space = search_space(cfg)
     cluster.connect()
