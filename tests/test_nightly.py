@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import duckdb
+import pyarrow.parquet as pq
 import pytest
 import s3fs
 
@@ -169,3 +171,42 @@ def test_sigkill_while_scoring_or_committing_loses_and_duplicates_nothing(
 
     statuses = [json.loads(fs.cat(p))["status"] for p in fs.find(f"{s3_bucket}/scores/_runs")]
     assert statuses and set(statuses) <= {"committed", "fenced"}
+
+
+@pytest.mark.timeout(600)
+def test_edited_calibration_or_tta_rescores_and_an_edited_threshold_does_not(ray_cluster, untrained_models, tmp_path):
+    (source, model_id), _ = untrained_models
+    model = str(tmp_path / "model")
+    shutil.copytree(source, model)
+    archive, out = str(tmp_path / "archive"), str(tmp_path / "scores")
+    write_sample(archive, studies=4, seed=5)
+    cfg = dict(model=model, data=archive, out=out)
+
+    def edit(**values):
+        path = os.path.join(model, "metadata.json")
+        meta = json.load(open(path))
+        json.dump(dict(meta, **values), open(path, "w"))
+
+    first = run_scoring(ScoreConfig(**cfg))
+    n = first["images"]
+    assert n > 0 and first["skipped"] == 0
+    edit(temperature=2.5, logit_offset=-0.4, calibration_method="platt")
+    recalibrated = run_scoring(ScoreConfig(**cfg))
+    assert (recalibrated["images"], recalibrated["skipped"]) == (n, 0)
+    edit(threshold=0.9)
+    same = run_scoring(ScoreConfig(**cfg))
+    assert (same["images"], same["skipped"]) == (0, n)
+    flipped = run_scoring(ScoreConfig(**cfg, tta="flip"))
+    assert (flipped["images"], flipped["skipped"]) == (n, 0)
+
+    images = pq.read_table(os.path.join(out, "images")).to_pandas()
+    studies = pq.read_table(os.path.join(out, "studies")).to_pandas()
+    runs = [first, recalibrated, flipped]
+    assert set(images["model_id"]) == {model_id}
+    for table in (images, studies):
+        ids = table.groupby("run_id")["scoring_id"].unique().to_dict()
+        assert [list(ids[r["run_id"]]) for r in runs] == [[r["scoring_id"]] for r in runs]
+    assert len({r["scoring_id"] for r in runs}) == 3
+    by_run = images.pivot_table(index="image_uri", columns="run_id", values="prob_abnormal")
+    moved = (by_run[recalibrated["run_id"]] - by_run[first["run_id"]]).abs()
+    assert moved.min() > 1e-4  # each row is the score its own calibration gives

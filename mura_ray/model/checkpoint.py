@@ -24,6 +24,7 @@ from torch import nn
 from mura_ray.archive import storage
 from mura_ray.errors import UsageError
 from mura_ray.imaging.preprocess import preprocessing_record
+from mura_ray.model.calibration import Calibration
 from mura_ray.model.resnet import ARCHITECTURE, NUM_CLASSES
 
 WEIGHTS_FILE = "model.safetensors"
@@ -48,6 +49,24 @@ def state_dict_bytes(model: nn.Module) -> bytes:
 def model_id_of(weights: bytes) -> str:
     """Identity of a model: the sha256 of its safetensors bytes."""
     return hashlib.sha256(weights).hexdigest()
+
+
+def scoring_id_of(meta: dict[str, Any], tta: str = "none") -> str:
+    """Identity of what makes a score: the sha256 over the model_id and every setting that changes a
+    probability the model gives (architecture and members, input size and preprocessing, calibration)
+    and the run's test-time augmentation. Editing any of them in ``metadata.json`` makes another
+    scoring id, so an incremental run rescores every image; the threshold, in every row, is not part
+    of it (it changes flags, not probabilities)."""
+    members = [{k: m.get(k) for k in ("model_id", "image_size", "fit")} for m in meta.get("members") or []]
+    record = {
+        "model_id": meta["model_id"],
+        **{k: meta.get(k) for k in ("architecture", "num_classes", "image_size", "fit", "cache_side")},
+        "normalization": meta.get("normalization"),
+        "calibration": Calibration.of(meta).record(),
+        "members": members,
+        "tta": tta,
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
 def write_checkpoint(directory: str, files: dict[str, bytes]) -> None:

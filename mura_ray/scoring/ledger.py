@@ -8,7 +8,7 @@ Under ``OUTPUT/`` (a folder or an s3:// prefix)::
     _runs/<run_id>.<chunk>.json                     one manifest per chunk
     _staging/<run_id>/<chunk>/                      a chunk's files before it commits
     _lease/<generation>.json                        who may write here (``scoring.lease``)
-    _index/<model_id>.parquet                       what the model already scored (``scoring.index``)
+    _index/<scoring_id>.parquet                     what was already scored so (``scoring.index``)
 
 A run commits its work in chunks. A chunk's files are written under
 ``_staging/<run_id>/<chunk>/``; to commit, the run *creates* the chunk's
@@ -201,11 +201,11 @@ class Ledger:
             if self.fs.exists(path) and not self.fs.find(path):
                 self.fs.rm(path, recursive=True)
 
-    def _committed_files(self, folder: str, model_id: str | None = None) -> list[str]:
+    def _committed_files(self, folder: str) -> list[str]:
         return [
             self.path(dst)
             for m in self.manifests()
-            if m.get("status") == "committed" and (model_id is None or m.get("model_id") == model_id)
+            if m.get("status") == "committed"
             for _, dst in m.get("moves", [])
             if dst.startswith(folder + "/")
         ]
@@ -218,27 +218,28 @@ class Ledger:
         table = pads.dataset(files, filesystem=self.fs, format="parquet").to_table(columns=NOT_SCORED_COLUMNS)
         return table
 
-    def scored(self, model_id: str) -> pa.Table:
-        """The current row (latest ``scored_at``) of each image scored by ``model_id`` in committed runs:
-        the model's index (``scoring.index``) and the committed chunks it does not cover."""
-        table, _ = self._scored(model_id)
+    def scored(self, scoring_id: str) -> pa.Table:
+        """The current row (latest ``scored_at``) of each image scored with ``scoring_id`` (the model and
+        every setting that changes its scores, ``checkpoint.scoring_id_of``) in committed runs: the
+        index (``scoring.index``) and the committed chunks it does not cover."""
+        table, _ = self._scored(scoring_id)
         return table
 
-    def update_index(self, model_id: str, lease: Lease) -> None:
-        """Rewrite the model's index to cover every committed chunk of it, if any is not covered yet."""
+    def update_index(self, scoring_id: str, lease: Lease) -> None:
+        """Rewrite the index of ``scoring_id`` to cover every committed chunk of it, if any is not covered yet."""
         self._manifests = None
-        table, fresh = self._scored(model_id)
+        table, fresh = self._scored(scoring_id)
         if fresh:
-            covers = {index.chunk_key(m) for m in self._committed(model_id)}
+            covers = {index.chunk_key(m) for m in self._committed(scoring_id)}
             lease.check()
-            index.write_index(self.fs, self._index_path(model_id), table, covers)
+            index.write_index(self.fs, self._index_path(scoring_id), table, covers)
 
-    def _scored(self, model_id: str) -> tuple[pa.Table, int]:
+    def _scored(self, scoring_id: str) -> tuple[pa.Table, int]:
         """(current rows, number of committed image files the index did not cover)."""
-        prior, covered = index.read_index(self.fs, self._index_path(model_id))
+        prior, covered = index.read_index(self.fs, self._index_path(scoring_id))
         files = [
             self.path(dst)
-            for m in self._committed(model_id)
+            for m in self._committed(scoring_id)
             if index.chunk_key(m) not in covered
             for _, dst in m.get("moves", [])
             if dst.startswith("images/")
@@ -251,11 +252,17 @@ class Ledger:
         table = parts[0] if len(parts) == 1 else pa.concat_tables(parts, promote_options="permissive")
         return (table if not files else index.latest_rows(table)), len(files)
 
-    def _committed(self, model_id: str) -> list[dict[str, Any]]:
-        return [m for m in self.manifests() if m.get("status") == "committed" and m.get("model_id") == model_id]
+    def _committed(self, scoring_id: str) -> list[dict[str, Any]]:
+        """Committed chunks scored with ``scoring_id`` (a chunk written before scoring ids were recorded
+        names only its model_id, so its images are scored once more)."""
+        return [
+            m
+            for m in self.manifests()
+            if m.get("status") == "committed" and m.get("scoring_id", m.get("model_id")) == scoring_id
+        ]
 
-    def _index_path(self, model_id: str) -> str:
-        return self.path("_index", f"{model_id}.parquet")
+    def _index_path(self, scoring_id: str) -> str:
+        return self.path("_index", f"{scoring_id}.parquet")
 
 
 _PRIOR_TYPES = {

@@ -1,8 +1,9 @@
 """Batch scoring of whole archives to Parquet, incremental and exactly once.
 
 A run lists the archive, and skips every image that a committed run of the
-same model already scored with the same source fingerprint (size and ETag
-or mtime); ``full=True`` skips nothing. Listing and skipping decode nothing,
+same model, with the same calibration, preprocessing and test-time
+augmentation (the rows' ``scoring_id``), already scored with the same source
+fingerprint (size and ETag or mtime); ``full=True`` skips nothing. Listing and skipping decode nothing,
 and when nothing is left the run commits without starting Ray.
 
 Ray Data reads and decodes the remaining files in tasks, a pool of
@@ -33,7 +34,7 @@ from mura_ray.archive.catalog import scan_archive
 from mura_ray.config import ScoreConfig
 from mura_ray.imaging.decode import READ_ERROR
 from mura_ray.model import backends
-from mura_ray.model.checkpoint import read_checkpoint, resolve_model_dir
+from mura_ray.model.checkpoint import read_checkpoint, resolve_model_dir, scoring_id_of
 from mura_ray.model.ensemble import module_from
 from mura_ray.model.heatmaps import HEATMAP_LAYER
 from mura_ray.options import placement_of
@@ -111,10 +112,11 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
         if lease.taken_from is not None:
             ledger.fence(lease.taken_from["run_id"], by=run_id, lease=lease)
         recovered = ledger.recover(active_run_id=run_id, lease=lease)
-        earlier, todo, skipped = _plan(ledger, scan, meta["model_id"], cfg)
+        scoring_id = scoring_id_of(meta, cfg.tta)
+        earlier, todo, skipped = _plan(ledger, scan, meta["model_id"], scoring_id, cfg)
         plan_seconds = time.monotonic() - t0
         threshold, run_date = float(meta.get("threshold", 0.5)), started_at.strftime("%Y-%m-%d")
-        writer = RunWriter(ledger, lease, todo, earlier, run_id, meta["model_id"], threshold, run_date)
+        writer = RunWriter(ledger, lease, todo, earlier, run_id, meta["model_id"], threshold, run_date, scoring_id)
         writer.keep_scores = cfg.heatmaps == "flagged"
         head = {"input": cfg.data, "split": cfg.split, "full": cfg.full, "started_at": started_at.isoformat()}
         heatmaps = 0
@@ -126,6 +128,7 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
         totals = {
             "run_id": run_id,
             "model_id": meta["model_id"],
+            "scoring_id": scoring_id,
             "threshold": writer.threshold,
             "images": writer.rows,
             "errors": writer.errors,
@@ -145,7 +148,7 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
             "recovered": recovered,
         }
         last = writer.commit(dict(head, final=True, run=totals))
-        ledger.update_index(meta["model_id"], lease)
+        ledger.update_index(scoring_id, lease)
         ledger.drop_staging(run_id)
     finally:
         lease.release()
@@ -155,9 +158,11 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     return dict(totals, output=cfg.out, **{f"{k}_examples": v[:5] for k, v in examples.items()})
 
 
-def _plan(ledger: Ledger, scan: Any, model_id: str, cfg: ScoreConfig) -> tuple[pa.Table, pa.Table, pa.Table]:
+def _plan(
+    ledger: Ledger, scan: Any, model_id: str, scoring_id: str, cfg: ScoreConfig
+) -> tuple[pa.Table, pa.Table, pa.Table]:
     """(earlier current rows of the archive's images, to score, skipped) for this run."""
-    earlier = ledger.scored(model_id)
+    earlier = ledger.scored(scoring_id)
     earlier = earlier.filter(pc.is_in(earlier["image_uri"], scan.table["image_uri"]))
     not_scored = ledger.not_scored()
     accepted = accepted_modalities(cfg.modalities)
@@ -169,13 +174,14 @@ def _plan(ledger: Ledger, scan: Any, model_id: str, cfg: ScoreConfig) -> tuple[p
     )
     todo, skipped = plan_run(scan.table, earlier, full=cfg.full, not_scored=not_scored.filter(keep))
     log.info(
-        "%d images under %s (%d other files ignored): %d to score, %d already scored by model %s",
+        "%d images under %s (%d other files ignored): %d to score, %d already scored by model %s (scoring id %s)",
         scan.table.num_rows,
         cfg.data,
         len(scan.ignored),
         todo.num_rows,
         skipped.num_rows,
         model_id[:12],
+        scoring_id[:12],
     )
     return earlier, todo, skipped
 

@@ -28,6 +28,7 @@ STUDIES_SCHEMA = pa.schema(
         ("predicted_abnormal", pa.bool_()),
         ("label", pa.int8()),
         ("model_id", pa.string()),
+        ("scoring_id", pa.string()),
         ("run_id", pa.string()),
         ("scored_at", pa.timestamp("us", tz="UTC")),
     ]
@@ -54,6 +55,7 @@ class StudyTotals:
     model_id: str
     run_id: str
     threshold: float
+    scoring_id: str = ""
     _own: dict[str, list] = field(default_factory=dict)  # study -> [images, sum of scores, scores] of this run
     _own_uris: set[str] = field(default_factory=set)
     _touched: set[str] = field(default_factory=set)  # studies with a row in the chunk being written
@@ -117,6 +119,7 @@ class StudyTotals:
                 "predicted_abnormal": at_or_above(mean, self.threshold),
                 "label": totals["label_first"],
                 "model_id": pa.array([self.model_id] * n, pa.string()),
+                "scoring_id": pa.array([self.scoring_id or self.model_id] * n, pa.string()),
                 "run_id": pa.array([self.run_id] * n, pa.string()),
                 "scored_at": pa.array([dt.datetime.now(dt.timezone.utc)] * n, pa.timestamp("us", tz="UTC")),
             },

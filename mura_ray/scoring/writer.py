@@ -36,6 +36,7 @@ IMAGES_SCHEMA = pa.schema(
         ("predicted_abnormal", pa.bool_()),
         ("threshold", pa.float32()),
         ("model_id", pa.string()),
+        ("scoring_id", pa.string()),
         ("run_id", pa.string()),
         ("scored_at", pa.timestamp("us", tz="UTC")),
         ("source_size", pa.int64()),
@@ -61,11 +62,12 @@ class RunWriter:
     ledger: Ledger
     lease: Lease
     catalog: pa.Table  # the images this run scores, with every catalog column
-    earlier: pa.Table  # earlier runs' current rows of this model for the archive's images
+    earlier: pa.Table  # earlier runs' current rows of this scoring id for the archive's images
     run_id: str
     model_id: str
     threshold: float
     run_date: str
+    scoring_id: str = ""  # ``checkpoint.scoring_id_of``; the model_id where nothing but the weights is set
     chunk: int = 0
     rows: int = 0
     errors: int = 0
@@ -84,7 +86,10 @@ class RunWriter:
     _extra: list[tuple[str, str]] = field(default_factory=list)  # (staged, final) of files staged by stage_file
 
     def __post_init__(self) -> None:
-        self._studies = StudyTotals(self.catalog, self.earlier, self.model_id, self.run_id, self.threshold)
+        self.scoring_id = self.scoring_id or self.model_id
+        self._studies = StudyTotals(
+            self.catalog, self.earlier, self.model_id, self.run_id, self.threshold, self.scoring_id
+        )
         self._index = {uri: i for i, uri in enumerate(self.catalog["image_uri"].to_pylist())}
 
     @property
@@ -116,6 +121,7 @@ class RunWriter:
                 "predicted_abnormal": at_or_above(prob, self.threshold),
                 "threshold": pa.array([self.threshold] * n, pa.float32()),
                 "model_id": pa.array([self.model_id] * n, pa.string()),
+                "scoring_id": pa.array([self.scoring_id] * n, pa.string()),
                 "run_id": pa.array([self.run_id] * n, pa.string()),
                 "scored_at": pa.array([dt.datetime.now(dt.timezone.utc)] * n, pa.timestamp("us", tz="UTC")),
                 # The listing's fingerprint, so that the next run can tell whether the file changed.
@@ -220,6 +226,7 @@ class RunWriter:
             run_id=self.run_id,
             chunk=self.chunk,
             model_id=self.model_id,
+            scoring_id=self.scoring_id,
             run_date=self.run_date,
             threshold=self.threshold,
             images=self.pending,
