@@ -94,3 +94,22 @@ def test_evaluate_and_score_with_relative_paths_from_another_directory(
     query = f"SELECT count(*), count(DISTINCT image_uri) FROM read_parquet('{work}/scores/images/**/*.parquet')"
     assert duckdb.connect().execute(query).fetchone() == (n_valid, n_valid)
     assert f"scored {n_valid}" in capsys.readouterr().out
+
+
+def test_names_from_keys_stay_where_they_are_joined_and_stay_apart():
+    keys = ["a/b.png", "a/../b.png", "a/./b.png", "a//b.png", "/a/b.png", "%2E%2E/b.png", "a/%/b.png", "../../x"]
+    names = [storage.safe_relative(k) for k in keys]
+    assert len(set(names)) == len(set(keys) - {"/a/b.png"})  # a leading "/" is the only thing dropped
+    for name in names:
+        assert not {"", ".", ".."} & set(name.split("/"))
+        assert os.path.normpath(os.path.join("/out", name)).startswith("/out/")
+
+
+def test_the_ledger_refuses_a_path_that_leaves_the_output(tmp_path):
+    from mura_ray.scoring.ledger import Ledger
+
+    ledger = Ledger(str(tmp_path / "scores"))
+    assert ledger.path("heatmaps", "a/b.png") == str(tmp_path / "scores" / "heatmaps" / "a" / "b.png")
+    for bad in ("../x", "heatmaps/../../x", "a/./b"):
+        with pytest.raises(UsageError, match="does not stay under"):
+            ledger.path("_staging", bad)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -125,3 +126,33 @@ def test_training_on_s3_resumes_after_the_driver_is_killed(ray_address, s3_serve
     assert fs.exists(f"{base}/model/model.safetensors") and fs.exists(f"{base}/model/model_card.md")
     assert [h["epoch"] for h in json.loads(fs.cat(f"{base}/metrics.json"))] == [1, 2, 3]
     assert meta["metrics"]["epoch"] in (1, 2, 3) and "threshold" in meta
+
+
+@pytest.mark.timeout(600)
+def test_a_key_with_dot_dot_keeps_its_heatmap_inside_the_output(
+    ray_cluster, s3_server, s3_bucket, untrained_models, tmp_path
+):
+    (source, _), _ = untrained_models
+    model = str(tmp_path / "model")
+    shutil.copytree(source, model)
+    meta_path = os.path.join(model, "metadata.json")
+    json.dump(dict(json.load(open(meta_path)), threshold=0.0), open(meta_path, "w"))  # every study flagged
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server)
+    archive = f"s3://{s3_bucket}/archive"
+    write_sample(archive, studies=4, seed=7)
+    first = sorted(k for k in fs.find(f"{s3_bucket}/archive") if k.endswith(".png"))[0]
+    study = f"{s3_bucket}/archive/MURA-v1.1/valid/XR_WRIST/patient1/study1_positive"
+    hostile = f"{study}/{'../' * 13}escaped/image1.png"
+    fs.pipe(hostile, fs.cat(first))
+    assert hostile in fs.find(f"{s3_bucket}/archive")  # the key is kept as written
+    out = tmp_path / "deep" / "a" / "b" / "c" / "scores"
+
+    result = run_scoring(ScoreConfig(model=model, data=archive, out=str(out), heatmaps="flagged"))
+
+    assert result["heatmaps"] == result["images"] and result["errors"] == 0
+    written = [os.path.join(d, f) for d, _, files in os.walk(tmp_path) for f in files]
+    outside = [p for p in written if not p.startswith((str(out) + os.sep, model + os.sep))]
+    assert outside == []
+    index = pads.dataset(str(out / "heatmap_index"), format="parquet", partitioning="hive").to_table()
+    row = next(r for r in index.to_pylist() if r["image_uri"] == f"s3://{hostile}")
+    assert row["error"] is None and os.path.isfile(os.path.join(out, row["heatmap"]))

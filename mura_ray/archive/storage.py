@@ -87,6 +87,24 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base, *[p.strip("/") for p in parts]) if parts else base
 
 
+def inside(base: str, *parts: str) -> str:
+    """``join(base, *parts)``, refused (UsageError) unless it names ``base`` or a path under it: for every
+    path built from names that came from outside (a manifest, an archive's keys)."""
+    path = join(base, *parts)
+    if any(c in ("..", ".") for p in parts for c in p.split("/")) or "\x00" in path:
+        raise UsageError(f"{'/'.join(parts)!r} does not stay under {base!r}")
+    return path
+
+
+def safe_relative(rel: str) -> str:
+    """``rel`` (leading ``/`` dropped) as a relative path that stays where it is joined: ``.`` and ``..``
+    components (an S3 key may hold them; a local filesystem would follow them) become ``%2E``-escaped
+    names, empty ones ``%``, and ``%`` itself ``%25``, so that two different keys never meet."""
+    special = {"": "%", ".": "%2E", "..": "%2E%2E"}
+    parts = rel.lstrip("/").split("/")
+    return "/".join(special.get(c) or c.replace("%", "%25").replace("\x00", "%00") for c in parts)
+
+
 def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     parent = posixpath.dirname(path)
     if parent:

@@ -46,10 +46,11 @@ INDEX_SCHEMA = pa.schema(
 
 
 def heatmap_name(image_uri: str, root: str) -> str:
-    """Where an image's overlay goes, relative to the heatmaps folder: its path under ``root`` plus ``SUFFIX``."""
+    """Where an image's overlay goes, relative to the heatmaps folder: its path under ``root`` plus ``SUFFIX``,
+    with any ``..`` in it kept as a name (``storage.safe_relative``), so no overlay lands outside the folder."""
     base = root.rstrip("/") + "/"
     rel = image_uri[len(base) :] if image_uri.startswith(base) else posixpath.basename(image_uri)
-    return rel.lstrip("/") + SUFFIX
+    return storage.safe_relative(rel) + SUFFIX
 
 
 def read_for_heatmaps(

@@ -77,7 +77,8 @@ class Ledger:
         self.fs, self.base = storage.filesystem(self.output)
 
     def path(self, *parts: str) -> str:
-        return storage.join(self.base, *parts)
+        """A path under the output; one that would leave it (a ``..`` from a manifest or a key) is refused."""
+        return storage.inside(self.base, *parts)
 
     def staging(self, run_id: str, chunk: int | None = None) -> str:
         return self.path("_staging", run_id) if chunk is None else self.path("_staging", run_id, f"{chunk:05d}")
