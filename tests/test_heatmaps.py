@@ -147,3 +147,16 @@ def test_score_heatmaps_flagged_are_committed_once_with_the_run(demo_model, tmp_
     off = str(tmp_path / "off")
     run_scoring(ScoreConfig(model=model_dir, data=root, out=off, split="valid"))
     assert not os.path.exists(os.path.join(off, "heatmaps")) and not os.path.exists(os.path.join(off, "heatmap_index"))
+
+
+def test_a_gallery_skips_an_image_gone_or_broken_since_it_was_scored(untrained_models, tmp_path):
+    from mura_ray.reporting.explain import overlays_of
+
+    (model, _), _ = untrained_models
+    weights, meta = read_checkpoint(model)
+    good, broken, gone = (str(tmp_path / n) for n in ("good.png", "broken.png", "gone.png"))
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 80), dtype=np.uint8)).save(good)
+    with open(broken, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    pictures = overlays_of([good, broken, gone], str(tmp_path), weights, meta, display=64, probs=[0.9, 0.8, 0.7])
+    assert pictures[0].ndim == 3 and pictures[0].shape[2] == 3 and pictures[1:] == [None, None]

@@ -213,6 +213,8 @@ def _gallery_items(
     pictures = overlays_of(uris, data, weights, meta, display=160, probs=probs)
     items = []
     for (title, r), picture in zip(chosen, pictures):
+        if picture is None:
+            continue
         caption = "/".join(r["image_uri"].split("/")[-3:])  # patient/study/image
         items.append((title, picture, r["prob_abnormal"], caption))
     return items, [f"{t} (none)" if not any(i[0] == t for i in items) else t for t in titles]

@@ -25,7 +25,8 @@ from mura_ray.archive import storage
 from mura_ray.archive.catalog import build_catalog
 from mura_ray.config import ExplainConfig, ScoreConfig
 from mura_ray.errors import UsageError
-from mura_ray.imaging.preprocess import EvalPreset, fit_of, load_square
+from mura_ray.imaging.decode import MAX_BYTES, one_line
+from mura_ray.imaging.preprocess import EvalPreset, fit_of, load_square, read_capped
 from mura_ray.model.calibration import Calibration
 from mura_ray.model.checkpoint import read_checkpoint, resolve_model_dir
 from mura_ray.model.ensemble import module_from
@@ -45,23 +46,31 @@ def overlays_of(
     uris: list[str], data: str, weights: bytes, meta: dict[str, Any], display: int = 160, probs: list | None = None
 ) -> list:
     """Overlay pictures ((H, W, 3) uint8) of a few images, computed here without Ray (for galleries); each shows
-    its score from ``probs`` when given (as a report recorded it), else the one computed with the heatmap."""
-    if not uris:
-        return []
+    its score from ``probs`` when given (as a report recorded it), else the one computed with the heatmap.
+    An image that cannot be read or decoded now (gone or changed since it was scored) gets None."""
     fs, _ = storage.filesystem(data)
     size, side = int(meta["image_size"]), int(meta["cache_side"])
-    model = module_from(weights, meta)
-    blobs = [storage.read_bytes(fs, storage.path_in(u)) for u in uris]
     fit = fit_of(meta)
-    squares = np.stack([load_square(b, side, fit=fit, name=u) for u, b in zip(uris, blobs)])
-    pixels = EvalPreset(size=size)({"pixels": squares})["pixels"]
+    squares, views, kept = [], [], []
+    for i, u in enumerate(uris):
+        try:
+            blob = read_capped(fs, u, MAX_BYTES)
+            squares.append(load_square(blob, side, fit=fit, name=u))
+            views.append(load_square(blob, round(display * side / size), fit=fit, name=u))
+            kept.append(i)
+        except Exception as exc:  # a picture fewer, never the report
+            log.warning("no overlay of %s: %s", u, one_line(f"{type(exc).__name__}: {exc}"))
+    pictures: list = [None] * len(uris)
+    if not kept:
+        return pictures
+    model = module_from(weights, meta)
+    pixels = EvalPreset(size=size)({"pixels": np.stack(squares)})["pixels"]
     with torch.enable_grad():
         maps, own = grad_cam(model, pixels, layer=HEATMAP_LAYER, calibration=Calibration.of(meta))
-    shown = [
-        display_square(load_square(b, round(display * side / size), fit=fit, name=u), size, side, side=display)
-        for u, b in zip(uris, blobs)
-    ]
-    return [overlay(s, m, float(p)) for s, m, p in zip(shown, maps, own if probs is None else probs)]
+    for j, (i, view, heat) in enumerate(zip(kept, views, maps)):
+        p = own[j] if probs is None else probs[i]
+        pictures[i] = overlay(display_square(view, size, side, side=display), heat, float(p))
+    return pictures
 
 
 def run_explain(cfg: ExplainConfig) -> dict[str, Any]:
