@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
-from mura_ray.archive.catalog import SPLITS
+from mura_ray.archive.catalog import FOLLOW_LINKS, SPLITS
 from mura_ray.archive.sample import KINDS
 from mura_ray.checks import (
     fraction,
@@ -43,6 +44,17 @@ from mura_ray.training.recipes import RECIPES, SELECT_ON
 __all__ = ["add_options", "option"]
 
 
+def follow_links_option() -> Any:
+    """``--follow-links``, the same in every verb that lists an archive."""
+    return option(
+        "inside",
+        choices=FOLLOW_LINKS,
+        help="symbolic links to files in a local archive: inside = follow those whose target (every link on the "
+        "way resolved) is inside the archive root, skip and count the others; all = follow every one; none = "
+        "follow none. Links to folders are never followed",
+    )
+
+
 @dataclass
 class SampleConfig(ConfigBase):
     out: str = option(help="folder or s3:// prefix to write MURA-v1.1/ into", metavar="DIR", path=True)
@@ -63,6 +75,7 @@ class TrainConfig(ConfigBase):
     out: str = option(
         help="run directory: the model, history, curves and checkpoints go here", metavar="RUN_DIR", path=True
     )
+    follow_links: str = follow_links_option()
     recipe: str = option(
         "default",
         choices=tuple(RECIPES),
@@ -212,6 +225,7 @@ class EvalConfig(ConfigBase):
     model: str = option(help="checkpoint folder (RUN_DIR/model) or a training RUN_DIR", metavar="MODEL", path=True)
     data: str = option(help="archive root with labels (MURA CSVs or folder names)", metavar="ROOT", path=True)
     out: str = option(help="folder for the report, predictions and plots", metavar="DIR", path=True)
+    follow_links: str = follow_links_option()
     split: str = option(
         "valid", help="split to evaluate (a warning says when it helped choose the model)", choices=SPLITS
     )
@@ -240,6 +254,7 @@ class ScoreConfig(ConfigBase):
     data: str = option(help="archive root: MURA layout or any tree of PNG/JPEG/DICOM files", metavar="ROOT", path=True)
     out: str = option(help="output root: images/, studies/ and the run manifests go here", metavar="DIR", path=True)
     split: str | None = option(None, help="score only this split (default: every image)", choices=SPLITS)
+    follow_links: str = follow_links_option()
     full: bool = option(False, help="rescore every image, not only new and changed ones")
     max_error_rate: float = option(
         0.01, metavar="F", check=fraction, help="exit 3 when more than this fraction of the scored images fail"
@@ -296,6 +311,7 @@ class ExplainConfig(ConfigBase):
         "or full URIs)",
     )
     split: str | None = option(None, help="only this split (default: every image)", choices=SPLITS)
+    follow_links: str = follow_links_option()
     layer: str = option(
         "layer3", help="ResNet18 block whose activations Grad-CAM weighs", choices=("layer2", "layer3", "layer4")
     )

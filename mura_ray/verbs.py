@@ -189,8 +189,11 @@ def score(args: argparse.Namespace) -> int:
                                         predicted abnormal, and index.parquet
 
     DICOM files of other modalities than --modalities (CT, MR, ...), files
-    the MURA CSVs list that are missing, and links that lead nowhere are
-    counted, not scored, and are not errors.
+    the MURA CSVs list that are missing, links that lead nowhere, links that
+    --follow-links does not follow (by default those leading out of --data),
+    folders that cannot be listed and malformed CSV rows are counted, one
+    line each, not scored, and are not errors. A file that changed between
+    the listing and its reading is a read error, tried again the next night.
 
     Exit status: 0; 2 for unusable arguments or input; 3 when more than
     --max-error-rate of the scored images failed (the run is still committed).

@@ -4,12 +4,14 @@ list missing files, folders renamed in case, symbolic links, files rewritten wit
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import tracemalloc
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pydicom
 import pytest
 from dicom_files import dicom_bytes, gradient
@@ -159,3 +161,83 @@ def test_a_rewrite_that_keeps_size_and_mtime_still_changes_the_fingerprint(tmp_p
     after = scan_archive(str(root)).table
     assert after["source_size"][0].as_py() == st.st_size
     assert after["source_etag"][0].as_py() != tag
+
+
+def _batch(table):
+    """A catalog's rows as the decode task gets them: the key and the listing's fingerprint."""
+    return {c: table[c].to_numpy(zero_copy_only=False) for c in ("image_uri", "source_size", "source_etag")}
+
+
+def test_a_file_rewritten_between_listing_and_reading_is_a_read_error_retried_next_night(tmp_path):
+    from mura_ray.imaging.decode import READ_ERROR
+    from mura_ray.scoring.run import plan_run
+
+    root = tmp_path / "tree"
+    root.mkdir()
+    for name in ("kept", "same_size", "longer"):
+        (root / f"{name}.dcm").write_bytes(dicom_bytes(gradient(32, 32)))
+    catalog = scan_archive(str(root)).table  # the night's listing ...
+    data = bytearray((root / "same_size.dcm").read_bytes())
+    data[-512:] = bytes(255 - b for b in data[-512:])
+    (root / "new.dcm").write_bytes(bytes(data))
+    os.replace(root / "new.dcm", root / "same_size.dcm")  # ... then other pixels under the same name and size
+    (root / "longer.dcm").write_bytes(dicom_bytes(gradient(40, 40)))
+    out = preprocess.read_and_decode(_batch(catalog), side=16, fs=fsspec.filesystem("file"))
+    errors = dict(zip(catalog["image_uri"].to_pylist(), out["error"]))
+    assert errors[str(root / "kept.dcm")] == ""
+    for name in ("same_size", "longer"):
+        assert (
+            errors[str(root / f"{name}.dcm")].startswith(f"{READ_ERROR}: ")
+            and "changed" in errors[str(root / f"{name}.dcm")]
+        ), errors
+    assert not out["pixels"][1:].any()  # nothing of the new bytes is scored under the old fingerprint
+    # The next night finds such a row and reads the file again.
+    earlier = catalog.append_column("error", pa.array([None, errors[str(root / "longer.dcm")], None], pa.string()))
+    todo, _ = plan_run(catalog, earlier, full=False)
+    assert todo["image_uri"].to_pylist() == [str(root / "longer.dcm")]
+
+
+@pytest.mark.timeout(600)
+def test_a_scoring_run_errors_a_file_rewritten_after_listing_retries_it_and_counts_links_out(
+    ray_cluster, untrained_models, small_archive, tmp_path, monkeypatch
+):
+    import pyarrow.dataset as pads
+
+    from mura_ray.config import ScoreConfig
+    from mura_ray.imaging.decode import READ_ERROR
+    from mura_ray.scoring import run
+
+    (model, _), _ = untrained_models
+    root, plan = small_archive
+    archive, elsewhere = tmp_path / "archive", tmp_path / "elsewhere"
+    (archive / "s1").mkdir(parents=True)
+    elsewhere.mkdir()
+    for i in range(3):
+        shutil.copy(os.path.join(root, plan[i].rel_path), archive / "s1" / f"image{i}.png")
+    shutil.copy(os.path.join(root, plan[3].rel_path), elsewhere / "secret.png")
+    os.symlink(elsewhere / "secret.png", archive / "s1" / "linked.png")
+    rewritten = archive / "s1" / "image0.png"
+    listed = run.scan_archive
+
+    def scan_then_rewrite(*args, **kwargs):
+        scan = listed(*args, **kwargs)
+        shutil.copy(os.path.join(root, plan[4].rel_path), tmp_path / "new.png")
+        os.replace(tmp_path / "new.png", rewritten)  # after the listing, before any read
+        return scan
+
+    monkeypatch.setattr(run, "scan_archive", scan_then_rewrite)
+    cfg = ScoreConfig(model=model, data=str(archive), out=str(tmp_path / "scores"))
+    first = run.run_scoring(cfg)
+    assert (first["images"], first["errors"], first["links_not_followed"]) == (3, 1, 1)
+    rows = pads.dataset(str(tmp_path / "scores" / "images"), partitioning="hive").to_table().to_pylist()
+    errors = {r["image_uri"]: r["error"] for r in rows}
+    assert set(errors) == {str(archive / "s1" / f"image{i}.png") for i in range(3)}  # the link is not scored
+    assert (
+        errors[str(rewritten)].startswith(f"{READ_ERROR}: ") and "changed since it was listed" in errors[str(rewritten)]
+    )
+    manifest = json.loads((tmp_path / "scores" / "_runs" / f"{first['run_id']}.00000.json").read_text())
+    assert manifest["run"]["links_not_followed"] == 1 and manifest["run"]["unreadable_folders"] == 0
+
+    monkeypatch.setattr(run, "scan_archive", listed)
+    second = run.run_scoring(cfg)  # the next night reads it again, as it is now
+    assert (second["images"], second["errors"], second["skipped"]) == (1, 0, 2)

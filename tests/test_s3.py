@@ -156,3 +156,61 @@ def test_a_key_with_dot_dot_keeps_its_heatmap_inside_the_output(
     index = pads.dataset(str(out / "heatmap_index"), format="parquet", partitioning="hive").to_table()
     row = next(r for r in index.to_pylist() if r["image_uri"] == f"s3://{hostile}")
     assert row["error"] is None and os.path.isfile(os.path.join(out, row["heatmap"]))
+
+
+def _png(value: int, size: int = 24) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size, size), value, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_s3_keys_with_version_ids_and_query_characters_are_read_whole(s3_server, s3_bucket):
+    import boto3
+
+    from mura_ray.archive import storage
+    from mura_ray.archive.catalog import scan_archive
+    from mura_ray.imaging import preprocess
+
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    keys = {
+        "archive/a/img.png": 10,
+        "archive/a/img.png?versionId=3.png": 120,  # a key of its own, not a version of the one above
+        "archive/b/study?versionId=1/image1.png": 170,
+        "archive/c/x?y#z.png": 240,
+    }
+    for key, value in keys.items():
+        s3.put_object(Bucket=s3_bucket, Key=key, Body=_png(value))
+    catalog = scan_archive(f"s3://{s3_bucket}/archive").table
+    assert catalog["image_uri"].to_pylist() == sorted(f"s3://{s3_bucket}/{k}" for k in keys)
+    fs, _ = storage.filesystem(f"s3://{s3_bucket}/archive")
+    batch = {c: catalog[c].to_numpy(zero_copy_only=False) for c in ("image_uri", "source_size", "source_etag")}
+    out = preprocess.read_and_decode(batch, side=16, fs=fs)
+    assert list(out["error"]) == [""] * 4
+    values = dict(zip(catalog["image_uri"].to_pylist(), out["pixels"][:, 8, 8].tolist()))
+    assert values == {f"s3://{s3_bucket}/{k}": v for k, v in keys.items()}
+    assert storage.read_bytes(fs, f"{s3_bucket}/archive/a/img.png?versionId=3.png") == _png(120)
+
+
+def test_an_s3_object_rewritten_after_listing_is_a_read_error(s3_server, s3_bucket):
+    import boto3
+
+    from mura_ray.archive import storage
+    from mura_ray.archive.catalog import scan_archive
+    from mura_ray.imaging import preprocess
+    from mura_ray.imaging.decode import READ_ERROR
+
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    for key in ("kept.png", "rewritten.png"):
+        s3.put_object(Bucket=s3_bucket, Key=f"archive/{key}", Body=_png(10))
+    catalog = scan_archive(f"s3://{s3_bucket}/archive").table
+    s3.put_object(Bucket=s3_bucket, Key="archive/rewritten.png", Body=_png(200))  # same size, another ETag
+    fs, _ = storage.filesystem(f"s3://{s3_bucket}/archive")
+    batch = {c: catalog[c].to_numpy(zero_copy_only=False) for c in ("image_uri", "source_size", "source_etag")}
+    out = preprocess.read_and_decode(batch, side=16, fs=fs)
+    assert out["error"][0] == ""
+    assert out["error"][1].startswith(f"{READ_ERROR}: ") and "changed" in out["error"][1], out["error"][1]

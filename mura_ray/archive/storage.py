@@ -7,7 +7,9 @@ tasks and actors and reach the same storage there.
 
 S3 settings come from the standard AWS sources (environment, shared config,
 instance profile). ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``) points
-at an S3-compatible server such as MinIO.
+at an S3-compatible server such as MinIO. An S3 key is always the whole key:
+one that holds ``?versionId=``, ``?`` or ``#`` names that object, never a
+version of another.
 """
 
 from __future__ import annotations
@@ -60,9 +62,9 @@ def _s3_options() -> dict[str, Any]:
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """Return ``(fs, path)`` for a local path or an s3:// URI."""
     if uri.startswith("s3://"):
-        import s3fs
+        from mura_ray.archive.s3 import WholeKeyS3FileSystem
 
-        fs = s3fs.S3FileSystem(**_s3_options())
+        fs = WholeKeyS3FileSystem(**_s3_options())
         return fs, uri[len("s3://") :].rstrip("/")
     if is_remote(uri):
         raise UsageError(f"unsupported storage scheme in {uri!r}: use a local path or s3://bucket/prefix")
@@ -156,6 +158,65 @@ def source_tag(info: dict[str, Any]) -> str | None:
     if info.get("created") is not None and info.get("ino") is not None:
         tag += f";ctime:{info['created']};ino:{info['ino']}"
     return tag
+
+
+def local_info(st: os.stat_result) -> dict[str, Any]:
+    """The fields of a local file's listing info that ``source_tag`` and the size come from, as fsspec lists them."""
+    return {
+        "size": st.st_size,
+        "mtime": st.st_mtime,
+        "created": getattr(st, "st_birthtime", st.st_ctime),
+        "ino": st.st_ino,
+    }
+
+
+class SourceChanged(OSError):
+    """A file is no longer the one its listing saw: another size or change tag when it was read."""
+
+
+async def _get_range(fs: Any, path: str, end: int) -> tuple[bytes, dict[str, Any]]:
+    """One ranged GET of an object's first ``end`` bytes: the bytes and the response (ETag, ContentRange)."""
+    bucket, key, _ = fs.split_path(path)
+    resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes=0-{end - 1}")
+    try:
+        return await resp["Body"].read(), resp
+    finally:
+        resp["Body"].close()
+
+
+def _read_with_info(fs: fsspec.AbstractFileSystem, path: str, end: int) -> tuple[bytes, dict[str, Any] | None]:
+    """The first ``end`` bytes of ``path`` and the listing info of the very file they were read from: locally
+    the open file's own status; in S3 the object's ETag and size from the same GET (one request, no second
+    look that another write could slip between). None where neither can be had."""
+    if is_local(fs):
+        with open(path, "rb") as f:
+            data = f.read(end)
+            return data, local_info(os.fstat(f.fileno()))
+    if protocol(fs) in ("s3", "s3a"):
+        from fsspec.asyn import sync
+
+        data, resp = sync(fs.loop, _get_range, fs, path, end)
+        total = str(resp.get("ContentRange", "")).rpartition("/")[2]
+        size = int(total) if total.isdigit() else resp.get("ContentLength")
+        return data, {"size": size, "ETag": resp.get("ETag")}
+    return fs.cat_file(path, start=0, end=end), None
+
+
+def read_listed(
+    fs: fsspec.AbstractFileSystem, path: str, end: int, *, size: int | None = None, tag: str | None = None
+) -> bytes:
+    """The first ``end`` bytes of ``path`` (all of them when it is shorter), provided it is still the file its
+    listing saw: ``SourceChanged`` when its size is not ``size`` or its change tag (``source_tag``) not
+    ``tag`` any more (None: not compared), so that no bytes are scored under another file's fingerprint."""
+    data, info = _read_with_info(fs, path, end)
+    if info is None:
+        return data
+    now_size, now_tag = info.get("size"), source_tag(info)
+    if size is not None and now_size is not None and int(now_size) != int(size):
+        raise SourceChanged(f"changed since it was listed: {size} bytes then, {now_size} now")
+    if tag is not None and now_tag is not None and now_tag != tag:
+        raise SourceChanged(f"changed since it was listed: tag {tag} then, {now_tag} now")
+    return data
 
 
 def path_in(uri: str) -> str:

@@ -104,9 +104,11 @@ def load_square(
     return fit_square(decode_gray(data, target=side, modalities=modalities, name=name), side, fit)
 
 
-def read_capped(fs: Any, uri: str, max_bytes: int) -> bytes:
-    """The bytes of ``uri``, reading at most ``max_bytes + 1`` of them; ``DecodeError`` when there are more."""
-    data = fs.cat_file(storage.path_in(uri), start=0, end=max_bytes + 1)
+def read_capped(fs: Any, uri: str, max_bytes: int, *, size: int | None = None, tag: str | None = None) -> bytes:
+    """The bytes of ``uri``, reading at most ``max_bytes + 1`` of them; ``DecodeError`` when there are more.
+    With the listing's ``size`` and change ``tag``: ``storage.SourceChanged`` when the file read is not the
+    one listed any more."""
+    data = storage.read_listed(fs, storage.path_in(uri), max_bytes + 1, size=size, tag=tag)
     if len(data) > max_bytes:
         raise DecodeError(f"file of more than {max_bytes} bytes is over the limit (MURA_RAY_MAX_BYTES)")
     return data
@@ -129,9 +131,13 @@ def read_and_decode(
     and ``read_size`` (bytes read; -1 when the file could not be read).
     Other columns pass through. A bad file never raises: it becomes a row
     with ``error`` set. No file is read past ``MAX_BYTES``. ``fit``: how the
-    image becomes a square (``fit_square``).
+    image becomes a square (``fit_square``). Where the batch carries the
+    listing's ``source_size`` and ``source_etag``, a file whose size or tag
+    is not those any more when read is a read error ("cannot read file:
+    ... changed since it was listed"), so a later run reads it again.
     """
     uris = batch["image_uri"]
+    listed_sizes, listed_tags = batch.get("source_size"), batch.get("source_etag")
     pixels = np.zeros((len(uris), side, side), dtype=np.uint8)
     errors = np.full(len(uris), "", dtype=object)
     skipped = np.full(len(uris), "", dtype=object)
@@ -139,7 +145,7 @@ def read_and_decode(
     accept = frozenset(modalities) if modalities is not None else None
     for i, uri in enumerate(uris):
         try:
-            data = read_capped(fs, uri, MAX_BYTES)
+            data = read_capped(fs, uri, MAX_BYTES, size=_listed(listed_sizes, i), tag=_listed(listed_tags, i))
         except DecodeError as exc:
             errors[i] = one_line(str(exc))
             continue
@@ -158,6 +164,16 @@ def read_and_decode(
     out = dict(batch)
     out.update(pixels=pixels, error=errors, modality=skipped, read_size=sizes)
     return out
+
+
+def _listed(values: np.ndarray | None, i: int) -> Any:
+    """The listing's value for row ``i``, or None where there is none (no column, a null, a NaN)."""
+    if values is None:
+        return None
+    value = values[i]
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    return value.item() if isinstance(value, np.generic) else value
 
 
 class EvalPreset:

@@ -65,11 +65,12 @@ def predict(
     tta: str = "none",
     *,
     placement: tuple[str, float, float],
+    follow_links: str = "inside",
 ) -> pa.Table:
     """Labelled images of ``split``: their catalog columns, ``prob_abnormal`` (calibrated; null where
     unreadable), ``prob_uncalibrated`` and ``error``. ``placement``: ``--use-gpu``, ``--gpus-per-actor`` and
-    ``--gpu-timeout``."""
-    catalog = build_catalog(data, split=split)
+    ``--gpu-timeout``; ``follow_links``: ``--follow-links``."""
+    catalog = build_catalog(data, split=split, follow_links=follow_links)
     labelled = catalog.filter(pc.is_valid(catalog["label"]))
     if labelled.num_rows == 0:
         raise UsageError(f"no labelled images in split {split!r} under {data!r}: evaluation needs labels")
@@ -112,7 +113,17 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     if warning:
         log.warning("%s", warning)
     engine = (cfg.backend, cfg.precision)
-    table = predict(weights, meta, cfg.data, cfg.split, cfg.batch_size, engine, cfg.tta, placement=placement_of(cfg))
+    table = predict(
+        weights,
+        meta,
+        cfg.data,
+        cfg.split,
+        cfg.batch_size,
+        engine,
+        cfg.tta,
+        placement=placement_of(cfg),
+        follow_links=cfg.follow_links,
+    )
     fs, out = storage.filesystem(cfg.out)
     fs.makedirs(out, exist_ok=True)
     with fs.open(storage.join(out, "predictions.parquet"), "wb") as f:

@@ -77,7 +77,7 @@ def run_explain(cfg: ExplainConfig) -> dict[str, Any]:
     """Write the overlays and their index under ``cfg.out``; returns counts and where they are."""
     t0 = time.monotonic()
     weights, meta = read_checkpoint(resolve_model_dir(cfg.model))
-    catalog = build_catalog(cfg.data, split=cfg.split)
+    catalog = build_catalog(cfg.data, split=cfg.split, follow_links=cfg.follow_links)
     if not storage.is_remote(cfg.out):
         console.set_ray_log(storage.join(cfg.out, "ray.log"))
     chosen = _choose(catalog, cfg, weights, meta)

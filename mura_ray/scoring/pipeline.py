@@ -1,6 +1,8 @@
 """The scoring pipeline on Ray Data: image keys -> decode tasks -> model actors -> probabilities.
 
-The dataset carries only ``image_uri`` in, and ``image_uri``,
+The dataset carries only ``image_uri`` and the listing's fingerprint
+(``source_size``, ``source_etag``: a file changed since it was listed is a
+read error) in, and ``image_uri``,
 ``prob_abnormal`` (NaN where the file failed; calibrated with the model's
 temperature, averaged over the image and its mirror with ``--tta flip``)
 and ``error`` out; the driver
@@ -62,7 +64,9 @@ def scored_dataset(keys: pa.Table, weights: bytes, meta: dict[str, Any], cfg: Sc
         cfg.actors, cfg.use_gpu, cfg.cpus_per_actor, cfg.gpus_per_actor, cfg.gpu_timeout, cfg.backend
     )
     fs, _ = storage.filesystem(cfg.data)
-    ds = catalog_dataset(keys.select(["image_uri"])).map_batches(
+    # The listing's fingerprint travels with the key: a file that changed since is a read error, not a score.
+    listed = [c for c in ("image_uri", "source_size", "source_etag") if c in keys.column_names]
+    ds = catalog_dataset(keys.select(listed)).map_batches(
         read_and_decode,
         fn_kwargs={
             "side": int(meta["cache_side"]),

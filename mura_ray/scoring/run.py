@@ -101,7 +101,7 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     backends.check_choice(cfg.backend, cfg.precision)
     weights, meta = read_checkpoint(resolve_model_dir(cfg.model))
     module_from(weights, meta)  # fail here, not in every actor, if the weights do not fit
-    scan = scan_archive(cfg.data, split=cfg.split)
+    scan = scan_archive(cfg.data, split=cfg.split, follow_links=cfg.follow_links)
     ledger = Ledger(cfg.out)
     run_id = cfg.run_id or started_at.strftime("%Y%m%dT%H%M%SZ-") + secrets.token_hex(3)
     ledger.check_new_run_id(run_id)
@@ -142,6 +142,7 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
             "ignored_files": len(scan.ignored),
             "missing_files": len(scan.missing),
             "broken_links": len(scan.broken_links),
+            **scan.counts(),
             "seconds": round(seconds, 3),
             "plan_seconds": round(plan_seconds, 3),
             "images_per_second": round(writer.rows / seconds, 3) if seconds else 0.0,

@@ -189,7 +189,7 @@ def _catalog_for_training(cfg: TrainConfig) -> tuple[Any, list[float], list[str]
     """The archive's catalog with the tuning split carved out, the class weights of what is left to train
     on, and the tuning patients; refuses archives that cannot train."""
     t0 = time.monotonic()
-    catalog = build_catalog(cfg.data)
+    catalog = build_catalog(cfg.data, follow_links=cfg.follow_links)
     catalog, patients = protocol.carve_tuning_split(catalog, cfg.tune_fraction, cfg.split_seed, cfg.out)
     counts = {}
     for split in ("train", TUNE, "valid") if patients else ("train", "valid"):
