@@ -7,3 +7,7 @@ FROM rayproject/ray:2.60.0-py311-gpu
 COPY --chown=ray:users . /app
 RUN pip install --no-cache-dir -c /app/constraints.txt /app
 WORKDIR /app
+# Ray's image runs as its user `ray` (uid 1000, group `users`, gid 100), which owns /app and /home/ray
+# (Ray writes its temp dir under /tmp, open to every user). Named by number, so that the pods of k8s/
+# (runAsUser 1000, runAsGroup 100, runAsNonRoot) run as exactly this user and the kubelet can check it.
+USER 1000:100
