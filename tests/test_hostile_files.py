@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import zlib
 
 import fsspec
 import numpy as np
@@ -23,7 +24,16 @@ from dicom_files import PHI, dicom_bytes, gradient
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEG2000, JPEGBaseline8Bit, JPEGLSLossless, SecondaryCaptureImageStorage, generate_uid
+from pydicom.filebase import DicomBytesIO
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGLSLossless,
+    RLELossless,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 
 from mura_ray.imaging import decode
 from mura_ray.imaging.decode import READ_ERROR
@@ -190,6 +200,64 @@ def test_a_jpeg_ls_stream_larger_than_its_header_is_refused(tmp_path):
     path.write_bytes(buf.getvalue())
     error = _decode_files([path])["error"][0]
     assert "300x400" in error and "the header's 30x40" in error
+
+
+def _rle_dicom(segment: bytes, rows: int, columns: int) -> bytes:
+    """An 8-bit RLE DICOM whose header says rows x columns and whose one frame is one ``segment``."""
+    header = (1).to_bytes(4, "little") + (64).to_bytes(4, "little") + bytes(56)
+    return _encapsulated_dicom(header + segment, RLELossless, rows, columns)
+
+
+def _deflated_dicom(extra_zeros: int) -> bytes:
+    """A 100x100 deflated DICOM whose dataset ends with a private element of ``extra_zeros`` zero bytes:
+    a file of a few hundred kB that inflates to that many bytes more."""
+    plain = pydicom.dcmread(io.BytesIO(dicom_bytes(gradient(100, 100))))
+    meta = plain.file_meta
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    head = DicomBytesIO()
+    head.is_little_endian, head.is_implicit_VR = True, False
+    pydicom.filewriter.write_file_meta_info(head, meta, enforce_standard=True)
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    del plain.file_meta
+    pydicom.filewriter.write_dataset(body, plain)
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    out = [deflater.compress(body.getvalue())]
+    if extra_zeros:
+        creator = b"\xe1\x7f\x10\x00LO\x08\x00MURATEST"  # (7FE1,0010) LO, the private block's creator
+        element = b"\xe1\x7f\x10\x10OB\x00\x00" + extra_zeros.to_bytes(4, "little")  # (7FE1,1010) OB
+        out.append(deflater.compress(creator + element))
+        zeros = bytes(1 << 20)
+        for _ in range(extra_zeros >> 20):
+            out.append(deflater.compress(zeros))
+    out.append(deflater.flush())
+    return b"\x00" * 128 + b"DICM" + head.getvalue() + b"".join(out)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="measures the peak resident size on Linux")
+def test_an_rle_segment_that_expands_past_its_header_is_refused_before_it_is_decoded(tmp_path):
+    small = tmp_path / "small.dcm"
+    small.write_bytes(_rle_dicom(b"\xff\x5a" * 5000, 100, 100))  # 5000 runs of 2 bytes: 100 x 100 pixels
+    hostile = tmp_path / "hostile.dcm"
+    hostile.write_bytes(_rle_dicom(b"\x81\x5a" * 1_000_000, 100, 100))  # runs of 128: 128 MB for 10 kB
+    assert hostile.stat().st_size < 2_100_000
+    assert _decode_files([small])["error"][0] == ""
+    report = _run_isolated(ISOLATED_GROWTH, str(small), str(hostile))
+    assert report["grew_mib"] < 16
+    assert "RLE segment 1 decodes to more than the header's 10000 bytes" in report["error"]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="measures the peak resident size on Linux")
+def test_a_deflated_dicom_that_inflates_past_the_byte_limit_is_refused_before_it_is_inflated(tmp_path):
+    small = tmp_path / "small.dcm"
+    small.write_bytes(_deflated_dicom(0))
+    hostile = tmp_path / "hostile.dcm"
+    hostile.write_bytes(_deflated_dicom(300 << 20))
+    assert hostile.stat().st_size < 1_000_000
+    assert _decode_files([small])["error"][0] == ""  # a deflated radiograph decodes
+    report = _run_isolated(ISOLATED_GROWTH, str(small), str(hostile))
+    assert report["grew_mib"] < 48  # pydicom would hold the 300 MiB inflated, and the compressed copy
+    assert "inflates to more than" in report["error"] and "MURA_RAY_MAX_BYTES" in report["error"]
 
 
 # ---- 4. files that are not what their name says ----

@@ -11,7 +11,8 @@ for raises ``NotScored``, and one whose frames x rows x columns x samples
 exceed the pixel limit, or whose sides are further apart than the aspect
 limit, is refused, both before any pixel is decoded; so is a compressed one
 whose stream's own frame header (``imaging.streams``) disagrees with the
-header. Of a multi-frame file only the first frame is decoded. A header
+header, one whose RLE segments expand past it, and a deflated one that
+inflates past ``MAX_BYTES``. Of a multi-frame file only the first frame is decoded. A header
 number that is empty counts as absent, one that is not a number fails the
 file. No header value but the modality is returned, so none can reach the
 output.
@@ -33,7 +34,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mura_ray.imaging.streams import StreamError, frame_size
+from mura_ray.imaging.streams import StreamError, check_rle, frame_size
 
 # Decompression-bomb guard: an image with more pixels than this is refused
 # before its pixels are decoded. MURA's largest images are about 4 megapixels.
@@ -134,6 +135,7 @@ def _header(data: bytes, modalities: frozenset[str] | None) -> tuple[Any, int]:
     and its number of frames."""
     import pydicom
 
+    _check_inflated(data)
     try:
         head = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
         rows, cols = int(head.Rows), int(head.Columns)
@@ -158,17 +160,59 @@ def _header(data: bytes, modalities: frozenset[str] | None) -> tuple[Any, int]:
     return head, frames
 
 
+_DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
+
+
+def _syntax(ds: Any) -> Any:
+    return getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+
+
+def _check_inflated(data: bytes) -> None:
+    """A file of the deflated transfer syntax is inflated whole by pydicom, header and all, before any
+    header value can be checked, and deflate expands up to about 1000 times: here its inflated size is
+    counted, 16 MiB at a time, and refused over ``MAX_BYTES``, the limit of a file read whole."""
+    import zlib
+
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    fp = io.BytesIO(data)
+    try:
+        read_preamble(fp, False)
+        syntax = _read_file_meta_info(fp).get("TransferSyntaxUID")
+    except Exception:
+        return  # no file meta to read: dcmread says why
+    if syntax != _DEFLATED:
+        return
+    inflater, left, total = zlib.decompressobj(-zlib.MAX_WBITS), fp.read(), 0
+    try:
+        while left and total <= MAX_BYTES:
+            total += len(inflater.decompress(left, 16 << 20))
+            left = inflater.unconsumed_tail
+    except zlib.error as exc:
+        raise DecodeError(f"cannot inflate DICOM (deflated transfer syntax): {exc}") from None
+    if total > MAX_BYTES:
+        raise DecodeError(
+            f"deflated DICOM inflates to more than {MAX_BYTES} bytes, over the limit (MURA_RAY_MAX_BYTES)"
+        )
+
+
 def _check_stream(data: bytes, head: Any) -> None:
     """For a compressed transfer syntax, check the first frame's size as its stream says against the header
     (and so against the pixel limit), before any decoder sizes its output from the stream. Raises
-    ``DecodeError``; a transfer syntax whose streams cannot be checked (``streams.frame_size``) is refused."""
+    ``DecodeError``; a transfer syntax whose streams cannot be checked (``streams.frame_size``) is refused.
+    RLE segments are counted against the header's size instead (``streams.check_rle``)."""
     import pydicom
+    from pydicom.uid import RLELossless
 
     syntax = head.file_meta.get("TransferSyntaxUID") if hasattr(head, "file_meta") else None
     if syntax is None or not syntax.is_compressed:
         return
     try:
-        size = frame_size(syntax, pydicom.dcmread(io.BytesIO(data)).PixelData)
+        pixel_data = pydicom.dcmread(io.BytesIO(data)).PixelData
+        if syntax == RLELossless:
+            check_rle(pixel_data, int(head.Rows) * int(head.Columns))
+            return
+        size = frame_size(syntax, pixel_data)
     except StreamError as exc:
         raise DecodeError(f"cannot read DICOM pixel stream ({syntax.name}): {exc}") from None
     if size is None:
@@ -224,8 +268,13 @@ def _decode_dicom(data: bytes, modalities: frozenset[str] | None) -> np.ndarray:
     _check_stream(data, ds)
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
     try:
-        # From the buffer, pydicom reads only the frame asked for; the header's LUTs apply below.
-        arr = pixel_array(io.BytesIO(data), index=0 if frames > 1 else None)
+        if _syntax(ds) == _DEFLATED:  # read from the inflated dataset, whose size _check_inflated bounded
+            import pydicom
+
+            arr = pydicom.dcmread(io.BytesIO(data)).pixel_array
+            arr = arr[0] if frames > 1 else arr
+        else:  # from the buffer, pydicom reads only the frame asked for; the header's LUTs apply below
+            arr = pixel_array(io.BytesIO(data), index=0 if frames > 1 else None)
     except Exception as exc:
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", syntax)

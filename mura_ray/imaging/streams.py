@@ -7,7 +7,10 @@ from the stream: a 1 kB file whose header says 100x100 can hold a
 ``frame_size`` reads the stream's frame header (JPEG and JPEG-LS SOF,
 JPEG 2000 SIZ, bare or inside a JP2 file) from the start of the first
 frame, so that the caller can compare it with the header before any
-decoder runs.
+decoder runs. RLE has no frame header: its decoder (pydicom's) writes
+whatever the segments expand to and compares lengths afterwards, so
+``check_rle`` counts each segment's decoded length, stopping at the
+header's, before it runs.
 """
 
 from __future__ import annotations
@@ -146,3 +149,39 @@ def frame_size(syntax: UID, pixel_data: bytes) -> tuple[int, int, int] | None:
     if syntax in _J2K:
         return j2k_frame_size(head)
     raise StreamError(f"transfer syntax {getattr(syntax, 'name', syntax)} is not one this package decodes")
+
+
+def check_rle(pixel_data: bytes, segment_length: int) -> None:
+    """Raise ``StreamError`` unless every segment of the first RLE frame (PS3.5 annex G) decodes to at most
+    ``segment_length`` bytes (plus one byte of padding): a run of 2 bytes expands to 128, so a small
+    segment can otherwise decode to many times the header's image. Counts, never decodes."""
+    items = generate_fragments(pixel_data)
+    next(items, None)  # the basic offset table
+    frame = next(items, None)
+    if frame is None or len(frame) < 64:
+        raise StreamError("no RLE header in the first frame")
+    count = int.from_bytes(frame[:4], "little")
+    if not 1 <= count <= 15:
+        raise StreamError(f"RLE header names {count} segments (1 to 15 are allowed)")
+    starts = [int.from_bytes(frame[4 + 4 * k : 8 + 4 * k], "little") for k in range(count)]
+    for k, (start, end) in enumerate(zip(starts, starts[1:] + [len(frame)])):
+        if not 64 <= start <= end <= len(frame):
+            raise StreamError(f"RLE segment {k + 1} lies outside the frame")
+        if _rle_length(frame, start, end, segment_length + 1) > segment_length + 1:
+            raise StreamError(f"RLE segment {k + 1} decodes to more than the header's {segment_length} bytes")
+
+
+def _rle_length(frame: bytes, pos: int, end: int, limit: int) -> int:
+    """The decoded length of the RLE segment ``frame[pos:end]``, counted until it passes ``limit``."""
+    out = 0
+    while pos < end and out <= limit:
+        n = frame[pos]
+        if n < 128:  # the next n + 1 bytes, literally
+            out += n + 1
+            pos += n + 2
+        elif n > 128:  # the next byte, 257 - n times
+            out += 257 - n
+            pos += 2
+        else:  # 128: no operation
+            pos += 1
+    return out
