@@ -5,10 +5,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 from conftest import write_untrained_model
 
+from mura_ray.archive import storage
 from mura_ray.model.checkpoint import read_checkpoint, resolve_model_dir
 
 mlflow = pytest.importorskip("mlflow")
@@ -100,3 +105,34 @@ def test_a_registry_version_that_is_not_a_checkpoint_is_refused_and_not_kept(reg
         resolve_model_dir(f"models:/{NAME}/1")
     assert not cache.exists()
     assert json.load(open(os.path.join(registry[1], "metadata.json")))["model_id"] == registry[3]
+
+
+KILLED_DOWNLOAD = """
+import os, signal, sys
+import mlflow
+from mura_ray.model.checkpoint import resolve_model_dir
+
+real = mlflow.artifacts.download_artifacts
+
+def killed(*args, dst_path, **kwargs):
+    real(*args, dst_path=dst_path, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)  # the process dies with its download in the temporary folder
+
+mlflow.artifacts.download_artifacts = killed
+resolve_model_dir(sys.argv[1])
+"""
+
+
+def test_the_temporary_folder_of_a_killed_download_is_removed_by_a_later_one(registry, cache):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    proc = subprocess.run([sys.executable, "-c", KILLED_DOWNLOAD, f"models:/{NAME}/1"], env=env, timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    (left,) = os.listdir(cache.parent)
+    assert left.startswith(".1.") and os.path.isfile(cache.parent / left / "model.safetensors")
+    old = time.time() - storage.STALE_SECONDS - 60
+    os.utime(cache.parent / left, (old, old))
+    live = cache.parent / ".1.another-process"  # a download under way in another process: kept
+    live.mkdir()
+    assert read_checkpoint(resolve_model_dir(f"models:/{NAME}/1"))[1]["model_id"] == registry[3]
+    assert sorted(os.listdir(cache.parent)) == [live.name, "1"]

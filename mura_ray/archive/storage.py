@@ -230,6 +230,29 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return protocol(fs) in ("file", "local")
 
 
+STALE_SECONDS = 6 * 3600  # a temporary folder untouched this long belongs to a process that was killed
+
+
+def private_temp_dir(parent: str, prefix: str) -> str:
+    """A new folder only this user can enter (``tempfile.mkdtemp``: mode 0o700) in ``parent``, named
+    ``prefix`` + random; first removes this prefix's folders that no one touched for ``STALE_SECONDS``
+    (left by a process killed before it could clean up), never a live one of another process."""
+    import shutil
+    import tempfile
+    import time
+
+    os.makedirs(parent, exist_ok=True)
+    now = time.time()
+    for entry in os.scandir(parent):
+        if entry.name.startswith(prefix) and entry.is_dir(follow_symlinks=False):
+            try:
+                if now - entry.stat(follow_symlinks=False).st_mtime > STALE_SECONDS:
+                    shutil.rmtree(entry.path, ignore_errors=True)
+            except FileNotFoundError:
+                pass
+    return tempfile.mkdtemp(prefix=prefix, dir=parent)
+
+
 def fsync_dir(path: str) -> None:
     """Make a local folder's entries (renames, new files) durable."""
     fd = os.open(path, os.O_RDONLY)

@@ -31,7 +31,6 @@ import logging
 import os
 import shutil
 import stat
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ import torch
 from torch import nn
 
 import mura_ray
+from mura_ray.archive import storage
 from mura_ray.errors import UsageError
 from mura_ray.hardware import bf16_native, ieee_fp32
 from mura_ray.imaging.tensors import to_input
@@ -247,7 +247,7 @@ def _publish(folder: Path, key: dict[str, Any], write: Callable[[Path], None]) -
         log.warning(
             "engine export %s is not one this user made for this model and these versions: exporting again", folder
         )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))  # mode 0o700
+    tmp = Path(storage.private_temp_dir(str(folder.parent), f".{folder.name}."))  # mode 0o700
     try:
         write(tmp)
         manifest = {"key": key, "files": _file_hashes(tmp)}

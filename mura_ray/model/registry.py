@@ -16,9 +16,9 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from typing import Any
 
+from mura_ray.archive import storage
 from mura_ray.errors import UsageError
 from mura_ray.model.checkpoint import METADATA_FILE, WEIGHTS_FILE, model_id_of
 
@@ -97,8 +97,7 @@ def _download(artifact_uri: str, target: str, tracking: str) -> str:
     import mlflow
 
     parent, base = os.path.split(target)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{base}.", dir=parent)
+    tmp = storage.private_temp_dir(parent, f".{base}.")
     try:
         mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=tmp, tracking_uri=tracking)
         found = whole_model_id(tmp)
