@@ -260,6 +260,33 @@ def test_a_deflated_dicom_that_inflates_past_the_byte_limit_is_refused_before_it
     assert "inflates to more than" in report["error"] and "MURA_RAY_MAX_BYTES" in report["error"]
 
 
+ISOLATED_GREEDY = """
+    import json, sys
+    import fsspec, numpy as np
+    from mura_ray.imaging import preprocess
+
+    real = preprocess.decode_gray
+
+    def greedy(data, *args, name=None, **kwargs):  # a decoder that sizes its output from the data, unchecked
+        if name.endswith("greedy.png"):
+            np.ones(1 << 30, np.uint8)  # 1 GiB, written
+        return real(data, *args, name=name, **kwargs)
+
+    preprocess.decode_gray = greedy
+    out = preprocess.read_and_decode({"image_uri": np.array(sys.argv[1:])}, side=32, fs=fsspec.filesystem("file"))
+    print(json.dumps({"errors": list(out["error"]), "means": [float(p.mean()) for p in out["pixels"]]}))
+"""
+
+
+def test_a_decoder_that_ignores_every_limit_fails_its_file_not_the_process(tmp_path):
+    paths = [tmp_path / n for n in ("before.png", "greedy.png", "after.png")]
+    for path in paths:
+        Image.new("L", (40, 30), 120).save(path)
+    report = _run_isolated(ISOLATED_GREEDY, *map(str, paths), env={"MURA_RAY_DECODE_MEMORY_MB": "256"})
+    assert report["errors"] == ["", "cannot decode image: MemoryError: over the decode memory bound of 256 MiB", ""]
+    assert report["means"][0] == report["means"][2] == pytest.approx(120, abs=1)
+
+
 # ---- 4. files that are not what their name says ----
 
 FAKE_GS = """#!/bin/sh

@@ -22,6 +22,7 @@ IMAGE_TYPES = {
     "predicted_abnormal": "BOOLEAN",
     "threshold": "FLOAT",
     "model_id": "VARCHAR",
+    "scoring_id": "VARCHAR",
     "run_id": "VARCHAR",
     "scored_at": "TIMESTAMP WITH TIME ZONE",
     "source_size": "BIGINT",
@@ -40,6 +41,7 @@ STUDY_TYPES = {
     "predicted_abnormal": "BOOLEAN",
     "label": "TINYINT",
     "model_id": "VARCHAR",
+    "scoring_id": "VARCHAR",
     "run_id": "VARCHAR",
     "scored_at": "TIMESTAMP WITH TIME ZONE",
 }

@@ -18,17 +18,22 @@ file. No header value but the modality is returned, so none can reach the
 output.
 
 PNG and JPEG go through Pillow, opened only as the format their name says.
+Each file is decoded under an address-space bound (``memory_bound``,
+``MURA_RAY_DECODE_MEMORY_MB``), so a decoder that sizes its output from the
+data past every check here raises MemoryError for that file.
 Whatever goes wrong with one file raises ``DecodeError`` (or ``NotScored``):
 the caller turns it into that file's error row.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
 import posixpath
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -53,9 +58,39 @@ _FORMATS_BY_SUFFIX = {".png": ("PNG",), ".jpg": ("JPEG",), ".jpeg": ("JPEG",)}
 # uncompressed 16-bit radiograph of 4300 x 3500 pixels about 30 MB.
 MAX_BYTES = int(os.environ.get("MURA_RAY_MAX_BYTES", 256 * 2**20))
 
+# Address space one file's decoding may add to its process (Linux), so that a decoder that sizes its
+# output from the data past every check above fails its file with MemoryError, not the worker by the
+# kernel's OOM killer; 0 turns the bound off.
+DECODE_MEMORY = int(os.environ.get("MURA_RAY_DECODE_MEMORY_MB", 2048)) * 2**20
+
 # Prefix of the error of a file that could not be read (as opposed to decoded):
 # such a failure may pass, so the next scoring run tries the file again.
 READ_ERROR = "cannot read file"
+
+
+@contextlib.contextmanager
+def memory_bound(extra: int = DECODE_MEMORY) -> Iterator[None]:
+    """Within the block, this process may map at most ``extra`` bytes more than it has mapped now
+    (``RLIMIT_AS``, Linux); an allocation past it raises MemoryError. A tighter limit already set is kept."""
+    import resource
+
+    try:
+        with open("/proc/self/statm") as f:
+            mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        mapped = 0
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = mapped + extra
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    if extra <= 0 or not mapped or (soft != resource.RLIM_INFINITY and soft <= limit):
+        yield
+        return
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 def one_line(text: str, limit: int = 500) -> str:

@@ -26,7 +26,16 @@ import numpy as np
 from PIL import Image
 
 from mura_ray.archive import storage
-from mura_ray.imaging.decode import MAX_BYTES, READ_ERROR, DecodeError, NotScored, decode_gray, one_line
+from mura_ray.imaging.decode import (
+    DECODE_MEMORY,
+    MAX_BYTES,
+    READ_ERROR,
+    DecodeError,
+    NotScored,
+    decode_gray,
+    memory_bound,
+    one_line,
+)
 
 RESIZE_RATIO = 256 / 224  # crop: the cache's side over the model input's
 FITS = ("pad", "stretch", "crop")
@@ -154,12 +163,15 @@ def read_and_decode(
             continue
         sizes[i] = len(data)
         try:
-            pixels[i] = load_square(data, side, accept, fit, name=str(uri))
+            with memory_bound():
+                pixels[i] = load_square(data, side, accept, fit, name=str(uri))
         except DecodeError as exc:
             errors[i] = one_line(str(exc))
         except NotScored as exc:
             skipped[i] = exc.modality
-        except Exception as exc:  # whatever else one file raises (MemoryError too) fails that file, not the task
+        except MemoryError:
+            errors[i] = f"cannot decode image: MemoryError: over the decode memory bound of {DECODE_MEMORY >> 20} MiB"
+        except Exception as exc:  # whatever else one file raises fails that file, not the task
             errors[i] = one_line(f"cannot decode image: {type(exc).__name__}: {exc}")
     out = dict(batch)
     out.update(pixels=pixels, error=errors, modality=skipped, read_size=sizes)
