@@ -212,6 +212,13 @@ class TrainConfig(ConfigBase):
     register: str | None = option(
         None, metavar="NAME", resumable=True, help="with MLflow: register the kept model under NAME (tagged model_id)"
     )
+    keep_predictions: bool = option(
+        False,
+        resumable=True,
+        help="keep image paths and patient ids in the model folder's tune and validation predictions (and log "
+        "tune_patients.txt to MLflow); by default the model folder, which MLflow and every registry cache "
+        "copy, names images, studies and patients by opaque keys, and only RUN_DIR keeps the paths",
+    )
     placement_strategy: str = option(
         "PACK",
         choices=("PACK", "SPREAD", "STRICT_SPREAD"),
@@ -296,6 +303,22 @@ class ScoreConfig(ConfigBase):
         choices=("off", "flagged"),
         help="flagged: also write a Grad-CAM overlay PNG for each image this run scores in a study predicted "
         "abnormal, under OUT/heatmaps/, committed with the run",
+    )
+    pseudonymize: str | None = option(
+        None,
+        metavar="KEY_FILE",
+        path=True,
+        help="replace image and study paths and patient ids in rows, logs and heatmap names by keyed pseudonyms "
+        "(HMAC-SHA256 under the key in KEY_FILE, at least 32 bytes, e.g. from openssl rand -hex 32): the same key "
+        "gives the same pseudonyms every night, and an OUT holds one key's rows (default: "
+        "MURA_RAY_PSEUDONYM_KEY_FILE when set)",
+    )
+    pseudonym_map: str | None = option(
+        None,
+        metavar="FILE",
+        path=True,
+        help="with --pseudonymize: also write each pseudonym and the path or id it stands for to FILE (CSV), "
+        "for those allowed to re-identify; keep it outside OUT (default: written nowhere)",
     )
 
 

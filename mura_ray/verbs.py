@@ -188,6 +188,12 @@ def score(args: argparse.Namespace) -> int:
                                         overlay PNG per image of each study
                                         predicted abnormal, and index.parquet
 
+    --pseudonymize KEY_FILE (or MURA_RAY_PSEUDONYM_KEY_FILE) replaces image and
+    study paths and patient ids in rows, logs and heatmap names by keyed
+    pseudonyms (HMAC-SHA256), the same every night with the same key;
+    --pseudonym-map FILE also writes what each stands for, and only there.
+    Overlay captions never show a path.
+
     DICOM files of other modalities than --modalities (CT, MR, ...), files
     the MURA CSVs list that are missing, links that lead nowhere, links that
     --follow-links does not follow (by default those leading out of --data),

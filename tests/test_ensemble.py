@@ -106,8 +106,8 @@ def test_an_ensemble_of_two_runs_is_built_scored_and_read_back(trained_run, lear
         pq.read_table(os.path.join(d, "tune_predictions.parquet")) for d in (first["model_dir"], second["model_dir"])
     ]
     mine = pq.read_table(os.path.join(out, "model", "tune_predictions.parquet"))
-    mean = np.mean([t.sort_by("image_uri")["prob_uncalibrated"].to_numpy() for t in members], axis=0)
-    assert np.allclose(mine.sort_by("image_uri")["prob_uncalibrated"].to_numpy(), mean, atol=1e-6)
+    mean = np.mean([t.sort_by("image")["prob_uncalibrated"].to_numpy() for t in members], axis=0)
+    assert np.allclose(mine.sort_by("image")["prob_uncalibrated"].to_numpy(), mean, atol=1e-6)
     card = open(os.path.join(out, "model", "model_card.md")).read()
     assert "ensemble of 2" in card and first["model_id"][:12] in card
 
@@ -117,7 +117,10 @@ def test_an_ensemble_of_two_runs_is_built_scored_and_read_back(trained_run, lear
     images = pads.dataset(os.path.join(scores, "images"), partitioning="hive").to_table()  # pyarrow reads it
     assert set(images["model_id"].to_pylist()) == {meta["model_id"]} and images.num_rows > 0
     assert images.filter(images["error"].is_null()).num_rows == images.num_rows
-    valid = pq.read_table(os.path.join(out, "model", "valid_predictions.parquet")).to_pandas()
+    # The model folder keys images by their rank among the sorted paths, which a member's run directory keeps.
+    valid = pq.read_table(os.path.join(out, "model", "valid_predictions.parquet")).sort_by("image").to_pandas()
+    paths = pq.read_table(os.path.join(first_cfg.out, "valid_predictions.parquet"))["image_uri"].to_pylist()
+    valid["image_uri"] = sorted(paths)
     rows = images.to_pandas().merge(valid, on="image_uri", suffixes=("", "_valid"))
     assert len(rows) == images.num_rows
     # Scored through the model's engine from the archive, against the mean of the members' own predictions:

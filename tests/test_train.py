@@ -60,8 +60,8 @@ def test_threshold_model_card_and_curves_are_kept_with_the_model(trained_run):
     meta = json.load(open(os.path.join(model_dir, "metadata.json")))
     assert meta["protocol"]["chosen_on"] == {"epoch": "tune", "temperature": "tune", "threshold": "tune"}
 
-    def study_level(name):
-        preds = pq.read_table(os.path.join(model_dir, name))
+    def study_level(name):  # the run directory's copy, which names images and patients (the model's does not)
+        preds = pq.read_table(os.path.join(cfg.out, name))
         studies = np.asarray(preds["study_uri"].to_pylist(), dtype=object)
         _, s_probs, s_labels = study_scores(studies, preds["prob_abnormal"].to_numpy(), preds["label"].to_numpy())
         return preds, s_probs, s_labels

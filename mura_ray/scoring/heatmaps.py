@@ -45,9 +45,12 @@ INDEX_SCHEMA = pa.schema(
 )
 
 
-def heatmap_name(image_uri: str, root: str) -> str:
-    """Where an image's overlay goes, relative to the heatmaps folder: its path under ``root`` plus ``SUFFIX``,
-    with any ``..`` in it kept as a name (``storage.safe_relative``), so no overlay lands outside the folder."""
+def heatmap_name(image_uri: str, root: str | None) -> str:
+    """Where an image's overlay goes, relative to the heatmaps folder: its path under ``root`` plus ``SUFFIX``
+    (``root`` None: ``image_uri`` is a relative name already, a pseudonym), with any ``..`` in it kept as a
+    name (``storage.safe_relative``), so no overlay lands outside the folder."""
+    if root is None:
+        return storage.safe_relative(image_uri) + SUFFIX
     base = root.rstrip("/") + "/"
     rel = image_uri[len(base) :] if image_uri.startswith(base) else posixpath.basename(image_uri)
     return storage.safe_relative(rel) + SUFFIX
@@ -73,7 +76,8 @@ def read_for_heatmaps(
 
 
 class HeatmapMaker:
-    """Holds the plain model; turns batches of squares into overlay PNGs (radiograph | heatmap, with the score)."""
+    """Holds the plain model; turns batches of squares into overlay PNGs (radiograph | heatmap, with the score,
+    and the batch's ``caption`` where it has one: never the image's path, which may name the patient)."""
 
     def __init__(self, weights: list[ray.ObjectRef], meta: dict[str, Any], layer: str, threads: int, use_gpu: bool):
         torch.set_num_threads(threads)
@@ -100,7 +104,7 @@ class HeatmapMaker:
             size, side = int(self.meta["image_size"]), int(self.meta["cache_side"])
             for j, i in enumerate(np.flatnonzero(ok)):
                 display = display_square(batch["shown"][i], size, side, side=DISPLAY)
-                caption = "/".join(str(batch["image_uri"][i]).split("/")[-3:])
+                caption = str(batch["caption"][i]) if "caption" in batch else ""
                 out["png"][i] = png_bytes(overlay(display, maps[j], float(shown[j]), caption))
                 x, y = peak(maps[j])
                 out["heatmap_prob"][i], out["peak_x"][i], out["peak_y"][i] = shown[j], x / size, y / size
@@ -117,14 +121,14 @@ def heatmap_dataset(
     *,
     placement: tuple[str, float, float],
 ) -> ray.data.Dataset:
-    """``image_uri`` rows (and ``prob_abnormal`` when known, shown on the overlay) -> ``png`` bytes per image,
-    with the map's peak and the score, or ``error``. ``placement``: ``--use-gpu``, ``--gpus-per-actor`` and
-    ``--gpu-timeout``."""
+    """``image_uri`` rows (and ``prob_abnormal`` when known, and a ``caption``, both shown on the overlay) ->
+    ``png`` bytes per image, with the map's peak and the score, or ``error``. ``placement``: ``--use-gpu``,
+    ``--gpus-per-actor`` and ``--gpu-timeout``."""
     cluster.connect()
     use_gpu, gpus, timeout = placement
     plan = cluster.place_scoring_actors(None, use_gpu, None, gpus, timeout)
     fs, _ = storage.filesystem(data)
-    columns = [c for c in ("image_uri", "prob_abnormal") if c in keys.column_names]
+    columns = [c for c in ("image_uri", "prob_abnormal", "caption") if c in keys.column_names]
     side = int(meta["cache_side"])
     display = round(DISPLAY * side / int(meta["image_size"]))  # the shown square, before its centre crop
     ds = catalog_dataset(keys.select(columns)).map_batches(
@@ -152,7 +156,7 @@ def heatmap_dataset(
 def index_rows(
     batch: dict[str, np.ndarray],
     study_of: dict[str, str],
-    root: str,
+    root: str | None,
     meta: dict[str, Any],
     layer: str,
     prefix: str = "",

@@ -19,6 +19,7 @@ after K chunks keeps them, and the next run scores only the rest.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import secrets
@@ -39,6 +40,7 @@ from mura_ray.model.ensemble import module_from
 from mura_ray.model.heatmaps import HEATMAP_LAYER
 from mura_ray.options import placement_of
 from mura_ray.progress import Progress
+from mura_ray.scoring import pseudonyms
 from mura_ray.scoring.heatmaps import heatmap_dataset, heatmap_name, index_rows
 from mura_ray.scoring.lease import Lease
 from mura_ray.scoring.ledger import Ledger
@@ -99,9 +101,13 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     t0 = time.monotonic()
     started_at = dt.datetime.now(dt.timezone.utc)
     backends.check_choice(cfg.backend, cfg.precision)
+    names = pseudonyms.from_settings(cfg.pseudonymize, cfg.pseudonym_map)
     weights, meta = read_checkpoint(resolve_model_dir(cfg.model))
     module_from(weights, meta)  # fail here, not in every actor, if the weights do not fit
     scan = scan_archive(cfg.data, split=cfg.split, follow_links=cfg.follow_links)
+    if names is not None:
+        _write_map(names, scan, cfg)
+        scan = dataclasses.replace(scan, table=names.catalog(scan.table))
     ledger = Ledger(cfg.out)
     run_id = cfg.run_id or started_at.strftime("%Y%m%dT%H%M%SZ-") + secrets.token_hex(3)
     ledger.check_new_run_id(run_id)
@@ -112,6 +118,8 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
         if lease.taken_from is not None:
             ledger.fence(lease.taken_from["run_id"], by=run_id, lease=lease)
         recovered = ledger.recover(active_run_id=run_id, lease=lease)
+        key_id = names.key_id if names is not None else None
+        pseudonyms.check_one_key(ledger.manifests(), key_id, cfg.out)
         scoring_id = scoring_id_of(meta, cfg.tta)
         earlier, todo, skipped = _plan(ledger, scan, meta["model_id"], scoring_id, cfg)
         plan_seconds = time.monotonic() - t0
@@ -119,11 +127,12 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
         writer = RunWriter(ledger, lease, todo, earlier, run_id, meta["model_id"], threshold, run_date, scoring_id)
         writer.keep_scores = cfg.heatmaps == "flagged"
         head = {"input": cfg.data, "split": cfg.split, "full": cfg.full, "started_at": started_at.isoformat()}
+        head["pseudonyms"] = key_id
         heatmaps = 0
         if todo.num_rows:
-            _score_into(writer, todo, weights, meta, cfg, head)
+            _score_into(writer, todo, weights, meta, cfg, head, names)
             if writer.keep_scores:
-                heatmaps = _heatmaps_into(writer, todo, weights, meta, cfg)
+                heatmaps = _heatmaps_into(writer, todo, weights, meta, cfg, names)
         seconds = time.monotonic() - t0
         totals = {
             "run_id": run_id,
@@ -156,7 +165,25 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     totals = dict(last["run"], chunks=last["chunk"] + 1)
     log.info("committed run %(run_id)s: %(images)d image rows, %(studies)d study rows in %(chunks)d chunk(s)", totals)
     examples = {"ignored": scan.ignored, "missing": scan.missing, "broken_link": scan.broken_links}
+    if names is not None:
+        examples = {k: [names.path(p) for p in v[:5]] for k, v in examples.items()}
     return dict(totals, output=cfg.out, **{f"{k}_examples": v[:5] for k, v in examples.items()})
+
+
+def _write_map(names: pseudonyms.Pseudonyms, scan: Any, cfg: ScoreConfig) -> None:
+    """``--pseudonym-map``: every pseudonym the run can make from this listing, and what it stands for."""
+    if not cfg.pseudonym_map:
+        return
+    table = names.mapping(scan.table, scan.ignored + scan.missing + scan.broken_links)
+    pseudonyms.write_map(table, cfg.pseudonym_map)
+    inside = cfg.pseudonym_map.startswith(cfg.out.rstrip("/") + "/")
+    log.log(
+        logging.WARNING if inside else logging.INFO,
+        "wrote %d pseudonyms and what they stand for to %s%s",
+        table.num_rows,
+        cfg.pseudonym_map,
+        " (inside --out: whoever reads the scores can undo them)" if inside else "",
+    )
 
 
 def _plan(
@@ -188,15 +215,25 @@ def _plan(
 
 
 def _score_into(
-    writer: RunWriter, todo: pa.Table, weights: bytes, meta: dict[str, Any], cfg: ScoreConfig, head: dict[str, Any]
+    writer: RunWriter,
+    todo: pa.Table,
+    weights: bytes,
+    meta: dict[str, Any],
+    cfg: ScoreConfig,
+    head: dict[str, Any],
+    names: pseudonyms.Pseudonyms | None,
 ) -> None:
     """Run the Ray pipeline over ``todo``, streaming every result into ``writer`` and committing every
-    ``cfg.commit_every`` images."""
-    ds = scored_dataset(todo, weights, meta, cfg)
+    ``cfg.commit_every`` images. With ``names``, the tasks read the real paths and the writer sees only
+    their pseudonyms."""
+    keys, by_path = _keys_to_read(todo, names)
+    ds = scored_dataset(keys, weights, meta, cfg)
     seen = 0
     with Progress("scoring", todo.num_rows) as bar:
         for batch in ds.iter_batches(batch_size=min(256, cfg.commit_every), batch_format="numpy"):
             results = results_table(batch)
+            if names is not None:
+                results = names.results(results, by_path)
             seen += results.num_rows
             writer.add(results)
             if writer.pending >= cfg.commit_every:
@@ -208,24 +245,55 @@ def _score_into(
         raise RuntimeError(f"scored {seen} rows for {todo.num_rows} images; the rest is not committed")
 
 
-def _heatmaps_into(writer: RunWriter, todo: pa.Table, weights: bytes, meta: dict[str, Any], cfg: ScoreConfig) -> int:
+def _keys_to_read(todo: pa.Table, names: pseudonyms.Pseudonyms | None) -> tuple[pa.Table, dict[str, str]]:
+    """(``image_uri`` rows of the files to read, each real path -> its row's ``image_uri``)."""
+    if names is None:
+        return todo, {}
+    paths = todo[pseudonyms.SOURCE]
+    keys = todo.select([c for c in ("source_size", "source_etag") if c in todo.column_names])
+    keys = keys.add_column(0, "image_uri", paths)
+    return keys, dict(zip(paths.to_pylist(), todo["image_uri"].to_pylist()))
+
+
+def _heatmaps_into(
+    writer: RunWriter,
+    todo: pa.Table,
+    weights: bytes,
+    meta: dict[str, Any],
+    cfg: ScoreConfig,
+    names: pseudonyms.Pseudonyms | None,
+) -> int:
     """Stage a Grad-CAM overlay of each image this run scored in a study predicted abnormal, and their index,
     to be committed with the run's last chunk: the PNGs under ``heatmaps/run_date=D/run_id=R/``, the index as
-    ``heatmap_index/run_date=D/R.parquet``; returns how many."""
+    ``heatmap_index/run_date=D/R.parquet``; returns how many. With ``names``, each PNG is named by its image's
+    pseudonym and captioned with its start."""
     flagged = writer.flagged_images()
     if flagged.num_rows == 0:
         return 0
-    data = cfg.data
+    root = cfg.data if names is None else None  # pseudonyms are names already, under no root
     folder = storage.join("heatmaps", f"run_date={writer.run_date}", f"run_id={writer.run_id}")
     study_of = dict(zip(todo["image_uri"].to_pylist(), todo["study_uri"].to_pylist()))
+    keys, by_path = _keys_to_read(todo.filter(pc.is_in(todo["image_uri"], flagged["image_uri"])), names)
+    if names is not None:
+        shown = dict(zip(flagged["image_uri"].to_pylist(), flagged["prob_abnormal"].to_pylist()))
+        order = [by_path[p] for p in keys["image_uri"].to_pylist()]
+        keys = keys.append_column("prob_abnormal", pa.array([shown[u] for u in order], pa.float32()))
+        keys = keys.append_column("caption", pa.array([_caption(u) for u in order], pa.string()))
+    else:
+        keys = flagged
     parts = []
-    ds = heatmap_dataset(flagged, weights, meta, data, placement=placement_of(cfg))
+    ds = heatmap_dataset(keys, weights, meta, cfg.data, placement=placement_of(cfg))
     with Progress("heatmaps of flagged studies", flagged.num_rows) as bar:
         for batch in ds.iter_batches(batch_size=16, batch_format="numpy"):
+            if names is not None:
+                paths, errors = [str(p) for p in batch["image_uri"]], [str(e) for e in batch["error"]]
+                named = [by_path[p] for p in paths]
+                scrubbed = [pseudonyms.scrub(e, p, n) if e else e for e, p, n in zip(errors, paths, named)]
+                batch = dict(batch, image_uri=named, error=scrubbed)
             for uri, png in zip(batch["image_uri"], batch["png"]):
                 if len(png):
-                    writer.stage_file(storage.join(folder, heatmap_name(str(uri), data)), png)
-            parts.append(index_rows(batch, study_of, data, meta, HEATMAP_LAYER, prefix=folder))
+                    writer.stage_file(storage.join(folder, heatmap_name(str(uri), root)), png)
+            parts.append(index_rows(batch, study_of, root, meta, HEATMAP_LAYER, prefix=folder))
             bar.update(len(batch["image_uri"]))
     index = pa.concat_tables(parts).sort_by("image_uri")
     index_file = storage.join("heatmap_index", f"run_date={writer.run_date}", f"{writer.run_id}.parquet")
@@ -233,3 +301,9 @@ def _heatmaps_into(writer: RunWriter, todo: pa.Table, weights: bytes, meta: dict
     made = index["error"].null_count  # rows without an error
     log.info("staged %d heatmaps of %d flagged studies", made, len(set(flagged["study_uri"].to_pylist())))
     return made
+
+
+def _caption(image: str) -> str:
+    """What an overlay of a pseudonymized image says it shows: the start of its study's and its own pseudonym."""
+    study, _, own = image.partition("/")
+    return f"{study[:13]}/{own[:13]}"

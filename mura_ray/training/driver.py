@@ -91,7 +91,11 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     counts = {split: ds.count() for split, ds in cached.items()}
     record = protocol.record(cfg.tune_fraction, patients, counts.get(TUNE, 0), counts["valid"])
     meta = _write_model(cfg, result.checkpoint, weights, fingerprint(catalog), sample, cached["valid"], catalog, record)
-    tracked = tracker.finish(meta, rundir.read_history(cfg.out), cfg.register) if tracker else None
+    tracked = (
+        tracker.finish(meta, rundir.read_history(cfg.out), cfg.register, keep_predictions=cfg.keep_predictions)
+        if tracker
+        else None
+    )
     return {
         "mlflow": tracked,
         "model_dir": storage.join(cfg.out, rundir.MODEL_DIR),
@@ -310,6 +314,7 @@ def _write_model(
         calibration=cfg.calibration,
         seed=cfg.seed,
         guard_sample=guard_sample,
+        keep_predictions=cfg.keep_predictions,
     )
     log.info(
         "kept epoch %d; calibration %s and threshold %.3f (%s); validation study kappa %.3f [%.3f, %.3f]",

@@ -1,7 +1,8 @@
 """``mura-ray ensemble``: one model folder from several trained ones, scored by the mean of their probabilities.
 
 No Ray and no images: every member's folder already holds its uncalibrated
-predictions on the tuning and the validation split (``prob_uncalibrated``).
+predictions on the tuning and the validation split (``prob_uncalibrated``),
+keyed by rank rather than by path (``training.predictions``).
 The ensemble's predictions are their mean per image; the calibration and the
 threshold are chosen on the tuning split's and the report computed on the
 validation split's, as for one model (``rundir.write_model_folder``). The
@@ -28,8 +29,7 @@ from mura_ray.errors import UsageError
 from mura_ray.imaging.preprocess import fit_of
 from mura_ray.model.checkpoint import model_metadata, read_checkpoint, resolve_model_dir
 from mura_ray.model.ensemble import ENSEMBLE, is_ensemble
-from mura_ray.training import rundir
-from mura_ray.training.selection import JOIN_COLUMNS
+from mura_ray.training import predictions, rundir
 
 log = logging.getLogger(__name__)
 
@@ -39,21 +39,22 @@ def _predictions(model_dir: str, name: str) -> pa.Table:
     file = storage.join(path, name)
     if not fs.exists(file):
         raise UsageError(f"{model_dir!r} has no {name}: it was not written by `mura-ray train`")
-    return pq.read_table(fs.open(file)).sort_by("image_uri")
+    return predictions.keyed(pq.read_table(fs.open(file)))  # members written before keys get them here
 
 
 def mean_predictions(tables: list[pa.Table], split: str) -> pa.Table:
-    """The members' predictions on one split, one row per image, ``prob_abnormal`` the mean of their
+    """The members' keyed predictions on one split, one row per image, ``prob_abnormal`` the mean of their
     uncalibrated probabilities. The members must hold the same images with the same labels."""
     first = tables[0]
     for k, t in enumerate(tables[1:], start=2):
-        if t["image_uri"].to_pylist() != first["image_uri"].to_pylist() or not t["label"].equals(first["label"]):
+        if not predictions.same_images([first, t]):
             raise UsageError(
                 f"member {k} holds predictions on other {split} images than member 1: the members of an ensemble "
                 "must be trained on one archive with one tuning split (the same --data, --tune-fraction and --seed)"
             )
     mean = np.mean([t["prob_uncalibrated"].to_numpy() for t in tables], axis=0).astype(np.float32)
-    return first.select(["image_uri", "label", *JOIN_COLUMNS[1:]]).append_column("prob_abnormal", pa.array(mean))
+    table = first.select([*predictions.KEYS, "label", "body_part"]).append_column("prob_abnormal", pa.array(mean))
+    return table.replace_schema_metadata(first.schema.metadata)
 
 
 def ensemble_weights(members: list[bytes]) -> bytes:

@@ -3,10 +3,12 @@
 ```
 RUN_DIR/train_config.json     the settings (driver, before training)
 RUN_DIR/tune_patients.txt     the training patients set aside to choose epoch, temperature, threshold
+RUN_DIR/{tune,valid}_predictions.parquet   the kept model's predictions with image paths and patient ids
 RUN_DIR/events.jsonl          started, resumed, epoch_done (rank 0, as they happen)
 RUN_DIR/metrics.{json,csv}    per-epoch history, and training_curves.png (rank 0, each epoch)
 RUN_DIR/ray_train/            Ray Train's checkpoints of the full training state
-RUN_DIR/model/                the kept model (the driver, once, when training ends)
+RUN_DIR/model/                the kept model (the driver, once, when training ends): no image path or
+                              patient id in it (``predictions``) unless ``--keep-predictions``
 RUN_DIR/ray.log               Ray's own output (local RUN_DIR only)
 ```
 
@@ -115,8 +117,12 @@ def write_model_folder(
     seed: int,
     calibration: str = "platt",
     guard_sample: dict[str, Any] | None = None,
+    keep_predictions: bool = False,
 ) -> dict[str, Any]:
     """Write ``RUN_DIR/model/`` once, complete: weights, predictions, model card, metadata.
+
+    The model folder's predictions are keyed (``predictions.keyed``): no image path or patient id, unless
+    ``keep_predictions``; predictions that hold them are also written whole to ``RUN_DIR``.
 
     The calibration (``calibration``: its method) and the threshold are chosen on the kept epoch's tuning
     predictions, and the report with patient-level intervals is computed on
@@ -131,12 +137,15 @@ def write_model_folder(
     from mura_ray.model.checkpoint import METADATA_FILE, WEIGHTS_FILE, model_id_of, write_checkpoint
     from mura_ray.reporting.modelcard import render_model_card
     from mura_ray.reporting.plots import reliability_png
+    from mura_ray.training.predictions import keyed
     from mura_ray.training.selection import choose_and_report, with_calibrated
 
+    tune_keyed = keyed(tune_predictions, keep_identifiers=keep_predictions)
+    valid_keyed = keyed(valid_predictions, keep_identifiers=keep_predictions)
     chooser = metadata["protocol"]["chosen_on"]["threshold"]
     chosen = choose_and_report(
-        tune_predictions,
-        valid_predictions,
+        tune_keyed,
+        valid_keyed,
         target_sensitivity=target_sensitivity,
         seed=seed,
         chooser=chooser,
@@ -149,15 +158,21 @@ def write_model_folder(
         meta["engine_guard"] = check_sample(
             weights, meta, guard_sample["pixels"], guard_sample["label"], guard_sample["study_uri"]
         )
+    calibrated = Calibration.of(meta)
     files = {
         WEIGHTS_FILE: weights,
-        VALID_PREDICTIONS: storage.parquet_bytes(with_calibrated(valid_predictions, Calibration.of(meta))),
-        TUNE_PREDICTIONS: storage.parquet_bytes(with_calibrated(tune_predictions, Calibration.of(meta))),
+        VALID_PREDICTIONS: storage.parquet_bytes(with_calibrated(valid_keyed, calibrated)),
+        TUNE_PREDICTIONS: storage.parquet_bytes(with_calibrated(tune_keyed, calibrated)),
         RELIABILITY: reliability_png(meta["calibration"]),
         "model_card.md": render_model_card(meta).encode(),
         METADATA_FILE: json.dumps(meta, indent=2, sort_keys=True).encode(),
     }
     write_checkpoint(storage.join(run_dir, MODEL_DIR), files)
+    fs, base = storage.filesystem(run_dir)
+    for name, table in ((VALID_PREDICTIONS, valid_predictions), (TUNE_PREDICTIONS, tune_predictions)):
+        if "image_uri" in table.column_names:  # the run's own record, which never leaves RUN_DIR
+            whole = with_calibrated(table.sort_by("image_uri"), calibrated)
+            storage.write_atomic(fs, storage.join(base, name), storage.parquet_bytes(whole))
     return meta
 
 

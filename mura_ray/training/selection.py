@@ -51,7 +51,7 @@ def validation_predictions(weights: bytes, dataset: Any, catalog: pa.Table) -> p
 def _columns(predictions: pa.Table) -> tuple[np.ndarray, ...]:
     labels = predictions["label"].to_numpy().astype(np.int64)
     probs = predictions["prob_abnormal"].to_numpy().astype(np.float64)
-    studies = np.asarray(predictions["study_uri"].to_pylist(), dtype=object)
+    studies = np.asarray(predictions["study"].to_pylist(), dtype=object)
     return labels, probs, studies
 
 
@@ -65,9 +65,10 @@ def choose_and_report(
     method: str = "platt",
 ) -> dict[str, Any]:
     """Calibration (``method``) and threshold from ``tune`` (the kept epoch's predictions on the split that
-    chooses), the report from ``valid``. Returns the metadata fields: the calibration's (``temperature``,
-    ``logit_offset``, ``calibration_method``), ``threshold``,
-    ``threshold_rule``, ``validation``, ``calibration`` (validation split) and ``tuning_calibration``."""
+    chooses), the report from ``valid``; both keyed (``predictions.keyed``: ``study`` and ``patient`` keys).
+    Returns the metadata fields: the calibration's (``temperature``, ``logit_offset``,
+    ``calibration_method``), ``threshold``, ``threshold_rule``, ``validation``, ``calibration`` (validation
+    split) and ``tuning_calibration``."""
     t_labels, t_probs, t_studies = _columns(tune)
     calibration = fit(t_labels, t_probs, method)
     t_calibrated = calibration.apply(t_probs).astype(np.float64)
@@ -82,7 +83,7 @@ def choose_and_report(
     v_labels, v_probs, v_studies = _columns(valid)
     v_calibrated = calibration.apply(v_probs).astype(np.float64)
     parts = np.asarray(valid["body_part"].to_pylist(), dtype=object)
-    patients = np.asarray(valid["patient_id"].to_pylist(), dtype=object)
+    patients = np.asarray(valid["patient"].to_pylist(), dtype=object)
     return {
         **calibration.record(),
         "threshold": threshold,

@@ -6,7 +6,8 @@ optional extra ``mura-ray[mlflow]``. What is logged to one MLflow run per
 RUN_DIR: the configuration and the data fingerprint (params), each epoch's
 metrics as it ends (``step=epoch``), and when training ends the model folder,
 the curves, the history and the validation report (artifacts; the model
-folder under ``models/<model_id>``) and the
+folder under ``models/<model_id>``, which names no image or patient unless
+``--keep-predictions``, as ``tune_patients.txt`` is logged only then) and the
 validation figures (metrics). ``--register NAME`` adds the kept model to the
 registry, tagged with its model_id. The MLflow run id is kept in
 ``RUN_DIR/mlflow_run.json``, so a resumed training continues the same run.
@@ -24,6 +25,7 @@ from typing import Any
 from mura_ray.archive import storage
 from mura_ray.model.registry import client as _client
 from mura_ray.model.registry import tracking_uri
+from mura_ray.training.protocol import PATIENTS_FILE
 
 __all__ = ["RUN_FILE", "Tracker", "tracking_uri"]
 
@@ -84,14 +86,17 @@ class Tracker:
         if event.get("kind") == "epoch":
             self.log_epoch(int(event["epoch"]), event)
 
-    def finish(self, meta: dict[str, Any], history: list[dict[str, Any]], register: str | None) -> dict[str, Any]:
+    def finish(
+        self, meta: dict[str, Any], history: list[dict[str, Any]], register: str | None, keep_predictions: bool = False
+    ) -> dict[str, Any]:
         """Log what training left (epochs not logged yet, the model folder, curves, report), end the run, and
-        register the model under ``register``; returns what was logged where."""
+        register the model under ``register``; returns what was logged where. The tuning split's patients
+        (``tune_patients.txt``) only with ``keep_predictions``."""
         for h in history:
             self.log_epoch(int(h["epoch"]), h)
         self._log_validation(meta)
         self.client.set_tag(self.run_id, "model_id", meta["model_id"])
-        folder = self._log_artifacts(meta)
+        folder = self._log_artifacts(meta, keep_predictions)
         version = self._register(register, meta["model_id"], folder) if register else None
         self.client.set_terminated(self.run_id, "FINISHED")
         return {"tracking_uri": self.uri, "run_id": self.run_id, "registered": version}
@@ -116,7 +121,7 @@ class Tracker:
         finite = [Metric(k, float(v), now, 0) for k, v in values.items() if v == v]  # NaN where undefined
         self.client.log_batch(self.run_id, metrics=finite)
 
-    def _log_artifacts(self, meta: dict[str, Any]) -> str:
+    def _log_artifacts(self, meta: dict[str, Any], keep_predictions: bool) -> str:
         """The run directory's outputs as artifacts; the model folder under ``models/<model_id>``, so that a
         resumed run that keeps another model never changes the files an earlier registered version names."""
         from mura_ray.training import rundir
@@ -127,7 +132,8 @@ class Tracker:
             model = storage.join(base, rundir.MODEL_DIR)
             fs.get(model, os.path.join(tmp, "model"), recursive=True)
             self.client.log_artifacts(self.run_id, os.path.join(tmp, "model"), artifact_path=folder)
-            for name in (rundir.CURVES, "metrics.csv", rundir.CONFIG, "tune_patients.txt"):
+            names = [rundir.CURVES, "metrics.csv", rundir.CONFIG] + ([PATIENTS_FILE] if keep_predictions else [])
+            for name in names:
                 if fs.exists(storage.join(base, name)):
                     fs.get(storage.join(base, name), os.path.join(tmp, name))
                     self.client.log_artifact(self.run_id, os.path.join(tmp, name))
