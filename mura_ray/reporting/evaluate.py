@@ -226,7 +226,7 @@ def _gallery_items(
     for (title, r), picture in zip(chosen, pictures):
         if picture is None:
             continue
-        caption = "/".join(r["image_uri"].split("/")[-3:])  # patient/study/image
+        caption = r["body_part"] or ""  # never a path: file names in PACS exports hold patient ids and UIDs
         items.append((title, picture, r["prob_abnormal"], caption))
     return items, [f"{t} (none)" if not any(i[0] == t for i in items) else t for t in titles]
 
