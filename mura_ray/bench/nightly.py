@@ -26,7 +26,7 @@ from mura_ray.archive.catalog import scan_archive
 from mura_ray.bench.memory import PeakMemory
 from mura_ray.bench.scoring import make_images, write_bench_model
 from mura_ray.hardware import cpu_info
-from mura_ray.model.checkpoint import read_checkpoint
+from mura_ray.model.checkpoint import read_checkpoint, scoring_id_of
 from mura_ray.scoring.lease import Lease
 from mura_ray.scoring.ledger import Ledger
 from mura_ray.scoring.writer import RunWriter
@@ -46,9 +46,11 @@ def make_empty_archive(root: str, n: int) -> None:
             os.close(os.open(os.path.join(folder, f"image{k + 1}.png"), os.O_CREAT | os.O_WRONLY, 0o644))
 
 
-def write_history(out: str, data: str, model_id: str, nights: int) -> None:
+def write_history(out: str, data: str, meta: dict[str, Any], nights: int) -> None:
     """Commit the archive's images as ``nights`` runs (the first takes what the others leave, each other
-    takes 1/(10 x nights) of it), through the ledger's commit path, then write the model's index."""
+    takes 1/(10 x nights) of it) of the model ``meta`` describes, through the ledger's commit path, then
+    write its index: what a night of ``run_scoring`` with that model finds."""
+    model_id, scoring_id = meta["model_id"], scoring_id_of(meta)
     catalog = scan_archive(data).table
     n = catalog.num_rows
     later = n // (10 * nights) if nights > 1 else 0
@@ -61,7 +63,8 @@ def write_history(out: str, data: str, model_id: str, nights: int) -> None:
         lease.acquire()
         try:
             part = catalog.slice(lo, hi - lo)
-            writer = RunWriter(ledger, lease, part, _no_rows(), run_id, model_id, 0.5, str(day + dt.timedelta(i)))
+            day_i = str(day + dt.timedelta(i))
+            writer = RunWriter(ledger, lease, part, _no_rows(), run_id, model_id, 0.5, day_i, scoring_id)
             probs = np.random.default_rng(i).random(part.num_rows).astype(np.float32)
             writer.add(
                 pa.table(
@@ -82,7 +85,7 @@ def write_history(out: str, data: str, model_id: str, nights: int) -> None:
     lease = Lease(ledger.fs, ledger.base, "history-index")
     lease.acquire()
     try:
-        ledger.update_index(model_id, lease)
+        ledger.update_index(scoring_id, lease)
     finally:
         lease.release()
 
@@ -119,7 +122,7 @@ def bench_nightly(
     rows = []
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         model_dir = write_bench_model(os.path.join(tmp, "model"), image_size=64)
-        model_id = read_checkpoint(model_dir)[1]["model_id"]
+        meta = read_checkpoint(model_dir)[1]
         fresh = os.path.join(tmp, "fresh")
         make_images(fresh, new)
         for size in sizes:
@@ -130,7 +133,7 @@ def bench_nightly(
             for k in nights:
                 out = os.path.join(tmp, f"out-{size}-{k}")
                 t0 = time.perf_counter()
-                write_history(out, data, model_id, k)
+                write_history(out, data, meta, k)
                 log.info("%d night(s) of history over %d images written in %.0fs", k, size, time.perf_counter() - t0)
                 shutil.copytree(fresh, os.path.join(data, "tonight"))
                 row = {"archive_files": size, "nights_behind": k, "new_files": new, **timed_night(model_dir, data, out)}
