@@ -389,21 +389,31 @@ class _DropConditions(http.server.BaseHTTPRequestHandler):
     target: tuple[str, int] = ("127.0.0.1", 0)
     protocol_version = "HTTP/1.1"  # so that a PUT's "Expect: 100-continue" is answered
 
+    dropped = ("if-none-match", "if-match")
+
     def _forward(self) -> None:
+        self._relay(self.dropped)
+
+    def _send(self) -> http.client.HTTPResponse:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("if-none-match", "if-match", "expect")}
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in (*self.dropped, "expect")}
         conn = http.client.HTTPConnection(*self.target, timeout=30)
         conn.request(self.command, self.path, body=body, headers=headers)
-        reply = conn.getresponse()
+        return conn.getresponse()
+
+    def _relay(self, dropped: tuple[str, ...]) -> None:
+        reply = self._send()
         data = reply.read()
         self.send_response(reply.status)
         for k, v in reply.getheaders():
-            if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+            if k.lower() not in ("transfer-encoding", "connection") and (k.lower() != "content-length" or not data):
                 self.send_header(k, v)
-        self.send_header("Content-Length", str(len(data)))
+        if data:
+            self.send_header("Content-Length", str(len(data)))
+        elif reply.getheader("Content-Length") is None:
+            self.send_header("Content-Length", "0")
         self.end_headers()
         self.wfile.write(data)
-        conn.close()
 
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
 
@@ -429,3 +439,88 @@ def test_an_endpoint_without_conditional_writes_is_refused(s3_server, bucket, mo
         proxy.shutdown()
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
     delta.check_conditional_writes(f"s3://{bucket}/honouring")  # moto itself answers 412: accepted
+
+
+class _LoseCommitReply(_DropConditions):
+    """Forwards everything, conditions included; the reply to the first PUT of a Delta commit file after
+    ``armed`` is set is lost (the connection closes once the server stored it), so the client sends it again."""
+
+    dropped = ()
+    lost: list[str] = []
+    armed = threading.Event()
+
+    def _forward(self) -> None:
+        is_commit = self.command == "PUT" and self.path.split("?")[0].endswith(".json") and "/_delta_log/" in self.path
+        if not (is_commit and self.armed.is_set()):
+            return self._relay(())
+        self.armed.clear()
+        self.lost.append(f"{self.path.split('?')[0].rsplit('/', 1)[-1]} stored with {self._send().status}")
+        self.close_connection = True  # no reply at all
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+
+def test_a_commit_whose_reply_was_lost_is_committed_once(s3_server, bucket, monkeypatch):
+    host, port = s3_server.rsplit("/", 1)[-1].split(":")
+    handler = type("Handler", (_LoseCommitReply,), {"target": (host, int(port)), "lost": []})
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.server_address[1]}")
+        store = ScoreStore(f"s3://{bucket}/out")
+        store.commit_chunk(run_id="r1", scoring_id=SID, chunk=0, images=images(["a"], "r1", 0.5))
+        handler.armed.set()
+        commit = store.commit_chunk(run_id="r1", scoring_id=SID, chunk=1, images=images(["b", "c"], "r1", 0.5))
+        assert handler.lost and not handler.armed.is_set(), "no commit reply was lost"
+        version, last, scored = store.table().version(), store.last_chunk("r1"), store.scored(SID)
+    finally:
+        proxy.shutdown()  # the store's endpoint is the proxy: nothing of it is used after this
+    print(f"reply lost: {handler.lost}; {commit}")
+    assert commit.applied and commit.attempts == 2 and last == 1
+    assert version == 2  # the table's versions: create, chunk 0, chunk 1, and no second copy of chunk 1
+    assert sorted(scored["image_uri"].to_pylist()) == ["a", "b", "c"]
+
+
+RIVAL_WRITER = """
+import os, sys, time
+sys.path.insert(0, {repo!r})
+sys.path.insert(0, {tests!r})
+from test_delta import images, studies, SID
+from mura_ray.scoring.delta import ScoreStore
+store = ScoreStore({out!r})
+store._writable()
+uris = [f"img-{{i}}" for i in range(200)]
+rows = images(uris, {run!r}, {prob}), studies(["study-1"], {run!r}, {prob}, 200)
+print("ready", flush=True)
+while not os.path.exists({go!r}):
+    pass
+commit = store.commit_chunk(run_id={run!r}, scoring_id=SID, chunk=0, images=rows[0], studies=rows[1])
+print("committed", commit.version, commit.attempts, flush=True)
+"""
+
+
+def test_two_processes_at_the_same_instant_leave_one_current_row_per_image(tmp_path):
+    out, go = str(tmp_path / "out"), str(tmp_path / "go")
+    ScoreStore(out).commit_chunk(run_id="r0", scoring_id=SID, chunk=0, images=images(["seed"], "r0", 0.1))
+    tests = os.path.join(REPO, "tests")
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", RIVAL_WRITER.format(repo=REPO, tests=tests, out=out, run=run, prob=p, go=go)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for run, p in (("a", 0.25), ("b", 0.75))
+    ]
+    assert [c.stdout.readline().strip() for c in children] == ["ready", "ready"]
+    open(go, "w").close()  # both spin on this file, so they commit at the same instant
+    lines = [c.communicate(timeout=60)[0].split() for c in children]
+    assert [c.returncode for c in children] == [0, 0]
+
+    versions = sorted((int(line[1]), int(line[2]), run) for line, run in zip(lines, "ab"))
+    assert [v for v, _, _ in versions] == [2, 3]  # both committed, one on top of the other
+    rows = ScoreStore(out).snapshot()
+    assert rows["image"].num_rows == 201 and pc.count_distinct(rows["image"]["image_uri"]).as_py() == 201
+    later = versions[1][2]
+    assert set(rows["image"].filter(pc.field("image_uri") != "seed")["run_id"].to_pylist()) == {later}
+    assert rows["study"]["run_id"].to_pylist() == [later]
+    print(f"processes: (version, attempts, run) = {versions}")

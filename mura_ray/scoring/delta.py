@@ -152,7 +152,8 @@ def app_id(run_id: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Commit:
-    """What ``commit_chunk`` did: ``applied`` is False when the chunk was committed before."""
+    """What ``commit_chunk`` did: ``applied`` is False when the chunk had been committed before the call
+    (True also when an attempt of this call committed it and its reply was lost)."""
 
     run_id: str
     chunk: int
@@ -365,7 +366,9 @@ class ScoreStore:
             table = self._writable()
             done = table.transaction_version(app)
             if done is not None and done >= chunk:
-                return Commit(run_id, chunk, table.version(), applied=False, attempts=attempt)
+                # Recorded after a failed attempt of this call: that attempt's commit, whose reply was lost.
+                mine = last is not None and done == chunk
+                return Commit(run_id, chunk, table.version(), applied=mine, attempts=attempt)
             props = CommitProperties(app_transactions=[Transaction(app, chunk)], custom_metadata=custom)
             try:
                 if rows.num_rows:
