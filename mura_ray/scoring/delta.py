@@ -37,7 +37,7 @@ look like this run's retry of N and be dropped. ``last_chunk(run_id)``
 tells a run resumed with its ``--run-id`` where it stopped.
 
 **Concurrency.** Every commit is a ``put-if-absent`` of the next log file
-(``If-None-Match: *`` on S3, a no-replace rename on local disk); a writer
+(``If-None-Match: *`` on S3, an exclusive create on local disk); a writer
 that loses the race checks the winner's commit against what it read. A
 MERGE reads the rows it matches, so a concurrent commit that added rows
 where it looked (two runs inserting the same image), or that recorded the
@@ -57,6 +57,12 @@ are named by no commit and ``vacuum`` deletes them (after the retention,
 7 days by default, so that a slow writer's files are never taken from
 under it). A damaged checkpoint is set aside (``_damaged/``) and the
 table read from the commits before it (``repair_checkpoint``).
+
+deltalake 1.6 facts this relies on, checked by ``tests/test_delta.py``:
+``transaction_version`` reads the txn; ``merge``, ``delete`` and
+``create_write_transaction`` take ``CommitProperties(app_transactions=)``;
+``DeltaTable.history`` holds the GIL while it lists the log (an S3 server
+in the same process, as moto in tests, cannot answer it).
 
 Next step, how ``run_scoring`` uses it:
 
