@@ -27,22 +27,10 @@ from mura_ray.model.calibration import Calibration
 from mura_ray.model.checkpoint import model_id_of
 from mura_ray.model.ensemble import module_from
 from mura_ray.model.heatmaps import HEATMAP_LAYER, display_square, grad_cam, overlay, peak, png_bytes
+from mura_ray.scoring.heatmap_index import INDEX_SCHEMA
 
 DISPLAY = 256  # side of each half of an overlay, in pixels
 SUFFIX = ".heatmap.png"
-INDEX_SCHEMA = pa.schema(
-    [
-        ("image_uri", pa.string()),
-        ("study_uri", pa.string()),
-        ("heatmap", pa.string()),  # path of the PNG: under explain's --out, or under score's OUT
-        ("prob_abnormal", pa.float32()),
-        ("peak_x", pa.float32()),  # the map's peak, as a fraction of the model input's side
-        ("peak_y", pa.float32()),
-        ("layer", pa.string()),
-        ("model_id", pa.string()),
-        ("error", pa.string()),
-    ]
-)
 
 
 def heatmap_name(image_uri: str, root: str | None) -> str:

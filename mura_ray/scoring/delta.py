@@ -1,0 +1,502 @@
+"""The scores of every scoring run as one Delta Lake table, written with ``deltalake`` (delta-rs).
+
+Under ``OUTPUT/`` (a folder or an s3:// prefix)::
+
+    scores/_delta_log/       the table's commit log: a JSON file per commit, a checkpoint every 100
+    scores/kind=image/       one row per image file and scoring id (``IMAGES_SCHEMA``'s columns)
+    scores/kind=study/       one row per study and scoring id (``STUDIES_SCHEMA``'s columns)
+    scores/kind=heatmap/     one row per overlay (``INDEX_SCHEMA``'s columns, with scoring_id and run_id)
+
+**One table, a row kind.** A chunk's image, study and heatmap rows are one
+Delta commit of one table, so every reader of one snapshot (deltalake,
+Spark, Trino, DuckDB, Polars) sees a chunk whole or not at all, and needs
+no rule about the order in which it reads. Three tables would take three
+commits, and a reader of two of them could see one commit and not the
+other: a partial chunk. Delta has no commit across tables. The table is
+partitioned by ``kind``, so a reader of one kind reads only that kind's
+files; each kind's rows have exactly the columns, names and types of the
+Parquet files of before (``view_columns``); the columns of other kinds are
+null on them. ``key`` is the row's identity within its kind (``image_uri``
+of an image or heatmap row, ``study_uri`` of a study row), so that a
+commit is one equality join.
+
+**Current rows.** The table holds one row per (``kind``, ``key``,
+``scoring_id``): a chunk is a ``MERGE`` on those three columns that
+replaces the rows it matches and inserts the others, in one commit. A
+rescore replaces the old row whatever any clock says. Earlier rows are
+Delta's history: ``view(kind, version=N)`` (or a timestamp, which is
+only as good as the writers' clocks) until ``vacuum`` removes their files.
+
+**Exactly once.** Each chunk's commit carries Delta's application
+transaction (``txn``) with app id ``mura-ray/score/<run_id>`` and the
+chunk's number as its version. Before committing, the store reads the
+version recorded for the app id; a chunk whose number is not above it was
+committed already and is a no-op. The app id is per run, not per model:
+the version must say which run wrote it, or a rival run's chunk N would
+look like this run's retry of N and be dropped. ``last_chunk(run_id)``
+tells a run resumed with its ``--run-id`` where it stopped.
+
+**Concurrency.** Every commit is a ``put-if-absent`` of the next log file
+(``If-None-Match: *`` on S3, an exclusive create on local disk); a writer
+that loses the race checks the winner's commit against what it read. A
+MERGE reads the rows it matches, so a concurrent commit that added rows
+where it looked (two runs inserting the same image), or that recorded the
+same app id, is a conflict: the loser starts again from the new snapshot
+(``ATTEMPTS`` tries, then one line). So two writers never leave two
+current rows for one image and scoring id. A commit whose response was
+lost and whose retry got 412 is found by its own app transaction and is
+not committed twice. On S3 this needs an endpoint that honours
+``If-None-Match``; ``check_conditional_writes`` refuses one that does not
+(delta-rs itself would overwrite the other writer's commit in silence).
+No DynamoDB, no ``AWS_S3_ALLOW_UNSAFE_RENAME``, no lease, no clock.
+
+**Crashes.** Data files are written first, under random names, and a
+commit is the one log file that names them. A writer killed at any point
+leaves the table at its last commit; the files of its unfinished commit
+are named by no commit and ``vacuum`` deletes them (after the retention,
+7 days by default, so that a slow writer's files are never taken from
+under it). A damaged checkpoint is set aside (``_damaged/``) and the
+table read from the commits before it (``repair_checkpoint``).
+
+deltalake 1.6 facts this relies on, checked by ``tests/test_delta.py``:
+``transaction_version`` reads the txn; ``merge``, ``delete`` and
+``create_write_transaction`` take ``CommitProperties(app_transactions=)``;
+``DeltaTable.history`` holds the GIL while it lists the log (an S3 server
+in the same process, as moto in tests, cannot answer it).
+
+Next step, how ``run_scoring`` uses it:
+
+- ``RunWriter`` keeps the rows of the current chunk in memory (Arrow
+  batches; a chunk of 10,000 images is about 2 MB) instead of staging
+  Parquet, and ``commit`` calls ``commit_chunk(run_id=, scoring_id=,
+  chunk=, images=, studies=, heatmaps=)``. ``earlier`` is
+  ``scored(scoring_id)``; there is no ``_index``, no manifests, no
+  staging and no recovery step. A run's totals go into the commit's
+  custom metadata (``metadata=``), where ``mura-ray scores`` and the
+  nightly monitor read them (``history``).
+- Heatmaps are made per chunk, for the flagged studies of that chunk, and
+  their PNGs written under ``heatmaps/`` before the chunk's commit names
+  them; a PNG of a commit that never happened is an orphan ``vacuum``
+  deletes (files under ``heatmaps/`` named by no current or retained row).
+- The lease goes. Correctness rests on the commit protocol alone; what a
+  lease still saved was two runs scoring the same images at once, and a
+  nightly schedule (one Ray Job per night, named for the date) already
+  prevents that. If it is kept, it is an advisory marker read at start
+  ("run R started at T is still writing"), never checked at commit.
+- Migration: an output in today's format is rescored, with one line at
+  start: "OUT holds scores in the format of mura-ray < 0.3 (_runs/); they
+  are left as they are and not read: this run scores the archive anew
+  into OUT/scores". Converting would carry over rows whose current-ness
+  was decided by the old rules (driver clocks, an index that can be
+  stale), the very holes this replaces; a night's rescoring of a model's
+  archive is the cost, and the old files stay readable as before.
+- ``bench nightly`` writes its history with ``commit_chunk`` (one commit
+  per night) and measures the same figures; what grows with nights is now
+  the log (one JSON per commit, a checkpoint every 100, old JSON removed
+  after 30 days) and the files a MERGE rewrites.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+import secrets
+import time
+import urllib.parse
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+from deltalake import CommitProperties, DeltaTable, Transaction
+from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
+
+from mura_ray.archive import storage
+from mura_ray.errors import UsageError
+from mura_ray.scoring.heatmap_index import INDEX_SCHEMA
+from mura_ray.scoring.ledger import PRIOR_COLUMNS
+from mura_ray.scoring.studies import STUDIES_SCHEMA
+from mura_ray.scoring.writer import IMAGES_SCHEMA
+
+log = logging.getLogger(__name__)
+
+TABLE = "scores"
+ATTEMPTS = 8  # commits tried against a table that other writers keep changing, before giving up
+KINDS = ("image", "study", "heatmap")
+KEY_OF = {"image": "image_uri", "study": "study_uri", "heatmap": "image_uri"}
+STAMPED = ("scoring_id", "run_id")  # on every row; a heatmap row gets them from its chunk
+MERGE_PREDICATE = "t.kind = s.kind AND t.key = s.key AND t.scoring_id = s.scoring_id"
+
+
+def _view_columns() -> dict[str, list[str]]:
+    heatmap = INDEX_SCHEMA.names + [c for c in STAMPED if c not in INDEX_SCHEMA.names]
+    return {"image": IMAGES_SCHEMA.names, "study": STUDIES_SCHEMA.names, "heatmap": heatmap}
+
+
+def _table_schema() -> pa.Schema:
+    """``kind`` and ``key``, then every column of every kind once (a name has one type in all)."""
+    fields: dict[str, pa.Field] = {"kind": pa.field("kind", pa.string()), "key": pa.field("key", pa.string())}
+    for schema in (IMAGES_SCHEMA, STUDIES_SCHEMA, INDEX_SCHEMA):
+        for f in schema:
+            if f.name in fields and fields[f.name].type != f.type:
+                raise TypeError(f"column {f.name} is {fields[f.name].type} in one kind and {f.type} in another")
+            fields.setdefault(f.name, f)
+    return pa.schema(list(fields.values()))
+
+
+VIEW_COLUMNS = _view_columns()
+SCORES_SCHEMA = _table_schema()
+
+
+def app_id(run_id: str) -> str:
+    """The application id of a run's commits in the table's log."""
+    return f"mura-ray/score/{run_id}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Commit:
+    """What ``commit_chunk`` did: ``applied`` is False when the chunk had been committed before the call
+    (True also when an attempt of this call committed it and its reply was lost)."""
+
+    run_id: str
+    chunk: int
+    version: int  # the table's version that holds the chunk
+    applied: bool
+    attempts: int
+
+
+class CommitConflict(UsageError):
+    """Other writers kept committing to the table: this chunk is not committed (nothing of it is visible)."""
+
+
+def s3_storage_options() -> dict[str, str]:
+    """delta-rs settings for the S3 endpoint in the environment (credentials it reads from there itself)."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    options: dict[str, str] = {}
+    if endpoint:
+        options["AWS_ENDPOINT_URL"] = endpoint
+        if endpoint.startswith("http://"):
+            options["AWS_ALLOW_HTTP"] = "true"
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        options["AWS_REGION"] = region
+    return options
+
+
+def _arrow_s3() -> pafs.S3FileSystem:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    if not endpoint:
+        return pafs.S3FileSystem(region=region)
+    url = urllib.parse.urlsplit(endpoint)
+    return pafs.S3FileSystem(region=region, endpoint_override=url.netloc, scheme=url.scheme or "https")
+
+
+_checked: set[str] = set()
+
+
+def check_conditional_writes(output: str) -> None:
+    """Refuse (``UsageError``) an S3 endpoint that does not honour ``If-None-Match: *``; local paths pass.
+
+    Creates a probe object under ``output`` twice with ``If-None-Match: *``:
+    the second create must be refused (412). An endpoint that accepts it
+    would let two writers both "create" the same Delta log file, and the
+    second would erase the first one's commit. Checked once per output and
+    process."""
+    if not output.startswith("s3://") or output in _checked:
+        return
+    fs, base = storage.filesystem(output)
+    probe = storage.join(base, f"_conditional_write_probe-{secrets.token_hex(8)}")
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+    try:
+        try:
+            fs.pipe_file(probe, b"first", mode="create")
+        except FileExistsError:
+            pass  # a first create whose response was lost, retried and refused: conditional writes work
+        except Exception as exc:
+            raise UsageError(
+                f"{endpoint} refused a conditional write (If-None-Match: *) under {output}: "
+                f"{type(exc).__name__}: {exc}; the scores' Delta table needs them"
+            ) from None
+        try:
+            fs.pipe_file(probe, b"second", mode="create")
+        except FileExistsError:
+            _checked.add(output)
+            return
+        except Exception as exc:
+            raise UsageError(
+                f"{endpoint} answered a conditional write (If-None-Match: *) under {output} with "
+                f"{type(exc).__name__}: {exc}, not 412; the scores' Delta table needs conditional writes"
+            ) from None
+        raise UsageError(
+            f"{endpoint} does not honour conditional writes: a second PUT with If-None-Match: * of "
+            f"s3://{probe} succeeded, so two runs could overwrite each other's commits to {output}; "
+            "use storage that honours them (AWS S3, MinIO, Cloudflare R2, Ceph RGW 18+)"
+        )
+    finally:
+        try:
+            fs.rm(probe)
+        except Exception:  # the probe's absence or a failed delete changes nothing
+            pass
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+class ScoreStore:
+    """The ``scores`` table under an output root. Reads need nothing; the first write creates the table
+    and, on S3, checks the endpoint's conditional writes."""
+
+    def __init__(self, output: str):
+        self.output = output.rstrip("/")
+        self.remote = self.output.startswith("s3://")
+        fs, base = storage.filesystem(self.output)
+        self._base = base
+        self.uri = f"s3://{base}/{TABLE}" if self.remote else os.path.join(base, TABLE)
+        self.storage_options = s3_storage_options() if self.remote else {}
+        self._table: DeltaTable | None = None
+
+    # -- reading -------------------------------------------------------------------------------------------
+
+    def table(self, version: int | str | None = None) -> DeltaTable | None:
+        """The table at its latest version (or ``version``: a number, or an ISO timestamp as the writers'
+        clocks stamped commits), or None when nothing was ever committed here."""
+        try:
+            table = DeltaTable(self.uri, storage_options=self.storage_options or None)
+        except TableNotFoundError:
+            return None
+        if version is not None:
+            table.load_as_version(version)
+        return table
+
+    def arrow_filesystem(self) -> pafs.FileSystem:
+        """A native Arrow filesystem rooted at the table: the files ``to_pyarrow_dataset`` names are read
+        by Arrow's own threads, never through Python callbacks (which can abort the process at exit)."""
+        if self.remote:
+            return pafs.SubTreeFileSystem(f"{self._base}/{TABLE}", _arrow_s3())
+        return pafs.SubTreeFileSystem(self.uri, pafs.LocalFileSystem())
+
+    def dataset(self, table: DeltaTable, kind: str) -> pads.Dataset:
+        """The rows of one ``kind`` of one snapshot, as an Arrow dataset (what DuckDB, Polars, pandas read)."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
+        ds = table.to_pyarrow_dataset(filesystem=self.arrow_filesystem(), file_pruning_predicate=[("kind", "=", kind)])
+        return ds.filter(pc.field("kind") == kind)
+
+    def view(self, kind: str, version: int | str | None = None) -> pa.Table:
+        """One kind's rows (its documented columns) at the latest version or at ``version``."""
+        table = self.table(version)
+        if table is None:
+            return _empty(kind)
+        return self.dataset(table, kind).to_table(columns=VIEW_COLUMNS[kind])
+
+    def snapshot(self, version: int | str | None = None) -> dict[str, pa.Table]:
+        """Every kind's rows read from one version of the table: whole chunks only."""
+        table = self.table(version)
+        if table is None:
+            return {kind: _empty(kind) for kind in KINDS}
+        return {kind: self.dataset(table, kind).to_table(columns=VIEW_COLUMNS[kind]) for kind in KINDS}
+
+    def scored(self, scoring_id: str) -> pa.Table:
+        """The current row of each image scored with ``scoring_id`` (``Ledger.scored``'s columns)."""
+        table = self.table()
+        if table is None:
+            return IMAGES_SCHEMA.empty_table().select(PRIOR_COLUMNS)
+        ds = self.dataset(table, "image")
+        return ds.to_table(columns=PRIOR_COLUMNS, filter=pc.field("scoring_id") == scoring_id)
+
+    def last_chunk(self, run_id: str) -> int | None:
+        """The number of the last chunk ``run_id`` committed, or None."""
+        table = self.table()
+        return None if table is None else table.transaction_version(app_id(run_id))
+
+    def history(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """The table's commits, newest first, with each chunk's ``mura_ray.*`` metadata."""
+        table = self.table()
+        return [] if table is None else table.history(limit)
+
+    # -- writing -------------------------------------------------------------------------------------------
+
+    def _writable(self) -> DeltaTable:
+        if self._table is not None:
+            self._table.update_incremental()
+            return self._table
+        check_conditional_writes(self.output)
+        table = self.table()
+        if table is None:
+            try:
+                DeltaTable.create(
+                    self.uri,
+                    SCORES_SCHEMA,
+                    partition_by=["kind"],
+                    mode="ignore",
+                    name="scores",
+                    description="mura-ray scores: one current row per image, study and heatmap and scoring id",
+                    storage_options=self.storage_options or None,
+                )
+            except DeltaError:  # another writer created it first
+                pass
+            table = self.table()
+            if table is None:
+                raise UsageError(f"could not create the scores table {self.uri}")
+        missing = [f.name for f in SCORES_SCHEMA if f.name not in table.schema().to_arrow().names]
+        if missing:
+            raise UsageError(f"{self.uri} is not a mura-ray scores table: it has no column {', '.join(missing)}")
+        self._table = table
+        return table
+
+    def commit_chunk(
+        self,
+        *,
+        run_id: str,
+        scoring_id: str,
+        chunk: int,
+        images: pa.Table | None = None,
+        studies: pa.Table | None = None,
+        heatmaps: pa.Table | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Commit:
+        """Commit chunk ``chunk`` (0, 1, ...) of ``run_id``: its image, study and heatmap rows in one commit
+        that replaces the rows of the same (kind, key, scoring id). Committing a chunk number the run
+        already committed changes nothing. Raises ``CommitConflict`` after ``ATTEMPTS`` lost races."""
+        rows = chunk_rows(run_id, scoring_id, images=images, studies=studies, heatmaps=heatmaps)
+        app = app_id(run_id)
+        custom = {"mura_ray.run_id": run_id, "mura_ray.chunk": chunk, "mura_ray.scoring_id": scoring_id}
+        custom.update({f"mura_ray.{k}": v for k, v in (metadata or {}).items()})
+        last: Exception | None = None
+        for attempt in range(1, ATTEMPTS + 1):
+            table = self._writable()
+            done = table.transaction_version(app)
+            if done is not None and done >= chunk:
+                # Recorded after a failed attempt of this call: that attempt's commit, whose reply was lost.
+                mine = last is not None and done == chunk
+                return Commit(run_id, chunk, table.version(), applied=mine, attempts=attempt)
+            props = CommitProperties(app_transactions=[Transaction(app, chunk)], custom_metadata=custom)
+            try:
+                if rows.num_rows:
+                    merger = table.merge(
+                        rows, MERGE_PREDICATE, source_alias="s", target_alias="t", commit_properties=props
+                    )
+                    merger.when_matched_update_all().when_not_matched_insert_all().execute()
+                else:  # nothing to write: the commit records the chunk, so a retry of it stays a no-op
+                    table.create_write_transaction([], "append", SCORES_SCHEMA, commit_properties=props)
+            except CommitFailedError as exc:
+                last = exc
+                log.info("chunk %d of run %s lost a commit race (attempt %d): %s", chunk, run_id, attempt, exc)
+                time.sleep(random.uniform(0, 0.05 * 2**attempt))
+                continue
+            table.update_incremental()
+            return Commit(run_id, chunk, table.version(), applied=True, attempts=attempt)
+        raise CommitConflict(
+            f"chunk {chunk} of run {run_id} was not committed to {self.uri}: other writers committed first "
+            f"{ATTEMPTS} times ({str(last).splitlines()[0] if last else ''}); nothing of it is visible, run again"
+        )
+
+    def retract(self, run_id: str) -> int:
+        """Remove every row ``run_id`` wrote, in one commit; the next run scores those images again.
+        Returns how many rows went."""
+        for attempt in range(1, ATTEMPTS + 1):
+            table = self._writable()
+            props = CommitProperties(custom_metadata={"mura_ray.retracted_run": run_id})
+            try:
+                metrics = table.delete(f"run_id = {_quote(run_id)}", commit_properties=props)
+            except CommitFailedError:
+                time.sleep(random.uniform(0, 0.05 * 2**attempt))
+                continue
+            return int(metrics.get("num_deleted_rows", 0))
+        raise CommitConflict(f"run {run_id} was not retracted from {self.uri}: other writers kept committing")
+
+    def vacuum(self, retention_hours: int | None = None, *, dry_run: bool = False) -> list[str]:
+        """Delete data files no current version needs and older than the retention (the table's, 7 days by
+        default): rows replaced or retracted that long ago, and files of commits that never happened."""
+        table = self.table()
+        if table is None:
+            return []
+        # full: also files no commit ever named (a writer killed between its data files and its commit);
+        # the retention, against each file's modification time, keeps those of a writer still at work.
+        return table.vacuum(
+            retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=True, full=True
+        )
+
+    def repair_checkpoint(self) -> list[str]:
+        """Set aside damaged checkpoints (and the ``_last_checkpoint`` hint) so the table is read from its
+        commits again, then write a fresh checkpoint; returns what was set aside. delta-rs 1.6 refuses a
+        table whose newest checkpoint is truncated or whose hint names a checkpoint that is gone."""
+        fs, _ = storage.filesystem(self.output)
+        log_dir = storage.join(self._base, TABLE, "_delta_log")
+        moved = []
+        for path in sorted(fs.ls(log_dir, detail=False)):
+            name = path.rsplit("/", 1)[-1]
+            if ".checkpoint." in name or name == "_last_checkpoint":
+                if name != "_last_checkpoint" and _readable_parquet(fs, path):
+                    continue
+                target = storage.join(self._base, TABLE, "_damaged", name)
+                fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+                fs.mv(path, target)
+                moved.append(name)
+        table = self.table()
+        if table is None:
+            raise UsageError(f"{self.uri} has no readable commits left")
+        table.create_checkpoint()
+        log.warning("set aside %s of %s and wrote a fresh checkpoint", ", ".join(moved) or "nothing", self.uri)
+        return moved
+
+
+def _readable_parquet(fs: Any, path: str) -> bool:
+    import pyarrow.parquet as pq
+
+    try:
+        with fs.open(path, "rb") as f:
+            pq.read_metadata(f)
+        return True
+    except Exception:
+        return False
+
+
+def _empty(kind: str) -> pa.Table:
+    return SCORES_SCHEMA.empty_table().select(VIEW_COLUMNS[kind])
+
+
+def chunk_rows(
+    run_id: str,
+    scoring_id: str,
+    *,
+    images: pa.Table | None = None,
+    studies: pa.Table | None = None,
+    heatmaps: pa.Table | None = None,
+) -> pa.Table:
+    """A chunk's rows of every kind in the table's schema: ``kind``, ``key``, the kind's columns (cast to
+    their types; missing ones are an error), the other kinds' columns null. Every row must carry
+    ``run_id`` and ``scoring_id`` (heatmap rows get them), and no key may come twice in a kind."""
+    parts = []
+    for kind, rows in (("image", images), ("study", studies), ("heatmap", heatmaps)):
+        if rows is None or rows.num_rows == 0:
+            continue
+        n = rows.num_rows
+        for column in STAMPED:
+            if column not in rows.column_names:
+                rows = rows.append_column(column, pa.array([run_id if column == "run_id" else scoring_id] * n))
+        missing = [c for c in VIEW_COLUMNS[kind] if c not in rows.column_names]
+        if missing:
+            raise ValueError(f"{kind} rows of run {run_id} have no column {', '.join(missing)}")
+        for column, expected in (("run_id", run_id), ("scoring_id", scoring_id)):
+            values = pc.unique(rows[column]).to_pylist()
+            if values != [expected]:
+                raise ValueError(f"{kind} rows of run {run_id} have {column} {values}, not [{expected!r}]")
+        key = rows[KEY_OF[kind]]
+        if key.null_count or pc.count_distinct(key).as_py() != n:
+            raise ValueError(f"{kind} rows of run {run_id}: {KEY_OF[kind]} is null or comes twice")
+        columns = {"kind": pa.array([kind] * n, pa.string()), "key": key}
+        for f in SCORES_SCHEMA:
+            if f.name in columns:
+                continue
+            if f.name in VIEW_COLUMNS[kind]:
+                columns[f.name] = pc.cast(rows[f.name], f.type)
+            else:
+                columns[f.name] = pa.nulls(n, f.type)
+        parts.append(pa.table(columns, schema=SCORES_SCHEMA))
+    return pa.concat_tables(parts) if parts else SCORES_SCHEMA.empty_table()
