@@ -161,7 +161,7 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     last = writer.commit(dict(head, final=True, run=totals), heatmaps=drawn)
     totals = dict(last["run"], chunks=last["chunk"] + 1 - first, version=last["version"])
     log.info(
-        "committed run %(run_id)s: %(images)d image rows, %(studies)d study rows in %(chunks)d chunk(s), "
+        "committed run %(run_id)s: %(images)d image rows, %(studies)d studies updated in %(chunks)d chunk(s), "
         "table version %(version)d",
         totals,
     )

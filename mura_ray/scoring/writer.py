@@ -60,6 +60,7 @@ class RunWriter:
     _others: list[pa.Table] = field(default_factory=list)  # this chunk's files of other modalities
     _chunk_start: int = 0
     _chunk_errors: int = 0
+    _studies_touched: set[str] = field(default_factory=set)  # every study this run wrote a row for
 
     def __post_init__(self) -> None:
         self.scoring_id = self.scoring_id or self.model_id
@@ -159,9 +160,10 @@ class RunWriter:
         what the run read and, in its last chunk, ``run``: its totals); returns the manifest as committed."""
         images = pa.concat_tables(self._images) if self._images else None
         others = pa.concat_tables(self._others) if self._others else None
-        chunk_studies = len(self._studies.touched())
-        if "run" in manifest:  # the run's totals, in its last chunk
-            manifest = dict(manifest, run=dict(manifest["run"], studies=self.studies + chunk_studies))
+        touched = self._studies.touched()
+        chunk_studies = len(touched)
+        if "run" in manifest:  # the run's totals, in its last chunk: the studies it updated
+            manifest = dict(manifest, run=dict(manifest["run"], studies=len(self._studies_touched | set(touched))))
         manifest = dict(
             manifest,
             run_id=self.run_id,
@@ -200,7 +202,8 @@ class RunWriter:
         )
         faults.maybe_kill("chunk-committed")
         self._studies.end_chunk()
-        self.studies += chunk_studies
+        self._studies_touched |= set(touched)
+        self.studies = len(self._studies_touched)
         self.chunk += 1
         self._images, self._others = [], []
         self._chunk_start, self._chunk_errors = self.rows, 0
