@@ -81,6 +81,20 @@ def bench_options(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -
     C.add_options(b, C.BenchRecipeConfig)
 
 
+def scores_options(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    b = actions.add_parser("history", help="the table's commits, newest first, and its runs", parents=[common])
+    C.add_options(b, C.ScoresHistoryConfig)
+    b = actions.add_parser(
+        "retract", help="remove a run's rows in one commit; the next night scores those images again", parents=[common]
+    )
+    C.add_options(b, C.ScoresRetractConfig)
+    b = actions.add_parser(
+        "vacuum", help="delete files no current row needs, past the retention, and orphan heatmaps", parents=[common]
+    )
+    C.add_options(b, C.ScoresVacuumConfig)
+
+
 VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], Any, str]] = {
     "sample": (V.sample, C.SampleConfig, "mura-ray sample --out archive --studies 100"),
     "train": (
@@ -100,6 +114,7 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], Any, str]] = {
     ),
     "evaluate": (V.evaluate, C.EvalConfig, "mura-ray evaluate --model runs/r1/model --data archive --out eval"),
     "score": (V.score, C.ScoreConfig, "mura-ray score --model runs/r1/model --data /mnt/xrays --out scores"),
+    "scores": (V.scores, scores_options, "mura-ray scores retract --out scores --run 20261201T020000Z-1a2b3c"),
     "monitor": (V.monitor, C.MonitorConfig, "mura-ray monitor --scores scores --model runs/r1/model"),
     "explain": (V.explain, C.ExplainConfig, "mura-ray explain --model runs/r1/model --data archive --out heatmaps"),
     "demo": (V.demo, C.DemoConfig, "mura-ray demo --out demo-out"),

@@ -259,7 +259,7 @@ class ScoreConfig(ConfigBase):
         path=True,
     )
     data: str = option(help="archive root: MURA layout or any tree of PNG/JPEG/DICOM files", metavar="ROOT", path=True)
-    out: str = option(help="output root: images/, studies/ and the run manifests go here", metavar="DIR", path=True)
+    out: str = option(help="output root: the scores table (OUT/scores) and heatmaps go here", metavar="DIR", path=True)
     split: str | None = option(None, help="score only this split (default: every image)", choices=SPLITS)
     follow_links: str = follow_links_option()
     full: bool = option(False, help="rescore every image, not only new and changed ones")
@@ -346,7 +346,7 @@ class ExplainConfig(ConfigBase):
 
 @dataclass
 class MonitorConfig(ConfigBase):
-    scores: str = option(help="a scoring output (score --out): its runs' manifests are read", metavar="DIR", path=True)
+    scores: str = option(help="a scoring output (score --out): its runs' rows are read", metavar="DIR", path=True)
     model: str | None = option(
         None,
         metavar="MODEL",
@@ -451,6 +451,31 @@ class BenchRecipeConfig(ConfigBase):
     image_size: int = option(112, help="model input side", check=image_size)
     epochs: int = option(6, help="maximum epochs per run", check=positive_int)
     json: str | None = option(None, metavar="FILE", help="also write the figures as JSON", path=True)
+
+
+@dataclass
+class ScoresHistoryConfig(ConfigBase):
+    out: str = option(help="a scoring output (score --out)", metavar="DIR", path=True)
+    limit: int = option(20, help="show the last N commits", metavar="N", check=positive_int)
+
+
+@dataclass
+class ScoresRetractConfig(ConfigBase):
+    out: str = option(help="a scoring output (score --out)", metavar="DIR", path=True)
+    run: str = option(help="the run id whose rows go (see: mura-ray scores history)", metavar="RUN_ID")
+
+
+@dataclass
+class ScoresVacuumConfig(ConfigBase):
+    out: str = option(help="a scoring output (score --out)", metavar="DIR", path=True)
+    retention_hours: int = option(
+        168,
+        metavar="H",
+        check=positive_int,
+        help="keep files replaced or retracted less than H hours ago (time travel reaches that far back), "
+        "and any written that recently (a run still at work); at least 168 (7 days)",
+    )
+    dry_run: bool = option(False, help="list what would be deleted, delete nothing")
 
 
 @dataclass

@@ -84,10 +84,11 @@ def _summary(
     total: float,
 ) -> dict[str, Any]:
     """The demo's figures: the evaluation, the study metrics read back from the scored Parquet, times, outputs."""
-    # Read the committed Parquet back and measure it, as a user of the output would.
-    studies_tbl = pads.dataset(
-        storage.join(paths["scores"], "studies"), format="parquet", partitioning="hive"
-    ).to_table()
+    # Read the committed study rows back and measure them, as a user of the output would (README).
+    from deltalake import DeltaTable
+
+    scores = DeltaTable(storage.join(paths["scores"], "scores")).to_pyarrow_dataset()
+    studies_tbl = scores.to_table(filter=pads.field("kind") == "study")
     study = binary_metrics(
         studies_tbl["label"].to_numpy(), studies_tbl["prob_abnormal"].to_numpy(), scored.get("threshold", 0.5)
     )
@@ -176,9 +177,9 @@ def render_summary(s: dict[str, Any]) -> str:
         f"  model card   {o['model_card']}",
         f"  curves       {o['curves']}",
         f"  evaluation   {o['report']}  (and its PNGs: reliability, errors with heatmaps, ...)",
-        f"  scores       {o['scores']}/images, {o['scores']}/studies  (Parquet)",
+        f"  scores       {o['scores']}/scores  (a Delta table: image, study and heatmap rows, by kind)",
         f"  heatmaps     {o['scores']}/heatmaps  ({s['heatmaps']} overlays of the studies flagged abnormal;"
-        f" index in {o['scores']}/heatmap_index)",
+        " their rows: kind = 'heatmap')",
         f"  all figures  {o['summary']}",
     ]
     return "\n".join(lines)

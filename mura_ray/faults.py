@@ -7,11 +7,11 @@ would, until someone sends it SIGCONT. Unset, every check is a dictionary
 lookup and nothing else. This is the only way faults are injected: no
 user-facing setting knows of them.
 
-Points: ``score`` (the scoring driver, after writing a batch),
-``commit-move`` and ``commit-manifest`` (the ledger's commit of a chunk),
+Points: ``score`` (the scoring driver, after adding a batch of rows),
 ``chunk-committed@K`` (after the Kth chunk of a scoring run committed),
-``pause-after-lease`` (a scoring run that has just taken its lease, before
-it reads the ledger or starts Ray), and ``train-epoch@E`` (the last
+``heatmap`` (after a batch of overlays was written, before their commit),
+``pause-after-plan`` (a scoring run that has read its model and planned
+what to score, before it starts Ray), and ``train-epoch@E`` (the last
 training worker, in the middle of epoch E, on the first attempt only). Ray
 Train's workers do not see the driver's environment, so the training driver
 hands them the setting (``spec()``).

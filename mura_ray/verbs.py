@@ -172,21 +172,27 @@ def score(args: argparse.Namespace) -> int:
     Score the images under --data with a model and write Parquet under --out.
 
     Run it every night: by default only images that no committed run of this
-    model has scored with the same size and ETag (object storage) or mtime,
-    ctime and inode (local disk) are scored (--full rescores all). A run
-    commits every --commit-every images and at its end: committed chunks stay
-    if the run is stopped, and the next run scores only the rest, so a
-    backlog larger than one night is worked off over several nights. One run
-    writes to an output at a time; a second one exits 2 naming the first.
+    model (with the same calibration and --tta) has scored with the same size and
+    ETag (object storage) or mtime, ctime and inode (local disk) are scored (--full
+    rescores all). A run commits every --commit-every images and at its end:
+    committed chunks stay if the run is stopped, and the next run scores only the
+    rest, so a backlog larger than one night is worked off over several nights.
+    A run started again with the same --run-id goes on after its last chunk.
 
-      OUT/images/run_date=D/*.parquet   one row per image file; undecodable
-                                        files have error set and a null score
-      OUT/studies/run_date=D/*.parquet  one row per study touched by a chunk,
-                                        covering all its images so far
-      OUT/_runs/<run_id>.<chunk>.json   one manifest per committed chunk
-      OUT/heatmaps/run_date=D/run_id=R/ with --heatmaps flagged: a Grad-CAM
-                                        overlay PNG per image of each study
-                                        predicted abnormal, and index.parquet
+      OUT/scores/   one Delta Lake table (deltalake, Spark, DuckDB, Polars read it),
+                    rows by kind: 'image' (one current row per image file and
+                    model; undecodable files have error set and a null score),
+                    'study' (one current row per study, over all its images),
+                    'heatmap', 'not_scored' and 'run'. Each chunk is one commit:
+                    readers see it whole or not at all; a rescore replaces the
+                    row, the old one stays in the table's history.
+      OUT/heatmaps/run_date=D/run_id=R/  with --heatmaps flagged: a Grad-CAM overlay
+                    PNG per image of each study predicted abnormal (drawn once per
+                    current image row; a killed run's are drawn by the next run)
+
+    Two runs into one OUT at once are safe: each commit is checked against the
+    other's, and one image never gets two current rows. 'mura-ray scores'
+    lists, retracts and vacuums runs.
 
     --pseudonymize KEY_FILE (or MURA_RAY_PSEUDONYM_KEY_FILE) replaces image and
     study paths and patient ids in rows, logs and heatmap names by keyed
@@ -230,6 +236,47 @@ def score(args: argparse.Namespace) -> int:
     return 0
 
 
+def scores(args: argparse.Namespace) -> int:
+    """the scores table: its history, retracting a run, vacuuming old files
+
+    The scores of every run are one Delta Lake table, OUT/scores (score's --help).
+    'history' lists its commits, newest first (version, time, run, chunk, what it
+    did), and every run with its images, errors and whether it finished.
+    'retract' removes every row a run wrote, image, study, heatmap and its own,
+    in one commit: readers see the night before it, and the next night scores
+    those images again. Its rows stay in the table's history until 'vacuum'.
+    'vacuum' deletes the data files that no current row needs and that were
+    replaced more than --retention-hours ago (so time travel reaches that far),
+    files of commits that never happened (a killed run) older than that, and
+    heatmap PNGs under OUT/heatmaps that no current heatmap row names.
+
+    Exit status: 0; 2 for unusable arguments, an output with no scores table,
+    or a run id that wrote nothing there.
+    """
+    from mura_ray.scoring import maintenance
+
+    if args.action == "history":
+        cfg = config_from(C.ScoresHistoryConfig, args)
+        for line in maintenance.history_lines(cfg.out, cfg.limit):
+            print(line)
+    elif args.action == "retract":
+        cfg = config_from(C.ScoresRetractConfig, args)
+        r = maintenance.retract(cfg.out, cfg.run)
+        print(
+            f"retracted run {cfg.run}: {r['rows']} rows ({r['images']} images) in table version {r['version']}; "
+            "the next night scores those images again"
+        )
+    else:
+        cfg = config_from(C.ScoresVacuumConfig, args)
+        r = maintenance.vacuum(cfg.out, cfg.retention_hours, dry_run=cfg.dry_run)
+        verb = "would delete" if cfg.dry_run else "deleted"
+        print(
+            f"{verb} {r['data_files']} data files of the table and {r['orphan_heatmaps']} orphan heatmaps "
+            f"(older than {cfg.retention_hours} h) under {cfg.out}"
+        )
+    return 0
+
+
 def explain(args: argparse.Namespace) -> int:
     """Grad-CAM heatmaps: where the model looked, per image
 
@@ -254,7 +301,7 @@ def explain(args: argparse.Namespace) -> int:
 def monitor(args: argparse.Namespace) -> int:
     """nightly runs side by side: volume, errors, flagged share, score drift (PSI)
 
-    Read the manifests of every committed scoring run under --scores and write, under --out
+    Read the run rows of every finished scoring run under --scores and write, under --out
     (default SCORES/monitor): monitor.md, monitor.json and monitor.png with, per night, the images
     scored, the error rate, images/s, the share predicted abnormal (overall and per body part) and
     the population stability index (PSI) of the night's scores against the model's validation

@@ -21,6 +21,7 @@ from mura_ray.archive.catalog import scan_archive
 from mura_ray.archive.sample import write_sample
 from mura_ray.imaging import decode, preprocess
 from mura_ray.imaging.decode import DecodeError, NotScored, decode_gray
+from tests.readers import scores
 
 TEST_FILES = os.path.join(os.path.dirname(pydicom.__file__), "data", "test_files")
 
@@ -201,8 +202,6 @@ def test_a_file_rewritten_between_listing_and_reading_is_a_read_error_retried_ne
 def test_a_scoring_run_errors_a_file_rewritten_after_listing_retries_it_and_counts_links_out(
     ray_cluster, untrained_models, small_archive, tmp_path, monkeypatch
 ):
-    import pyarrow.dataset as pads
-
     from mura_ray.config import ScoreConfig
     from mura_ray.imaging.decode import READ_ERROR
     from mura_ray.scoring import run
@@ -229,14 +228,15 @@ def test_a_scoring_run_errors_a_file_rewritten_after_listing_retries_it_and_coun
     cfg = ScoreConfig(model=model, data=str(archive), out=str(tmp_path / "scores"))
     first = run.run_scoring(cfg)
     assert (first["images"], first["errors"], first["links_not_followed"]) == (3, 1, 1)
-    rows = pads.dataset(str(tmp_path / "scores" / "images"), partitioning="hive").to_table().to_pylist()
+    rows = scores(str(tmp_path / "scores"), "image").to_pylist()
     errors = {r["image_uri"]: r["error"] for r in rows}
     assert set(errors) == {str(archive / "s1" / f"image{i}.png") for i in range(3)}  # the link is not scored
     assert (
         errors[str(rewritten)].startswith(f"{READ_ERROR}: ") and "changed since it was listed" in errors[str(rewritten)]
     )
-    manifest = json.loads((tmp_path / "scores" / "_runs" / f"{first['run_id']}.00000.json").read_text())
-    assert manifest["run"]["links_not_followed"] == 1 and manifest["run"]["unreadable_folders"] == 0
+    (run_row,) = scores(str(tmp_path / "scores"), "run", where=f"run_id = '{first['run_id']}'").to_pylist()
+    totals = json.loads(run_row["totals"])
+    assert run_row["final"] and totals["run"]["links_not_followed"] == 1 and totals["run"]["unreadable_folders"] == 0
 
     monkeypatch.setattr(run, "scan_archive", listed)
     second = run.run_scoring(cfg)  # the next night reads it again, as it is now

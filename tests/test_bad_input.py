@@ -7,7 +7,6 @@ import os
 import struct
 import zlib
 
-import duckdb
 import numpy as np
 import pytest
 from dicom_files import PHI, dicom_bytes, gradient
@@ -16,6 +15,7 @@ from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from mura_ray import cli
 from mura_ray.imaging.decode import DecodeError, decode_gray
+from tests.readers import connect
 
 
 def _png(image: Image.Image) -> bytes:
@@ -108,10 +108,7 @@ def test_bad_files_become_rows_and_the_error_rate_sets_the_exit(
     assert "not radiographs (DICOM modality not in --modalities): CT 1; 0 found by earlier runs" in captured.out
     assert f"broken links: 1 lead nowhere, e.g. {archive}/links/broken.png" in captured.out
 
-    con = duckdb.connect()
-    rows = con.execute(
-        f"SELECT image_uri, prob_abnormal, error FROM read_parquet('{out}/images/**/*.parquet')"
-    ).fetchall()
+    rows = connect(str(out)).execute("SELECT image_uri, prob_abnormal, error FROM images").fetchall()
     by_name = {os.path.relpath(uri, archive): (prob, err) for uri, prob, err in rows}
     assert sorted(by_name) == sorted(expected)  # one row per image-like file, names intact
     for name, ok in expected.items():
@@ -123,7 +120,8 @@ def test_bad_files_become_rows_and_the_error_rate_sets_the_exit(
     assert "pixel limit" in by_name["bad/bomb.png"][1] or "over the limit" in by_name["bad/bomb.png"][1]
     assert "0 bytes" in by_name["bad/empty.png"][1]
 
-    # Nothing from a DICOM header reaches any output file.
+    # Nothing from a DICOM header reaches any output file (the table's data files and its log alike).
+    assert any(n.endswith(".json") for n in os.listdir(out / "scores" / "_delta_log"))
     for dirpath, _, names in os.walk(out):
         for name in names:
             data = open(os.path.join(dirpath, name), "rb").read()

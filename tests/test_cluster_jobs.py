@@ -20,10 +20,11 @@ import time
 import urllib.error
 import urllib.request
 
-import duckdb
 import pytest
 from conftest import LOOPBACK_ONLY, _free_port
 from fake_autoscaler import RAY_START, node_ports
+
+from tests.readers import connect
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -227,10 +228,9 @@ def test_nightly_scoring_job_runs_once_per_night(two_nodes, small_archive, untra
     assert state == "SUCCEEDED", logs[-3000:]
     n_valid = sum(i.split == "valid" for i in plan)
     assert f"scored {n_valid}, skipped 0" in logs
-    con = duckdb.connect()
+    con = connect(out)
     assert con.execute(
-        "SELECT count(*), count(DISTINCT image_uri), min(model_id), max(model_id) "
-        f"FROM read_parquet('{out}/images/**/*.parquet')"
+        "SELECT count(*), count(DISTINCT image_uri), min(model_id), max(model_id) FROM images"
     ).fetchone() == (n_valid, n_valid, model_id, model_id)
     # The same night again is refused by its submission id.
     again = two_nodes.submit(night, *args)

@@ -28,7 +28,7 @@ from mura_ray.errors import UsageError
 from mura_ray.scoring import delta
 from mura_ray.scoring.delta import CommitConflict, ScoreStore
 from mura_ray.scoring.heatmap_index import INDEX_SCHEMA
-from mura_ray.scoring.ledger import PRIOR_COLUMNS
+from mura_ray.scoring.schemas import PRIOR_COLUMNS
 from mura_ray.scoring.studies import STUDIES_SCHEMA
 from mura_ray.scoring.writer import IMAGES_SCHEMA
 
@@ -86,19 +86,23 @@ def studies(names: list[str], run_id: str, prob: float, n_images: int = 2):
 
 def heatmaps(uris: list[str], study: str):
     n = len(uris)
-    return pa.table(
-        {
-            "image_uri": uris,
-            "study_uri": [study] * n,
-            "heatmap": [f"heatmaps/{u}.heatmap.png" for u in uris],
-            "prob_abnormal": pa.array([0.9] * n, pa.float32()),
-            "peak_x": pa.array([0.5] * n, pa.float32()),
-            "peak_y": pa.array([0.5] * n, pa.float32()),
-            "layer": ["layer4"] * n,
-            "model_id": ["model-1"] * n,
-            "error": pa.nulls(n, pa.string()),
-        },
-        schema=INDEX_SCHEMA,
+    return (
+        pa.table(
+            {
+                "image_uri": uris,
+                "study_uri": [study] * n,
+                "heatmap": [f"heatmaps/{u}.heatmap.png" for u in uris],
+                "prob_abnormal": pa.array([0.9] * n, pa.float32()),
+                "peak_x": pa.array([0.5] * n, pa.float32()),
+                "peak_y": pa.array([0.5] * n, pa.float32()),
+                "layer": ["layer4"] * n,
+                "model_id": ["model-1"] * n,
+                "error": pa.nulls(n, pa.string()),
+            },
+            schema=INDEX_SCHEMA,
+        )
+        .append_column("source_size", pa.array([100] * n, pa.int64()))
+        .append_column("source_etag", pa.array(["etag"] * n))
     )
 
 

@@ -5,7 +5,6 @@ import json
 import os
 
 import numpy as np
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -19,6 +18,7 @@ from mura_ray.model.ensemble import Ensemble, module_from
 from mura_ray.model.heatmaps import grad_cam
 from mura_ray.model.resnet import build_model, for_inference
 from mura_ray.training.ensemble import ensemble_weights
+from tests import readers
 
 
 def _members(sizes):
@@ -114,7 +114,7 @@ def test_an_ensemble_of_two_runs_is_built_scored_and_read_back(trained_run, lear
     scores = str(tmp_path / "scores")
     rc = cli.main(["-q", "score", "--model", out, "--data", root, "--out", scores, "--split", "valid"])
     assert rc == 0
-    images = pads.dataset(os.path.join(scores, "images"), partitioning="hive").to_table()  # pyarrow reads it
+    images = readers.scores(scores, "image")  # deltalake and DuckDB read it
     assert set(images["model_id"].to_pylist()) == {meta["model_id"]} and images.num_rows > 0
     assert images.filter(images["error"].is_null()).num_rows == images.num_rows
     # The model folder keys images by their rank among the sorted paths, which a member's run directory keeps.
@@ -131,7 +131,7 @@ def test_an_ensemble_of_two_runs_is_built_scored_and_read_back(trained_run, lear
     rho = spearmanr(raw, rows["prob_uncalibrated"]).statistic
     print(f"scored vs the members' mean: max {gap.max():.3f}, median {np.median(gap):.4f}, Spearman {rho:.3f}")
     assert np.median(gap) < 0.01 and rho > 0.95
-    studies = pads.dataset(os.path.join(scores, "studies"), partitioning="hive").to_table()
+    studies = readers.scores(scores, "study")
     assert studies.num_rows == len(set(images["study_uri"].to_pylist()))
 
     # Refusals are one line and exit 2.

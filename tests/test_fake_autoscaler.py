@@ -15,6 +15,8 @@ import time
 import pytest
 from fake_autoscaler import GPU_TYPE, FakeAutoscalingCluster, fake_gpu_cluster  # noqa: F401  (the fixture)
 
+from tests.readers import scores
+
 # A driver of its own, as a mura-ray job is: two GPU bundles on two nodes, none of them up yet.
 DRIVER = """
 import os, sys
@@ -167,7 +169,9 @@ def test_score_use_gpu_yes_makes_the_autoscaler_start_a_gpu_node(
     assert len(seen) == 1, (seen, stderr[-3000:], cluster.logs())
     assert status == 2, stderr[-3000:]
     assert "sees no CUDA device there" in _last_line(stderr) and "Traceback" not in stderr
-    assert not os.path.exists(tmp_path / "scores" / "images")  # nothing was scored on a CPU instead
+    # Nothing was scored on a CPU instead: no image row, and no chunk committed at all.
+    assert scores(str(tmp_path / "scores"), "image").num_rows == 0
+    assert not os.path.exists(tmp_path / "scores" / "scores" / "_delta_log")
 
 
 @pytest.mark.ray

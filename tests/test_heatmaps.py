@@ -1,5 +1,5 @@
 """Heatmaps that can be checked: the demo model, the fractures `mura-ray sample` drew, the pointing game;
-`explain` and `score --heatmaps flagged` on a real Ray cluster, read back with pyarrow and PIL."""
+`explain` and `score --heatmaps flagged` on a real Ray cluster, read back with pyarrow, deltalake and PIL."""
 
 import csv
 import io
@@ -8,7 +8,6 @@ import os
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -22,6 +21,7 @@ from mura_ray.model.checkpoint import read_checkpoint
 from mura_ray.model.heatmaps import HEATMAP_LAYER, grad_cam, peak
 from mura_ray.model.resnet import build_model
 from mura_ray.scoring.heatmaps import DISPLAY, SUFFIX
+from tests.readers import scores
 
 MARGIN = 0.05  # of the input's side, around the drawn box
 
@@ -123,34 +123,38 @@ def test_score_heatmaps_flagged_are_committed_once_with_the_run(demo_model, tmp_
         ScoreConfig(model=model_dir, data=root, out=out, split="valid", heatmaps="flagged", commit_every=100)
     )
     assert first["chunks"] >= 2
-    studies = pads.dataset(os.path.join(out, "studies"), partitioning="hive").to_table()
-    images = pads.dataset(os.path.join(out, "images"), partitioning="hive").to_table()
-    # A study's current row is its last one (chunks in order).
-    latest = {}
-    for row in studies.sort_by([("run_id", "ascending"), ("scored_at", "ascending")]).to_pylist():
-        latest[row["study_uri"]] = row["predicted_abnormal"]
-    flagged = {s for s, f in latest.items() if f}
+    studies, images = scores(out, "study"), scores(out, "image")
+    # One current row per study: the one over all its images, from the run's last chunk that touched it.
+    assert studies.num_rows == len(set(studies["study_uri"].to_pylist()))
+    flagged = {r["study_uri"] for r in studies.to_pylist() if r["predicted_abnormal"]}
     wanted = sorted(r["image_uri"] for r in images.to_pylist() if r["study_uri"] in flagged and r["error"] is None)
-    index = pads.dataset(os.path.join(out, "heatmap_index"), format="parquet", partitioning="hive").to_table()
+    index = scores(out, "heatmap")
     assert sorted(index["image_uri"].to_pylist()) == wanted and first["heatmaps"] == len(wanted) > 0
     assert all(os.path.exists(os.path.join(out, rel)) for rel in index["heatmap"].to_pylist())
     run_dir = os.path.join(out, "heatmaps", f"run_date={images['scored_at'][0].as_py():%Y-%m-%d}")
     pngs = [os.path.join(d, f) for d, _, fs in os.walk(run_dir) for f in fs if f.endswith(SUFFIX)]
     assert len(pngs) == len(wanted)
+    # Every PNG is named by a row (none left over), and every row by the run that drew it.
+    assert {os.path.relpath(p, out) for p in pngs} == set(index["heatmap"].to_pylist())
+    assert set(index["run_id"].to_pylist()) == {first["run_id"]}
     Image.open(io.BytesIO(open(pngs[0], "rb").read())).verify()
-    manifests = [json.load(open(os.path.join(out, "_runs", m))) for m in os.listdir(os.path.join(out, "_runs"))]
-    moved = {dst for m in manifests for _, dst in m["moves"] if dst.startswith("heatmap")}
-    assert len(moved) == len(wanted) + 1  # every PNG and the index, each committed by a manifest
-    assert not os.path.exists(os.path.join(out, "_staging", first["run_id"]))
+    # The rows were committed all at once, with the run's final chunk: the version before it has none.
+    assert scores(out, "heatmap", version=first["version"] - 1).num_rows == 0
+    assert scores(out, "heatmap", version=first["version"]).num_rows == len(wanted)
+    (run_row,) = scores(out, "run").to_pylist()
+    assert run_row["final"] and json.loads(run_row["totals"])["run"]["heatmaps"] == len(wanted)
+    assert sorted(os.listdir(out)) == ["heatmaps", "scores"]  # no staging: the table and the PNGs it names
 
     again = run_scoring(ScoreConfig(model=model_dir, data=root, out=out, split="valid", heatmaps="flagged"))
     assert again["images"] == 0 and again["heatmaps"] == 0
     assert len([f for _, _, fs in os.walk(os.path.join(out, "heatmaps")) for f in fs if f.endswith(SUFFIX)]) == len(
         wanted
     )
+    assert sorted(scores(out, "heatmap")["image_uri"].to_pylist()) == wanted
     off = str(tmp_path / "off")
     run_scoring(ScoreConfig(model=model_dir, data=root, out=off, split="valid"))
-    assert not os.path.exists(os.path.join(off, "heatmaps")) and not os.path.exists(os.path.join(off, "heatmap_index"))
+    assert not os.path.exists(os.path.join(off, "heatmaps")) and scores(off, "heatmap").num_rows == 0
+    assert scores(off, "image").num_rows == images.num_rows
 
 
 def test_a_gallery_skips_an_image_gone_or_broken_since_it_was_scored(untrained_models, tmp_path):

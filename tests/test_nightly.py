@@ -8,36 +8,23 @@ import shutil
 import subprocess
 import sys
 
-import duckdb
-import pyarrow.parquet as pq
 import pytest
 import s3fs
 
 from mura_ray.archive.sample import write_sample
+from mura_ray.cli import main
 from mura_ray.config import ScoreConfig
 from mura_ray.scoring.run import run_scoring
-
-CURRENT_IMAGES = """
-SELECT * FROM read_parquet('{out}/images/**/*.parquet')
-WHERE model_id = '{model}'
-QUALIFY row_number() OVER (PARTITION BY image_uri ORDER BY scored_at DESC) = 1
-"""
-CURRENT_STUDIES = """
-SELECT * FROM read_parquet('{out}/studies/**/*.parquet')
-WHERE model_id = '{model}'
-QUALIFY row_number() OVER (PARTITION BY study_uri ORDER BY scored_at DESC) = 1
-"""
-
-
-def _download(fs, prefix, local):
-    """A local copy of an S3 output, for DuckDB (whose S3 reader is an extension it would download)."""
-    if fs.exists(f"{prefix}/images") or fs.exists(f"{prefix}/studies"):
-        fs.get(f"{prefix}/", str(local) + "/", recursive=True)
-    return str(local)
+from tests.readers import scores
 
 
 def _archive_keys(fs, bucket):
     return sorted(k for k in fs.find(f"{bucket}/archive") if k.endswith(".png"))
+
+
+def _no_old_format(fs, prefix):
+    fs.invalidate_cache()
+    return [p for p in ("_runs", "_staging", "_lease", "_index", "images", "studies") if fs.exists(f"{prefix}/{p}")]
 
 
 @pytest.mark.timeout(600)
@@ -52,10 +39,12 @@ def test_nightly_runs_score_only_new_and_changed_images(ray_cluster, s3_server, 
 
     first = run_scoring(ScoreConfig(**cfg))
     assert (first["images"], first["skipped"], first["errors"]) == (n, 0, 0)
+    sid = first["scoring_id"]
 
     again = run_scoring(ScoreConfig(**cfg))
     assert (again["images"], again["skipped"], again["studies"]) == (0, n, 0)
-    assert not any(m.endswith(".parquet") for m in fs.find(f"{s3_bucket}/scores/images") if again["run_id"] in m)
+    assert scores(out, "image", where=f"run_id = '{again['run_id']}'").num_rows == 0
+    assert scores(out, "run", where=f"run_id = '{again['run_id']}'")["final"].to_pylist() == [True]
 
     # Overnight: a study gains an image, an image is replaced, a new study arrives, a stray file appears.
     grown = keys[0].rsplit("/", 1)[0]
@@ -69,10 +58,9 @@ def test_nightly_runs_score_only_new_and_changed_images(ray_cluster, s3_server, 
     studies_touched = {grown, keys[2].rsplit("/", 1)[0], new_study}
     assert third["studies"] == len(studies_touched)
 
-    local = _download(fs, f"{s3_bucket}/scores", tmp_path / "copy1")
-    con = duckdb.connect()
-    images = con.sql(CURRENT_IMAGES.format(out=local, model=id_a)).to_arrow_table()
-    studies = con.sql(CURRENT_STUDIES.format(out=local, model=id_a)).to_arrow_table()
+    # The current rows, one per image and study, with no query trick.
+    images = scores(out, "image", where=f"scoring_id = '{sid}'")
+    studies = scores(out, "study", where=f"scoring_id = '{sid}'")
     assert images.num_rows == n + 2 and len(set(images["image_uri"].to_pylist())) == n + 2
     all_studies = {k.rsplit("/", 1)[0] for k in _archive_keys(fs, s3_bucket)}
     assert sorted(studies["study_uri"].to_pylist()) == sorted(f"s3://{s}" for s in all_studies)
@@ -85,29 +73,29 @@ def test_nightly_runs_score_only_new_and_changed_images(ray_cluster, s3_server, 
         assert row["prob_abnormal"] == pytest.approx(sum(probs) / len(probs), abs=1e-5)
     grown_row = next(r for r in studies.to_pylist() if r["study_uri"] == f"s3://{grown}")
     assert grown_row["run_id"] == third["run_id"] and grown_row["n_images"] == len(fs.ls(grown))
-    changed = con.execute(
-        f"SELECT count(*) FROM read_parquet('{local}/images/**/*.parquet') WHERE image_uri = 's3://{keys[2]}'"
-    ).fetchone()[0]
-    assert changed == 2  # the original and the replacement; the current view keeps the newer
+    replaced = f"image_uri = 's3://{keys[2]}'"
+    assert scores(out, "image", where=replaced)["run_id"].to_pylist() == [third["run_id"]]
+    # The row it replaced is the table's history: the version the second night left.
+    assert scores(out, "image", version=again["version"], where=replaced)["run_id"].to_pylist() == [first["run_id"]]
 
-    # A new model scores everything; --full rescores everything.
+    # A new model scores everything; --full rescores everything, replacing the current rows.
     other = run_scoring(ScoreConfig(**dict(cfg, model=model_b)))
     assert (other["images"], other["skipped"], other["model_id"]) == (n + 2, 0, id_b)
     full = run_scoring(ScoreConfig(**cfg, full=True))
     assert (full["images"], full["skipped"]) == (n + 2, 0)
-    assert not fs.exists(f"{s3_bucket}/scores/_staging")
-    fs.invalidate_cache()  # this client listed _lease/ while downloading, before the last runs' leases
-    leases = sorted(fs.find(f"{s3_bucket}/scores/_lease"))
-    assert leases and json.loads(fs.cat(leases[-1]))["released"] is True
+    current = scores(out, "image", where=f"scoring_id = '{sid}'")
+    assert current.num_rows == n + 2 and set(current["run_id"].to_pylist()) == {full["run_id"]}
+    assert scores(out, "image").num_rows == 2 * (n + 2)  # one row per image and model
+    assert _no_old_format(fs, f"{s3_bucket}/scores") == []
 
 
-def _score_process(ray_address, model, archive, out, fault=None):
+def _score_process(ray_address, model, archive, out, fault=None, *extra):
     env = dict(os.environ, RAY_ADDRESS=ray_address, PYTHONUNBUFFERED="1")
     env.pop("MURA_RAY_FAULT", None)
     if fault:
         env["MURA_RAY_FAULT"] = fault
     return subprocess.run(
-        [sys.executable, "-m", "mura_ray.cli", "score", "--model", model, "--data", archive, "--out", out],
+        [sys.executable, "-m", "mura_ray.cli", "score", "--model", model, "--data", archive, "--out", out, *extra],
         env=env,
         capture_output=True,
         text=True,
@@ -115,63 +103,63 @@ def _score_process(ray_address, model, archive, out, fault=None):
     )
 
 
-def _visible(fs, bucket, tmp_path, name):
-    local = _download(fs, f"{bucket}/scores", tmp_path / name)
-    con = duckdb.connect()
-    if not os.path.isdir(os.path.join(local, "images")):
-        return con, local, 0, 0
-    total, distinct = con.execute(
-        f"SELECT count(*), count(DISTINCT image_uri) FROM read_parquet('{local}/images/**/*.parquet')"
-    ).fetchone()
-    return con, local, total, distinct
+def _whole_chunks(out):
+    """(image rows, distinct images) of the latest snapshot; every committed chunk's study rows are there."""
+    images = scores(out, "image")
+    return images.num_rows, len(set(images["image_uri"].to_pylist()))
 
 
 @pytest.mark.timeout(900)
 def test_sigkill_while_scoring_or_committing_loses_and_duplicates_nothing(
     ray_address, s3_server, s3_bucket, untrained_models, tmp_path
 ):
-    (model, model_id), _ = untrained_models
+    (source, model_id), _ = untrained_models
+    model = str(tmp_path / "model")  # threshold 0: every study flagged, every image gets an overlay
+    shutil.copytree(source, model)
+    meta = json.load(open(os.path.join(model, "metadata.json")))
+    json.dump(dict(meta, threshold=0.0), open(os.path.join(model, "metadata.json"), "w"))
     fs = s3fs.S3FileSystem(endpoint_url=s3_server)
     write_sample(f"s3://{s3_bucket}/archive", studies=5, seed=4)
     archive, out = f"s3://{s3_bucket}/archive", f"s3://{s3_bucket}/scores"
     n = len(_archive_keys(fs, s3_bucket))
 
-    killed = _score_process(ray_address, model, archive, out, fault="score")
+    killed = _score_process(ray_address, model, archive, out, "score")
     assert killed.returncode == -9, killed.stderr[-3000:]
-    assert _visible(fs, s3_bucket, tmp_path, "a")[2] == 0  # staged only: nothing visible
-    lease = json.loads(fs.cat(sorted(fs.find(f"{s3_bucket}/scores/_lease"))[-1]))
-    assert not lease.get("released")  # the dead run's lease, taken over below
+    assert _whole_chunks(out) == (0, 0)  # nothing committed: nothing visible
 
-    killed = _score_process(ray_address, model, archive, out, fault="commit-move")
+    # Killed right after its first chunk of 4 images committed: that chunk stays, whole.
+    killed = _score_process(ray_address, model, archive, out, "chunk-committed", "--commit-every", "4")
     assert killed.returncode == -9, killed.stderr[-3000:]
-    _, _, total, distinct = _visible(fs, s3_bucket, tmp_path, "b")
-    assert total == distinct  # part of the run may show, never twice
+    total, distinct = _whole_chunks(out)
+    assert total == distinct == 4
+    chunk_studies = scores(out, "study")
+    assert set(chunk_studies["study_uri"].to_pylist()) == set(scores(out, "image")["study_uri"].to_pylist())
 
-    # More images arrive; the next run dies after writing its manifest, before moving a file.
+    # More images arrive; the next run is killed while drawing heatmaps, after its chunks committed.
     extra = f"{s3_bucket}/archive/MURA-v1.1/valid/XR_HAND/patient91000/study1_positive"
     keys = _archive_keys(fs, s3_bucket)
     for i in range(2):
         fs.pipe(f"{extra}/image{i + 1}.png", fs.cat(keys[i]))
-    killed = _score_process(ray_address, model, archive, out, fault="commit-manifest")
+    flags = ("--heatmaps", "flagged")
+    killed = _score_process(ray_address, model, archive, out, "heatmap", *flags)
     assert killed.returncode == -9, killed.stderr[-3000:]
+    assert scores(out, "heatmap").num_rows == 0  # drawn, not committed
 
-    done = _score_process(ray_address, model, archive, out)
+    done = _score_process(ray_address, model, archive, out, None, *flags)
     assert done.returncode == 0, done.stderr[-3000:]
-    # The killed runs' work, rolled forward, is not scored again.
+    # The killed runs' committed chunks are not scored again; their flagged images get their overlays now.
     assert f"scored 0, skipped {n + 2} " in done.stdout
-
+    assert f"{n + 2} heatmaps" in done.stdout
+    assert _whole_chunks(out) == (n + 2, n + 2)
+    images = scores(out, "image")
+    assert set(images["model_id"].to_pylist()) == {model_id}
+    studies = scores(out, "study")
+    assert studies.num_rows == len({k.rsplit("/", 1)[0] for k in _archive_keys(fs, s3_bucket)})
+    drawn = scores(out, "heatmap")
+    assert sorted(drawn["image_uri"].to_pylist()) == sorted(images["image_uri"].to_pylist())
     fs.invalidate_cache()
-    con, local, total, distinct = _visible(fs, s3_bucket, tmp_path, "final")
-    assert total == distinct == n + 2
-    assert con.execute(
-        f"SELECT count(DISTINCT model_id), min(model_id) FROM read_parquet('{local}/images/**/*.parquet')"
-    ).fetchone() == (1, model_id)
-    studies = con.execute(CURRENT_STUDIES.format(out=local, model=model_id)).fetchall()
-    assert len(studies) == len({k.rsplit("/", 1)[0] for k in _archive_keys(fs, s3_bucket)})
-    assert fs.find(f"{s3_bucket}/scores/_staging") == []
-
-    statuses = [json.loads(fs.cat(p))["status"] for p in fs.find(f"{s3_bucket}/scores/_runs")]
-    assert statuses and set(statuses) <= {"committed", "fenced"}
+    assert all(fs.exists(f"{s3_bucket}/scores/{p}") for p in drawn["heatmap"].to_pylist())
+    assert _no_old_format(fs, f"{s3_bucket}/scores") == []
 
 
 @pytest.mark.timeout(600)
@@ -200,8 +188,8 @@ def test_edited_calibration_or_tta_rescores_and_an_edited_threshold_does_not(ray
     flipped = run_scoring(ScoreConfig(**cfg, tta="flip"))
     assert (flipped["images"], flipped["skipped"]) == (n, 0)
 
-    images = pq.read_table(os.path.join(out, "images")).to_pandas()
-    studies = pq.read_table(os.path.join(out, "studies")).to_pandas()
+    images = scores(out, "image").to_pandas()
+    studies = scores(out, "study").to_pandas()
     runs = [first, recalibrated, flipped]
     assert set(images["model_id"]) == {model_id}
     for table in (images, studies):
@@ -211,3 +199,11 @@ def test_edited_calibration_or_tta_rescores_and_an_edited_threshold_does_not(ray
     by_run = images.pivot_table(index="image_uri", columns="run_id", values="prob_abnormal")
     moved = (by_run[recalibrated["run_id"]] - by_run[first["run_id"]]).abs()
     assert moved.min() > 1e-4  # each row is the score its own calibration gives
+
+    # A bad night retracted in one commit: the next night rescores exactly its images, and only those.
+    assert main(["scores", "retract", "--out", out, "--run", flipped["run_id"]]) == 0
+    assert scores(out, "image", where=f"run_id = '{flipped['run_id']}'").num_rows == 0
+    again = run_scoring(ScoreConfig(**cfg, tta="flip"))
+    assert (again["images"], again["skipped"]) == (n, 0)
+    untouched = run_scoring(ScoreConfig(**cfg))
+    assert (untouched["images"], untouched["skipped"]) == (0, n)

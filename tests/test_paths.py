@@ -12,13 +12,13 @@ import json
 import os
 import shutil
 
-import duckdb
 import pytest
 
 from mura_ray import cli
 from mura_ray.archive import storage
 from mura_ray.config import EvalConfig, ScoreConfig, TrainConfig
 from mura_ray.errors import UsageError
+from tests.readers import connect
 
 
 @pytest.mark.parametrize(
@@ -91,8 +91,8 @@ def test_evaluate_and_score_with_relative_paths_from_another_directory(
     assert "scored " in printed and "MapBatches" not in printed and (work / "eval" / "ray.log").stat().st_size > 0
 
     assert cli.main(["score", "--model", "runs/r1", "--data", "archive", "--out", "scores", "--split", "valid"]) == 0
-    query = f"SELECT count(*), count(DISTINCT image_uri) FROM read_parquet('{work}/scores/images/**/*.parquet')"
-    assert duckdb.connect().execute(query).fetchone() == (n_valid, n_valid)
+    query = "SELECT count(*), count(DISTINCT image_uri) FROM images"
+    assert connect(str(work / "scores")).execute(query).fetchone() == (n_valid, n_valid)
     assert f"scored {n_valid}" in capsys.readouterr().out
 
 
@@ -105,11 +105,10 @@ def test_names_from_keys_stay_where_they_are_joined_and_stay_apart():
         assert os.path.normpath(os.path.join("/out", name)).startswith("/out/")
 
 
-def test_the_ledger_refuses_a_path_that_leaves_the_output(tmp_path):
-    from mura_ray.scoring.ledger import Ledger
-
-    ledger = Ledger(str(tmp_path / "scores"))
-    assert ledger.path("heatmaps", "a/b.png") == str(tmp_path / "scores" / "heatmaps" / "a" / "b.png")
+def test_a_heatmap_path_that_leaves_the_output_is_refused(tmp_path):
+    # What run._heatmaps_of places each overlay's PNG with: the output's base, then names from the archive.
+    _, base = storage.filesystem(str(tmp_path / "scores"))
+    assert storage.inside(base, "heatmaps", "a/b.png") == str(tmp_path / "scores" / "heatmaps" / "a" / "b.png")
     for bad in ("../x", "heatmaps/../../x", "a/./b"):
         with pytest.raises(UsageError, match="does not stay under"):
-            ledger.path("_staging", bad)
+            storage.inside(base, "heatmaps", bad)

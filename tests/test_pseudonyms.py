@@ -7,7 +7,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -17,6 +16,7 @@ from mura_ray import cli
 from mura_ray.model.checkpoint import model_metadata, save_checkpoint, state_dict_bytes
 from mura_ray.model.resnet import build_model
 from tests.dicom_files import dicom_bytes, gradient
+from tests.readers import connect, scores
 
 # File names as PACS exports write them: the patient id, the study instance UID, the image.
 PHI_FILES = [
@@ -132,16 +132,15 @@ def test_pseudonymized_scoring_names_nothing_of_the_paths_and_a_second_night_sco
     print(console.out, console.err)
     assert not _leaks(console.out + console.err), console
 
-    images = pads.dataset(str(out / "images"), format="parquet").to_table()
+    kinds = {kind: scores(str(out), kind) for kind in ("image", "study", "heatmap", "not_scored", "run")}
+    images, studies = kinds["image"], kinds["study"]
     assert images.num_rows == 5 and images["error"].null_count == 4
-    studies = pads.dataset(str(out / "studies"), format="parquet").to_table()
-    index = pads.dataset(str(out / "heatmap_index"), format="parquet").to_table()
-    not_scored = pads.dataset(str(out / "not_scored"), format="parquet").to_table()
-    assert studies.num_rows == 3 and index.num_rows == 4 and not_scored.num_rows == 1
-    for table in (images, studies, index, not_scored):
+    assert studies.num_rows == 3 and kinds["heatmap"].num_rows == 4 and kinds["not_scored"].num_rows == 1
+    assert kinds["run"].num_rows == 1
+    for kind, table in kinds.items():
         for name in table.column_names:
             text = json.dumps(table[name].to_pylist(), default=str)
-            assert not _leaks(text), (name, _leaks(text))
+            assert not _leaks(text), (kind, name, _leaks(text))
     # A study's images share its pseudonym, and the study rows the images' patient.
     study_of = {r["image_uri"]: r["study_uri"] for r in images.to_pylist()}
     assert all(image.startswith(study + "/") for image, study in study_of.items())
@@ -152,6 +151,13 @@ def test_pseudonymized_scoring_names_nothing_of_the_paths_and_a_second_night_sco
     assert "decode" in error
     files = _files_under(out)
     assert sum(f.endswith(".heatmap.png") for f in files) == 4
+    # The files scanned below include the table's: its Parquet under scores/kind=*/, and its log, whose JSON
+    # holds each file's partition values and min/max statistics of every column (image_uri's among them).
+    data = [f for f in files if os.path.relpath(f, out).startswith("scores/kind=") and f.endswith(".parquet")]
+    assert {os.path.relpath(f, out).split("/")[1] for f in data} >= {f"kind={k}" for k in kinds}
+    log = [f for f in files if os.path.relpath(f, out).startswith("scores/_delta_log/") and f.endswith(".json")]
+    adds = [a for f in log for line in open(f) if line.strip() for a in [json.loads(line).get("add")] if a]
+    assert adds and any("image_uri" in json.loads(a.get("stats") or "{}").get("minValues", {}) for a in adds)
     for path in files:
         assert not _leaks(os.path.relpath(path, out)), path
         assert not _leaks(_text_of(path)), path
@@ -166,7 +172,7 @@ def test_pseudonymized_scoring_names_nothing_of_the_paths_and_a_second_night_sco
     assert cli.main(args) == 0
     console = capsys.readouterr()
     assert not _leaks(console.out + console.err) and "scored 0, skipped 5" in console.out, console.out
-    assert pads.dataset(str(out / "images"), format="parquet").count_rows() == 5
+    assert connect(str(out)).execute("SELECT count(*) FROM images").fetchone() == (5,)
     # Another key (or none) is refused for this output: its rows would not match the earlier ones.
     other = tmp_path / "other-key"
     other.write_bytes(KEY[::-1])

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import pyarrow.dataset as pads
 import pytest
 import s3fs
 
@@ -17,10 +16,11 @@ from mura_ray.archive.sample import write_sample
 from mura_ray.config import ScoreConfig
 from mura_ray.scoring.run import run_scoring
 from mura_ray.training.rundir import recorded_epoch
+from tests.readers import scores
 
 
-def _scores(fs, path):
-    table = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table()
+def _scores(out):
+    table = scores(out, "image")
     return {
         uri.split("MURA-v1.1/", 1)[1]: (prob, err)
         for uri, prob, err in zip(
@@ -55,14 +55,19 @@ def test_s3_archive_and_outputs_match_local(ray_cluster, s3_server, s3_bucket, t
     )
     assert m["images"] == len(local_cat) and m["errors"] == 0
 
-    local_scores = _scores(None, os.path.join(local_out, "images"))
-    s3_scores = _scores(fs, f"{s3_bucket}/scores/images")
+    local_scores = _scores(local_out)
+    s3_scores = _scores(f"s3://{s3_bucket}/scores")
     assert local_scores.keys() == s3_scores.keys()
     for key, (prob, err) in local_scores.items():
         assert err is None and s3_scores[key][1] is None
         assert s3_scores[key][0] == pytest.approx(prob, abs=1e-6)
-    assert fs.exists(f"{s3_bucket}/scores/_runs/{m['run_id']}.00000.json")
-    assert not fs.exists(f"{s3_bucket}/scores/_staging/{m['run_id']}")
+    # The run's row, final, in the table's one commit log on S3; nothing beside the table under the prefix
+    # (no staging, and the conditional-write probe is gone).
+    runs = scores(f"s3://{s3_bucket}/scores", "run").to_pylist()
+    assert [(r["run_id"], r["final"], r["chunks"]) for r in runs] == [(m["run_id"], True, 1)]
+    fs.invalidate_cache()
+    assert fs.ls(f"{s3_bucket}/scores", detail=False) == [f"{s3_bucket}/scores/scores"]
+    assert fs.exists(f"{s3_bucket}/scores/scores/_delta_log/{m['version']:020d}.json")
 
 
 @pytest.mark.slow
@@ -153,7 +158,7 @@ def test_a_key_with_dot_dot_keeps_its_heatmap_inside_the_output(
     written = [os.path.join(d, f) for d, _, files in os.walk(tmp_path) for f in files]
     outside = [p for p in written if not p.startswith((str(out) + os.sep, model + os.sep))]
     assert outside == []
-    index = pads.dataset(str(out / "heatmap_index"), format="parquet", partitioning="hive").to_table()
+    index = scores(str(out), "heatmap")
     row = next(r for r in index.to_pylist() if r["image_uri"] == f"s3://{hostile}")
     assert row["error"] is None and os.path.isfile(os.path.join(out, row["heatmap"]))
 

@@ -1,16 +1,16 @@
-"""Scoring on a real local Ray cluster, Parquet read back with DuckDB."""
+"""Scoring on a real local Ray cluster, the scores table read back with DuckDB."""
 
 import json
 import os
 import shutil
 
-import duckdb
 import pytest
 import torch
 
 from mura_ray.config import ScoreConfig
 from mura_ray.model import backends
 from mura_ray.scoring.run import run_scoring
+from tests.readers import connect
 
 IMAGE_TYPES = {
     "image_uri": "VARCHAR",
@@ -63,9 +63,8 @@ def test_scores_every_file_and_study_with_contract_types(trained_run, small_arch
 
     n_files = sum(i.split == "valid" for i in plan) + 2
     n_studies = len({i.study_rel for i in plan if i.split == "valid"}) + 1
-    con = duckdb.connect()
-    images = f"read_parquet('{out}/images/**/*.parquet', hive_partitioning=false)"
-    studies = f"read_parquet('{out}/studies/**/*.parquet', hive_partitioning=false)"
+    con = connect(out)
+    images, studies = "images", "studies"
     assert dict((r[0], r[1]) for r in con.execute(f"DESCRIBE SELECT * FROM {images}").fetchall()) == IMAGE_TYPES
     assert dict((r[0], r[1]) for r in con.execute(f"DESCRIBE SELECT * FROM {studies}").fetchall()) == STUDY_TYPES
     assert con.execute(f"SELECT count(*), count(DISTINCT image_uri) FROM {images}").fetchone() == (n_files, n_files)
@@ -109,4 +108,6 @@ def test_scores_every_file_and_study_with_contract_types(trained_run, small_arch
         f"(SELECT study_uri, avg(prob_abnormal) p FROM {images} GROUP BY study_uri) i USING (study_uri)"
     ).fetchone()[0]
     assert diff < 1e-5
-    assert not os.path.exists(os.path.join(out, "_staging"))
+    # One Delta table, nothing else beside it; the run's row says it finished, in its one chunk.
+    assert sorted(os.listdir(out)) == ["scores"] and os.path.isdir(os.path.join(out, "scores", "_delta_log"))
+    assert con.execute("SELECT run_id, chunks, final FROM runs").fetchall() == [(manifest["run_id"], 1, True)]

@@ -5,10 +5,10 @@ import os
 import subprocess
 import sys
 
-import pyarrow.dataset as pads
 import pytest
 
 from mura_ray.config import ScoreConfig, TrainConfig
+from tests.readers import scores
 
 
 def test_nothing_of_mlflow_is_imported_when_tracking_is_off(tmp_path):
@@ -90,8 +90,8 @@ def test_training_logs_to_mlflow_registers_and_a_resume_continues_the_run(
     client.set_registered_model_alias(cfg.register, "champion", "1")
     for model, out in ((f"models:/{cfg.register}/1", "reg"), (f"models:/{cfg.register}@champion", "alias")):
         run_scoring(ScoreConfig(model=model, data=cfg.data, out=str(tmp_path / out), split="valid"))
-        rows = pads.dataset(str(tmp_path / out / "images"), partitioning="hive").to_table()
-        assert set(rows["model_id"].to_pylist()) == {meta["model_id"]} == {result["model_id"]}
+        rows = scores(str(tmp_path / out), "image")
+        assert rows.num_rows > 0 and set(rows["model_id"].to_pylist()) == {meta["model_id"]} == {result["model_id"]}
 
     # A rerun of the same RUN_DIR with one more epoch continues the same MLflow run.
     cfg.epochs = 2

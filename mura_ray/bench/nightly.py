@@ -27,8 +27,7 @@ from mura_ray.bench.memory import PeakMemory
 from mura_ray.bench.scoring import make_images, write_bench_model
 from mura_ray.hardware import cpu_info
 from mura_ray.model.checkpoint import read_checkpoint, scoring_id_of
-from mura_ray.scoring.lease import Lease
-from mura_ray.scoring.ledger import Ledger
+from mura_ray.scoring.delta import ScoreStore
 from mura_ray.scoring.writer import RunWriter
 
 log = logging.getLogger(__name__)
@@ -48,46 +47,34 @@ def make_empty_archive(root: str, n: int) -> None:
 
 def write_history(out: str, data: str, meta: dict[str, Any], nights: int) -> None:
     """Commit the archive's images as ``nights`` runs (the first takes what the others leave, each other
-    takes 1/(10 x nights) of it) of the model ``meta`` describes, through the ledger's commit path, then
-    write its index: what a night of ``run_scoring`` with that model finds."""
+    takes 1/(10 x nights) of it) of the model ``meta`` describes, each one commit to the scores table
+    through ``RunWriter``: what a night of ``run_scoring`` with that model finds."""
     model_id, scoring_id = meta["model_id"], scoring_id_of(meta)
     catalog = scan_archive(data).table
     n = catalog.num_rows
     later = n // (10 * nights) if nights > 1 else 0
     bounds = [0, n - later * (nights - 1)] + [n - later * (nights - 1 - i) for i in range(1, nights)]
-    ledger = Ledger(out)
+    store = ScoreStore(out)
     day = dt.date(2026, 1, 1)
     for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
         run_id = f"history-{i:04d}"
-        lease = Lease(ledger.fs, ledger.base, run_id)
-        lease.acquire()
-        try:
-            part = catalog.slice(lo, hi - lo)
-            day_i = str(day + dt.timedelta(i))
-            writer = RunWriter(ledger, lease, part, _no_rows(), run_id, model_id, 0.5, day_i, scoring_id)
-            probs = np.random.default_rng(i).random(part.num_rows).astype(np.float32)
-            writer.add(
-                pa.table(
-                    {
-                        "image_uri": part["image_uri"],
-                        "prob_abnormal": pa.array(probs),
-                        "error": pa.nulls(part.num_rows, pa.string()),
-                        "modality": pa.array([""] * part.num_rows),
-                        "backend": pa.array(["torch"] * part.num_rows),
-                        "precision": pa.array(["fp32"] * part.num_rows),
-                    }
-                )
+        part = catalog.slice(lo, hi - lo)
+        day_i = str(day + dt.timedelta(i))
+        writer = RunWriter(store, part, _no_rows(), run_id, model_id, 0.5, day_i, scoring_id)
+        probs = np.random.default_rng(i).random(part.num_rows).astype(np.float32)
+        writer.add(
+            pa.table(
+                {
+                    "image_uri": part["image_uri"],
+                    "prob_abnormal": pa.array(probs),
+                    "error": pa.nulls(part.num_rows, pa.string()),
+                    "modality": pa.array([""] * part.num_rows),
+                    "backend": pa.array(["torch"] * part.num_rows),
+                    "precision": pa.array(["fp32"] * part.num_rows),
+                }
             )
-            writer.commit({"final": True, "started_at": f"{day + dt.timedelta(i)}T00:00:00+00:00"})
-            ledger.drop_staging(run_id)
-        finally:
-            lease.release()
-    lease = Lease(ledger.fs, ledger.base, "history-index")
-    lease.acquire()
-    try:
-        ledger.update_index(scoring_id, lease)
-    finally:
-        lease.release()
+        )
+        writer.commit({"final": True, "started_at": f"{day_i}T00:00:00+00:00"})
 
 
 def _no_rows() -> pa.Table:

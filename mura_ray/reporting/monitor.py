@@ -1,6 +1,6 @@
 """``mura-ray monitor``: the nightly scoring runs of an output, side by side, and an alert on drift.
 
-Each committed scoring run's last manifest holds its totals and the
+Each finished scoring run's row in the scores table (``kind = 'run'``, its ``totals``) holds its totals and the
 distribution of its scores (``scoring.distribution``). The monitor reads
 them, one row per run that scored images (a "night"): images, error rate,
 images/s, the share predicted abnormal overall and per body part, and the
@@ -33,8 +33,8 @@ from mura_ray.config import MonitorConfig
 from mura_ray.errors import UsageError
 from mura_ray.model.checkpoint import read_checkpoint, resolve_model_dir
 from mura_ray.reporting import plots
+from mura_ray.scoring.delta import ScoreStore
 from mura_ray.scoring.distribution import BINS, histogram
-from mura_ray.scoring.ledger import Ledger
 
 GROUPS = 10
 EPS = 1e-4  # share given to an empty bin, so that ln(p / q) stays finite
@@ -73,7 +73,7 @@ def psi_noise(reference_images: int, night_images: int, groups: int, quantile: f
 def nights(scores: str, model_id: str | None) -> list[dict[str, Any]]:
     """The committed runs of ``scores`` (of ``model_id`` when given, else of the latest run's model) that
     scored images and recorded their distribution, oldest first."""
-    finals = [m for m in Ledger(scores).manifests() if m.get("status") == "committed" and "run" in m]
+    finals = [r["totals"] for r in ScoreStore(scores).runs() if r["final"] and "run" in r["totals"]]
     if not finals:
         raise UsageError(f"no committed scoring runs under {scores!r}")
     model_id = model_id or finals[-1]["model_id"]

@@ -5,7 +5,11 @@ Under ``OUTPUT/`` (a folder or an s3:// prefix)::
     scores/_delta_log/       the table's commit log: a JSON file per commit, a checkpoint every 100
     scores/kind=image/       one row per image file and scoring id (``IMAGES_SCHEMA``'s columns)
     scores/kind=study/       one row per study and scoring id (``STUDIES_SCHEMA``'s columns)
-    scores/kind=heatmap/     one row per overlay (``INDEX_SCHEMA``'s columns, with scoring_id and run_id)
+    scores/kind=heatmap/     one row per overlay (``INDEX_SCHEMA``'s columns, with scoring_id, run_id and
+                             the image row's source_size and source_etag)
+    scores/kind=not_scored/  DICOM files of other modalities (``NOT_SCORED_SCHEMA``'s columns, scoring_id)
+    scores/kind=run/         one row per scoring run (``RUNS_SCHEMA``): its totals, rewritten each chunk
+    heatmaps/                the overlay PNGs the heatmap rows name (outside the table's folder)
 
 **One table, a row kind.** A chunk's image, study and heatmap rows are one
 Delta commit of one table, so every reader of one snapshot (deltalake,
@@ -64,36 +68,16 @@ deltalake 1.6 facts this relies on, checked by ``tests/test_delta.py``:
 ``DeltaTable.history`` holds the GIL while it lists the log (an S3 server
 in the same process, as moto in tests, cannot answer it).
 
-Next step, how ``run_scoring`` uses it:
-
-- ``RunWriter`` keeps the rows of the current chunk in memory (Arrow
-  batches; a chunk of 10,000 images is about 2 MB) instead of staging
-  Parquet, and ``commit`` calls ``commit_chunk(run_id=, scoring_id=,
-  chunk=, images=, studies=, heatmaps=)``. ``earlier`` is
-  ``scored(scoring_id)``; there is no ``_index``, no manifests, no
-  staging and no recovery step. A run's totals go into the commit's
-  custom metadata (``metadata=``), where ``mura-ray scores`` and the
-  nightly monitor read them (``history``).
-- Heatmaps are made per chunk, for the flagged studies of that chunk, and
-  their PNGs written under ``heatmaps/`` before the chunk's commit names
-  them; a PNG of a commit that never happened is an orphan ``vacuum``
-  deletes (files under ``heatmaps/`` named by no current or retained row).
-- The lease goes. Correctness rests on the commit protocol alone; what a
-  lease still saved was two runs scoring the same images at once, and a
-  nightly schedule (one Ray Job per night, named for the date) already
-  prevents that. If it is kept, it is an advisory marker read at start
-  ("run R started at T is still writing"), never checked at commit.
-- Migration: an output in today's format is rescored, with one line at
-  start: "OUT holds scores in the format of mura-ray < 0.3 (_runs/); they
-  are left as they are and not read: this run scores the archive anew
-  into OUT/scores". Converting would carry over rows whose current-ness
-  was decided by the old rules (driver clocks, an index that can be
-  stale), the very holes this replaces; a night's rescoring of a model's
-  archive is the cost, and the old files stay readable as before.
-- ``bench nightly`` writes its history with ``commit_chunk`` (one commit
-  per night) and measures the same figures; what grows with nights is now
-  the log (one JSON per commit, a checkpoint every 100, old JSON removed
-  after 30 days) and the files a MERGE rewrites.
+How ``run_scoring`` uses it: ``RunWriter`` keeps a chunk's rows in memory
+and commits them with ``commit_chunk``, whose ``prepare`` recomputes the
+chunk's study rows from each attempt's snapshot (so a study row covers the
+current image rows of the commit it lands in, even after a rival's). The
+``run`` row of a run is rewritten with each chunk: its totals so far, and
+``final`` after its last. Heatmaps are drawn after the run's chunks for the
+images of flagged studies that have no overlay of their current row yet,
+their PNGs written under ``OUTPUT/heatmaps/`` before the commit that names
+them; a killed run's flagged images are drawn by the next run, and a PNG no
+row names is an orphan ``vacuum`` deletes.
 """
 
 from __future__ import annotations
@@ -105,6 +89,7 @@ import random
 import secrets
 import time
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -117,29 +102,37 @@ from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundErr
 from mura_ray.archive import storage
 from mura_ray.errors import UsageError
 from mura_ray.scoring.heatmap_index import INDEX_SCHEMA
-from mura_ray.scoring.ledger import PRIOR_COLUMNS
+from mura_ray.scoring.schemas import IMAGES_SCHEMA, NOT_SCORED_COLUMNS, NOT_SCORED_SCHEMA, PRIOR_COLUMNS, RUNS_SCHEMA
 from mura_ray.scoring.studies import STUDIES_SCHEMA
-from mura_ray.scoring.writer import IMAGES_SCHEMA
 
 log = logging.getLogger(__name__)
 
 TABLE = "scores"
 ATTEMPTS = 8  # commits tried against a table that other writers keep changing, before giving up
-KINDS = ("image", "study", "heatmap")
-KEY_OF = {"image": "image_uri", "study": "study_uri", "heatmap": "image_uri"}
+KINDS = ("image", "study", "heatmap", "not_scored", "run")
+KEY_OF = {"image": "image_uri", "study": "study_uri", "heatmap": "image_uri", "not_scored": "image_uri"}
+KEY_OF["run"] = "run_id"
+HEATMAP_EXTRA = ("source_size", "source_etag")  # the image row an overlay shows: redrawn when the file changes
 STAMPED = ("scoring_id", "run_id")  # on every row; a heatmap row gets them from its chunk
 MERGE_PREDICATE = "t.kind = s.kind AND t.key = s.key AND t.scoring_id = s.scoring_id"
 
 
 def _view_columns() -> dict[str, list[str]]:
-    heatmap = INDEX_SCHEMA.names + [c for c in STAMPED if c not in INDEX_SCHEMA.names]
-    return {"image": IMAGES_SCHEMA.names, "study": STUDIES_SCHEMA.names, "heatmap": heatmap}
+    heatmap = INDEX_SCHEMA.names + [c for c in STAMPED + HEATMAP_EXTRA if c not in INDEX_SCHEMA.names]
+    not_scored = NOT_SCORED_SCHEMA.names + [c for c in STAMPED if c not in NOT_SCORED_SCHEMA.names]
+    return {
+        "image": IMAGES_SCHEMA.names,
+        "study": STUDIES_SCHEMA.names,
+        "heatmap": heatmap,
+        "not_scored": not_scored,
+        "run": RUNS_SCHEMA.names,
+    }
 
 
 def _table_schema() -> pa.Schema:
     """``kind`` and ``key``, then every column of every kind once (a name has one type in all)."""
     fields: dict[str, pa.Field] = {"kind": pa.field("kind", pa.string()), "key": pa.field("key", pa.string())}
-    for schema in (IMAGES_SCHEMA, STUDIES_SCHEMA, INDEX_SCHEMA):
+    for schema in (IMAGES_SCHEMA, STUDIES_SCHEMA, INDEX_SCHEMA, NOT_SCORED_SCHEMA, RUNS_SCHEMA):
         for f in schema:
             if f.name in fields and fields[f.name].type != f.type:
                 raise TypeError(f"column {f.name} is {fields[f.name].type} in one kind and {f.type} in another")
@@ -281,7 +274,11 @@ class ScoreStore:
         return pafs.SubTreeFileSystem(self.uri, pafs.LocalFileSystem())
 
     def dataset(self, table: DeltaTable, kind: str) -> pads.Dataset:
-        """The rows of one ``kind`` of one snapshot, as an Arrow dataset (what DuckDB, Polars, pandas read)."""
+        """The rows of one ``kind`` of one snapshot, as an Arrow dataset (what DuckDB, Polars, pandas read).
+
+        Filter it on ``kind`` only and the rest in memory: delta-rs 1.6 writes the files of a MERGE with
+        string_view columns, and Arrow's row-group pruning of a string filter against them fails
+        ("no kernel matching input types (string, string_view)", delta-rs issue 4579)."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
         ds = table.to_pyarrow_dataset(filesystem=self.arrow_filesystem(), file_pruning_predicate=[("kind", "=", kind)])
@@ -292,22 +289,45 @@ class ScoreStore:
         table = self.table(version)
         if table is None:
             return _empty(kind)
-        return self.dataset(table, kind).to_table(columns=VIEW_COLUMNS[kind])
+        return typed(self.dataset(table, kind).to_table(columns=VIEW_COLUMNS[kind]))
 
     def snapshot(self, version: int | str | None = None) -> dict[str, pa.Table]:
         """Every kind's rows read from one version of the table: whole chunks only."""
         table = self.table(version)
         if table is None:
             return {kind: _empty(kind) for kind in KINDS}
-        return {kind: self.dataset(table, kind).to_table(columns=VIEW_COLUMNS[kind]) for kind in KINDS}
+        return {kind: typed(self.dataset(table, kind).to_table(columns=VIEW_COLUMNS[kind])) for kind in KINDS}
 
     def scored(self, scoring_id: str) -> pa.Table:
         """The current row of each image scored with ``scoring_id`` (``Ledger.scored``'s columns)."""
         table = self.table()
         if table is None:
             return IMAGES_SCHEMA.empty_table().select(PRIOR_COLUMNS)
-        ds = self.dataset(table, "image")
-        return ds.to_table(columns=PRIOR_COLUMNS, filter=pc.field("scoring_id") == scoring_id)
+        rows = typed(self.dataset(table, "image").to_table(columns=PRIOR_COLUMNS + ["scoring_id"]))
+        return rows.filter(pc.equal(rows["scoring_id"], scoring_id)).select(PRIOR_COLUMNS)
+
+    def current(self, kind: str, scoring_id: str | None = None, table: DeltaTable | None = None) -> pa.Table:
+        """One kind's rows (of ``scoring_id``, or all) in ``table``'s snapshot or the latest."""
+        table = table or self.table()
+        if table is None:
+            return _empty(kind)
+        rows = typed(self.dataset(table, kind).to_table(columns=VIEW_COLUMNS[kind]))
+        return rows if scoring_id is None else rows.filter(pc.equal(rows["scoring_id"], scoring_id))
+
+    def not_scored(self) -> pa.Table:
+        """DICOM files runs found not to be radiographs: ``image_uri``, fingerprint, ``modality``; one row per
+        file (the latest, where runs of several scoring ids found it)."""
+        rows = self.current("not_scored").sort_by([("image_uri", "ascending"), ("scored_at", "descending")])
+        uris = rows["image_uri"].to_pylist()
+        first = [i == 0 or uris[i] != uris[i - 1] for i in range(len(uris))]
+        return rows.filter(pa.array(first, pa.bool_())).select(NOT_SCORED_COLUMNS)
+
+    def runs(self) -> list[dict[str, Any]]:
+        """Every scoring run's row, oldest first: ``run_id``, ``chunks``, ``final`` and its ``totals``."""
+        import json
+
+        rows = self.current("run").sort_by([("scored_at", "ascending"), ("run_id", "ascending")]).to_pylist()
+        return [dict(r, totals=json.loads(r["totals"] or "{}")) for r in rows]
 
     def last_chunk(self, run_id: str) -> int | None:
         """The number of the last chunk ``run_id`` committed, or None."""
@@ -358,12 +378,17 @@ class ScoreStore:
         images: pa.Table | None = None,
         studies: pa.Table | None = None,
         heatmaps: pa.Table | None = None,
+        not_scored: pa.Table | None = None,
+        run: pa.Table | None = None,
         metadata: dict[str, Any] | None = None,
+        prepare: Callable[[DeltaTable], dict[str, pa.Table]] | None = None,
     ) -> Commit:
-        """Commit chunk ``chunk`` (0, 1, ...) of ``run_id``: its image, study and heatmap rows in one commit
-        that replaces the rows of the same (kind, key, scoring id). Committing a chunk number the run
-        already committed changes nothing. Raises ``CommitConflict`` after ``ATTEMPTS`` lost races."""
-        rows = chunk_rows(run_id, scoring_id, images=images, studies=studies, heatmaps=heatmaps)
+        """Commit chunk ``chunk`` (0, 1, ...) of ``run_id``: its rows of every kind in one commit that
+        replaces the rows of the same (kind, key, scoring id). Committing a chunk number the run already
+        committed changes nothing. ``prepare``, called with each attempt's snapshot, returns rows of more
+        kinds that depend on it (study rows over the current image rows). Raises ``CommitConflict`` after
+        ``ATTEMPTS`` lost races."""
+        given = {"image": images, "study": studies, "heatmap": heatmaps, "not_scored": not_scored, "run": run}
         app = app_id(run_id)
         custom = {"mura_ray.run_id": run_id, "mura_ray.chunk": chunk, "mura_ray.scoring_id": scoring_id}
         custom.update({f"mura_ray.{k}": v for k, v in (metadata or {}).items()})
@@ -375,6 +400,8 @@ class ScoreStore:
                 # Recorded after a failed attempt of this call: that attempt's commit, whose reply was lost.
                 mine = last is not None and done == chunk
                 return Commit(run_id, chunk, table.version(), applied=mine, attempts=attempt)
+            kinds = dict(given, **(prepare(table) if prepare is not None else {}))
+            rows = chunk_rows(run_id, scoring_id, **kinds)
             props = CommitProperties(app_transactions=[Transaction(app, chunk)], custom_metadata=custom)
             try:
                 if rows.num_rows:
@@ -457,6 +484,11 @@ def _readable_parquet(fs: Any, path: str) -> bool:
         return False
 
 
+def typed(rows: pa.Table) -> pa.Table:
+    """Rows as read (delta-rs gives string_view and large types) in the documented column types."""
+    return rows.cast(pa.schema([SCORES_SCHEMA.field(name) for name in rows.column_names]))
+
+
 def _empty(kind: str) -> pa.Table:
     return SCORES_SCHEMA.empty_table().select(VIEW_COLUMNS[kind])
 
@@ -465,15 +497,18 @@ def chunk_rows(
     run_id: str,
     scoring_id: str,
     *,
-    images: pa.Table | None = None,
-    studies: pa.Table | None = None,
-    heatmaps: pa.Table | None = None,
+    image: pa.Table | None = None,
+    study: pa.Table | None = None,
+    heatmap: pa.Table | None = None,
+    not_scored: pa.Table | None = None,
+    run: pa.Table | None = None,
 ) -> pa.Table:
     """A chunk's rows of every kind in the table's schema: ``kind``, ``key``, the kind's columns (cast to
     their types; missing ones are an error), the other kinds' columns null. Every row must carry
     ``run_id`` and ``scoring_id`` (heatmap rows get them), and no key may come twice in a kind."""
     parts = []
-    for kind, rows in (("image", images), ("study", studies), ("heatmap", heatmaps)):
+    given = {"image": image, "study": study, "heatmap": heatmap, "not_scored": not_scored, "run": run}
+    for kind, rows in given.items():
         if rows is None or rows.num_rows == 0:
             continue
         n = rows.num_rows

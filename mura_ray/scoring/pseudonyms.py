@@ -14,7 +14,7 @@ fingerprint) works on pseudonymized output as on plain output, and a
 study's images still share its ``study_uri``. The driver keeps the
 pseudonym -> path map in memory to read the files; it is written to disk
 only where ``--pseudonym-map`` says. An output holds rows of one key only:
-its manifests record the key's id (an HMAC of a constant, not the key).
+its run rows record the key's id (an HMAC of a constant, not the key).
 """
 
 from __future__ import annotations

@@ -1,20 +1,21 @@
-"""Batch scoring of whole archives to Parquet, incremental and exactly once.
+"""Batch scoring of whole archives into the scores table, incremental and exactly once.
 
-A run lists the archive, and skips every image that a committed run of the
-same model, with the same calibration, preprocessing and test-time
-augmentation (the rows' ``scoring_id``), already scored with the same source
-fingerprint (size and ETag or mtime); ``full=True`` skips nothing. Listing and skipping decode nothing,
-and when nothing is left the run commits without starting Ray.
+A run lists the archive, and skips every image whose current row in the
+scores table (``scoring.delta``) has the same ``scoring_id`` (the model, its
+calibration, preprocessing and test-time augmentation) and the same source
+fingerprint (size and ETag or mtime); ``full=True`` skips nothing. Listing
+and skipping decode nothing, and when nothing is left the run commits its
+row without starting Ray.
 
 Ray Data reads and decodes the remaining files in tasks, a pool of
-model-holding actors (``Scorer``) scores them, and the driver streams the
-small result rows into staged Parquet: one row per image file, errors
-included. Each study with a new or changed image gets a fresh row that
-covers all its images, tonight's and those scored before, so the latest
-row of a study is its current one. ``scoring.ledger`` commits the run's
-files into ``images/`` and ``studies/`` (partitioned by ``run_date``) every
-``commit_every`` images and at the end, each chunk once; a run stopped
-after K chunks keeps them, and the next run scores only the rest.
+model-holding actors (``Scorer``) scores them, and the driver collects the
+small result rows: one row per image file, errors included. Every
+``commit_every`` images and at the end the run commits a chunk, one Delta
+commit with its image rows and a row for each study it touched, over all
+the study's current image rows; a run stopped after K chunks keeps them,
+and the next run scores only the rest. With ``--heatmaps flagged`` the
+images of flagged studies without an overlay of their current row (this
+run's, or a killed run's) get one, committed with the run's last chunk.
 """
 
 from __future__ import annotations
@@ -41,9 +42,8 @@ from mura_ray.model.heatmaps import HEATMAP_LAYER
 from mura_ray.options import placement_of
 from mura_ray.progress import Progress
 from mura_ray.scoring import pseudonyms
+from mura_ray.scoring.delta import HEATMAP_EXTRA, ScoreStore
 from mura_ray.scoring.heatmaps import heatmap_dataset, heatmap_name, index_rows
-from mura_ray.scoring.lease import Lease
-from mura_ray.scoring.ledger import Ledger
 from mura_ray.scoring.pipeline import accepted_modalities, results_table, scored_dataset
 from mura_ray.scoring.writer import RunWriter
 
@@ -108,66 +108,83 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     if names is not None:
         _write_map(names, scan, cfg)
         scan = dataclasses.replace(scan, table=names.catalog(scan.table))
-    ledger = Ledger(cfg.out)
+    store = ScoreStore(cfg.out)
+    _note_old_format(cfg.out)
     run_id = cfg.run_id or started_at.strftime("%Y%m%dT%H%M%SZ-") + secrets.token_hex(3)
-    ledger.check_new_run_id(run_id)
-    lease = Lease(ledger.fs, ledger.base, run_id)
-    lease.acquire()
-    faults.maybe_pause("pause-after-lease")
-    try:
-        if lease.taken_from is not None:
-            ledger.fence(lease.taken_from["run_id"], by=run_id, lease=lease)
-        recovered = ledger.recover(active_run_id=run_id, lease=lease)
-        key_id = names.key_id if names is not None else None
-        pseudonyms.check_one_key(ledger.manifests(), key_id, cfg.out)
-        scoring_id = scoring_id_of(meta, cfg.tta)
-        earlier, todo, skipped = _plan(ledger, scan, meta["model_id"], scoring_id, cfg)
-        plan_seconds = time.monotonic() - t0
-        threshold, run_date = float(meta.get("threshold", 0.5)), started_at.strftime("%Y-%m-%d")
-        writer = RunWriter(ledger, lease, todo, earlier, run_id, meta["model_id"], threshold, run_date, scoring_id)
-        writer.keep_scores = cfg.heatmaps == "flagged"
-        head = {"input": cfg.data, "split": cfg.split, "full": cfg.full, "started_at": started_at.isoformat()}
-        head["pseudonyms"] = key_id
-        heatmaps = 0
-        if todo.num_rows:
-            _score_into(writer, todo, weights, meta, cfg, head, names)
-            if writer.keep_scores:
-                heatmaps = _heatmaps_into(writer, todo, weights, meta, cfg, names)
-        seconds = time.monotonic() - t0
-        totals = {
-            "run_id": run_id,
-            "model_id": meta["model_id"],
-            "scoring_id": scoring_id,
-            "threshold": writer.threshold,
-            "images": writer.rows,
-            "errors": writer.errors,
-            "skipped": skipped.num_rows,
-            "not_radiographs": writer.not_radiographs,
-            "engines": writer.engines,
-            "heatmaps": heatmaps,
-            "distribution": writer.distribution.record(),
-            "tta": cfg.tta,
-            "not_radiographs_known": scan.table.num_rows - todo.num_rows - skipped.num_rows,
-            "ignored_files": len(scan.ignored),
-            "missing_files": len(scan.missing),
-            "broken_links": len(scan.broken_links),
-            **scan.counts(),
-            "seconds": round(seconds, 3),
-            "plan_seconds": round(plan_seconds, 3),
-            "images_per_second": round(writer.rows / seconds, 3) if seconds else 0.0,
-            "recovered": recovered,
-        }
-        last = writer.commit(dict(head, final=True, run=totals))
-        ledger.update_index(scoring_id, lease)
-        ledger.drop_staging(run_id)
-    finally:
-        lease.release()
-    totals = dict(last["run"], chunks=last["chunk"] + 1)
-    log.info("committed run %(run_id)s: %(images)d image rows, %(studies)d study rows in %(chunks)d chunk(s)", totals)
+    resumed = store.last_chunk(run_id)
+    if resumed is not None:
+        log.info("run %s committed chunks up to %d before: it goes on from chunk %d", run_id, resumed, resumed + 1)
+    key_id = names.key_id if names is not None else None
+    runs = store.runs()
+    pseudonyms.check_one_key([dict(r["totals"], status="committed") for r in runs], key_id, cfg.out)
+    scoring_id = scoring_id_of(meta, cfg.tta)
+    earlier, todo, skipped = _plan(store, scan, meta["model_id"], scoring_id, cfg)
+    faults.maybe_pause("pause-after-plan")
+    plan_seconds = time.monotonic() - t0
+    threshold, run_date = float(meta.get("threshold", 0.5)), started_at.strftime("%Y-%m-%d")
+    first = 0 if resumed is None else resumed + 1
+    writer = RunWriter(store, todo, earlier, run_id, meta["model_id"], threshold, run_date, scoring_id, chunk=first)
+    head = {"input": cfg.data, "split": cfg.split, "full": cfg.full, "started_at": started_at.isoformat()}
+    head["pseudonyms"] = key_id
+    if todo.num_rows:
+        _score_into(writer, todo, weights, meta, cfg, head, names)
+    drawn, heatmaps = None, 0
+    if cfg.heatmaps == "flagged":
+        if writer.has_rows():
+            writer.commit(dict(head, final=False))  # the overlays are chosen from committed rows
+        drawn = _heatmaps_of(store, writer, scan.table, weights, meta, cfg, names)
+        heatmaps = drawn["error"].null_count if drawn is not None else 0
+    seconds = time.monotonic() - t0
+    totals = {
+        "run_id": run_id,
+        "model_id": meta["model_id"],
+        "scoring_id": scoring_id,
+        "threshold": writer.threshold,
+        "images": writer.rows,
+        "errors": writer.errors,
+        "skipped": skipped.num_rows,
+        "not_radiographs": writer.not_radiographs,
+        "engines": writer.engines,
+        "heatmaps": heatmaps,
+        "distribution": writer.distribution.record(),
+        "tta": cfg.tta,
+        "not_radiographs_known": scan.table.num_rows - todo.num_rows - skipped.num_rows,
+        "ignored_files": len(scan.ignored),
+        "missing_files": len(scan.missing),
+        "broken_links": len(scan.broken_links),
+        **scan.counts(),
+        "seconds": round(seconds, 3),
+        "plan_seconds": round(plan_seconds, 3),
+        "images_per_second": round(writer.rows / seconds, 3) if seconds else 0.0,
+        "resumed_after_chunk": resumed,
+    }
+    last = writer.commit(dict(head, final=True, run=totals), heatmaps=drawn)
+    totals = dict(last["run"], chunks=last["chunk"] + 1 - first, version=last["version"])
+    log.info(
+        "committed run %(run_id)s: %(images)d image rows, %(studies)d studies updated in %(chunks)d chunk(s), "
+        "table version %(version)d",
+        totals,
+    )
     examples = {"ignored": scan.ignored, "missing": scan.missing, "broken_link": scan.broken_links}
     if names is not None:
         examples = {k: [names.path(p) for p in v[:5]] for k, v in examples.items()}
     return dict(totals, output=cfg.out, **{f"{k}_examples": v[:5] for k, v in examples.items()})
+
+
+def _note_old_format(out: str) -> None:
+    """One line when ``out`` holds scores in the format of mura-ray before the Delta table (``_runs/``)."""
+    fs, base = storage.filesystem(out)
+    try:
+        old = fs.exists(storage.join(base, "_runs"))
+    except Exception:
+        old = False
+    if old:
+        log.warning(
+            "%s holds scores in the format of mura-ray < 0.3 (_runs/, images/, studies/): they are left as they "
+            "are and not read; this run scores the archive anew into %s/scores",
+            out,
+            out.rstrip("/"),
+        )
 
 
 def _write_map(names: pseudonyms.Pseudonyms, scan: Any, cfg: ScoreConfig) -> None:
@@ -187,12 +204,12 @@ def _write_map(names: pseudonyms.Pseudonyms, scan: Any, cfg: ScoreConfig) -> Non
 
 
 def _plan(
-    ledger: Ledger, scan: Any, model_id: str, scoring_id: str, cfg: ScoreConfig
+    store: ScoreStore, scan: Any, model_id: str, scoring_id: str, cfg: ScoreConfig
 ) -> tuple[pa.Table, pa.Table, pa.Table]:
     """(earlier current rows of the archive's images, to score, skipped) for this run."""
-    earlier = ledger.scored(scoring_id)
+    earlier = store.scored(scoring_id)
     earlier = earlier.filter(pc.is_in(earlier["image_uri"], scan.table["image_uri"]))
-    not_scored = ledger.not_scored()
+    not_scored = store.not_scored()
     accepted = accepted_modalities(cfg.modalities)
     # Set aside while their modality is still not asked for: with --modalities extended, they are scored.
     keep = (
@@ -238,7 +255,6 @@ def _score_into(
             writer.add(results)
             if writer.pending >= cfg.commit_every:
                 writer.commit(dict(head, final=False))
-                faults.maybe_kill("chunk-committed")
             bar.set(seen, postfix=f"{writer.errors} errors" if writer.errors else "")
     log.info("scored %d images in %.1fs (%.1f images/s), %d errors", seen, bar.seconds, bar.rate, writer.errors)
     if seen != todo.num_rows:
@@ -255,25 +271,49 @@ def _keys_to_read(todo: pa.Table, names: pseudonyms.Pseudonyms | None) -> tuple[
     return keys, dict(zip(paths.to_pylist(), todo["image_uri"].to_pylist()))
 
 
-def _heatmaps_into(
+def flagged_without_heatmap(store: ScoreStore, scoring_id: str, catalog: pa.Table) -> pa.Table:
+    """The current image rows (of ``scoring_id``, of the images in ``catalog``, with a score) in studies whose
+    current row is predicted abnormal and that have no overlay of this row yet: none, or one drawn from a
+    file of another size or tag. Read from one snapshot."""
+    table = store.table()
+    if table is None:
+        return store.current("image").select(["image_uri", "study_uri", "prob_abnormal", *HEATMAP_EXTRA])
+    studies = store.current("study", scoring_id, table)
+    flagged = studies.filter(pc.fill_null(studies["predicted_abnormal"], False))["study_uri"]
+    images = store.current("image", scoring_id, table)
+    images = images.filter(
+        pc.and_(
+            pc.and_(pc.is_in(images["study_uri"], flagged), pc.is_in(images["image_uri"], catalog["image_uri"])),
+            pc.is_valid(images["prob_abnormal"]),
+        )
+    ).select(["image_uri", "study_uri", "prob_abnormal", *HEATMAP_EXTRA])
+    drawn = store.current("heatmap", scoring_id, table)
+    done = set(zip(*(drawn[c].to_pylist() for c in ("image_uri", *HEATMAP_EXTRA))))
+    lacking = [k not in done for k in zip(*(images[c].to_pylist() for c in ("image_uri", *HEATMAP_EXTRA)))]
+    return images.filter(pa.array(lacking, pa.bool_())).sort_by("image_uri")
+
+
+def _heatmaps_of(
+    store: ScoreStore,
     writer: RunWriter,
-    todo: pa.Table,
+    catalog: pa.Table,
     weights: bytes,
     meta: dict[str, Any],
     cfg: ScoreConfig,
     names: pseudonyms.Pseudonyms | None,
-) -> int:
-    """Stage a Grad-CAM overlay of each image this run scored in a study predicted abnormal, and their index,
-    to be committed with the run's last chunk: the PNGs under ``heatmaps/run_date=D/run_id=R/``, the index as
-    ``heatmap_index/run_date=D/R.parquet``; returns how many. With ``names``, each PNG is named by its image's
-    pseudonym and captioned with its start."""
-    flagged = writer.flagged_images()
+) -> pa.Table | None:
+    """Draw a Grad-CAM overlay of each image of a flagged study that has none of its current row
+    (``flagged_without_heatmap``), write the PNGs under ``heatmaps/run_date=D/run_id=R/`` and return their
+    rows, to be committed with the run's last chunk (None when there is nothing to draw). With ``names``,
+    each PNG is named by its image's pseudonym and captioned with its start."""
+    flagged = flagged_without_heatmap(store, writer.scoring_id, catalog)
     if flagged.num_rows == 0:
-        return 0
+        return None
+    fs, base = storage.filesystem(cfg.out)
     root = cfg.data if names is None else None  # pseudonyms are names already, under no root
     folder = storage.join("heatmaps", f"run_date={writer.run_date}", f"run_id={writer.run_id}")
-    study_of = dict(zip(todo["image_uri"].to_pylist(), todo["study_uri"].to_pylist()))
-    keys, by_path = _keys_to_read(todo.filter(pc.is_in(todo["image_uri"], flagged["image_uri"])), names)
+    study_of = dict(zip(flagged["image_uri"].to_pylist(), flagged["study_uri"].to_pylist()))
+    keys, by_path = _keys_to_read(catalog.filter(pc.is_in(catalog["image_uri"], flagged["image_uri"])), names)
     if names is not None:
         shown = dict(zip(flagged["image_uri"].to_pylist(), flagged["prob_abnormal"].to_pylist()))
         order = [by_path[p] for p in keys["image_uri"].to_pylist()]
@@ -292,15 +332,16 @@ def _heatmaps_into(
                 batch = dict(batch, image_uri=named, error=scrubbed)
             for uri, png in zip(batch["image_uri"], batch["png"]):
                 if len(png):
-                    writer.stage_file(storage.join(folder, heatmap_name(str(uri), root)), png)
+                    storage.write_bytes(fs, storage.inside(base, folder, heatmap_name(str(uri), root)), png)
             parts.append(index_rows(batch, study_of, root, meta, HEATMAP_LAYER, prefix=folder))
             bar.update(len(batch["image_uri"]))
-    index = pa.concat_tables(parts).sort_by("image_uri")
-    index_file = storage.join("heatmap_index", f"run_date={writer.run_date}", f"{writer.run_id}.parquet")
-    writer.stage_file(index_file, storage.parquet_bytes(index))
-    made = index["error"].null_count  # rows without an error
-    log.info("staged %d heatmaps of %d flagged studies", made, len(set(flagged["study_uri"].to_pylist())))
-    return made
+            faults.maybe_kill("heatmap")
+    rows = pa.concat_tables(parts).sort_by("image_uri")
+    fingerprint = flagged.select(["image_uri", *HEATMAP_EXTRA])
+    rows = rows.join(fingerprint, "image_uri", join_type="left outer").sort_by("image_uri")
+    made = rows["error"].null_count  # rows without an error
+    log.info("drew %d heatmaps of %d flagged studies", made, len(set(flagged["study_uri"].to_pylist())))
+    return rows
 
 
 def _caption(image: str) -> str:

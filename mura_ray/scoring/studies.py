@@ -69,10 +69,20 @@ class StudyTotals:
             self._touched.add(study)
             _count(self._own.setdefault(study, [0, 0.0, 0]), prob)
 
-    def _current(self, studies: list[str]) -> dict[str, list]:
-        """[images, sum of scores, scores] of each study over its current rows: this run's, else earlier runs'."""
+    def touched(self) -> list[str]:
+        """The studies of the chunk being written."""
+        return sorted(self._touched)
+
+    def end_chunk(self) -> None:
+        """The chunk is committed: the next one starts with no study touched."""
+        self._touched = set()
+
+    def _current(self, studies: list[str], earlier: pa.Table | None = None) -> dict[str, list]:
+        """[images, sum of scores, scores] of each study over its current rows: this run's, else those of
+        ``earlier`` (by default the rows of earlier runs when this run was planned)."""
         totals = {study: list(self._own[study]) for study in studies}
-        earlier = self.earlier.filter(pc.is_in(self.earlier["study_uri"], pa.array(studies, pa.string())))
+        earlier = self.earlier if earlier is None else earlier
+        earlier = earlier.filter(pc.is_in(earlier["study_uri"], pa.array(studies, pa.string())))
         columns = (earlier[c].to_pylist() for c in ("image_uri", "study_uri", "prob_abnormal"))
         for uri, study, prob in zip(*columns):
             if uri not in self._own_uris:
@@ -84,11 +94,11 @@ class StudyTotals:
         totals = self._current(sorted(self._own))
         return [s for s, (_, total, scored) in totals.items() if scored and total / scored >= self.threshold]
 
-    def chunk_table(self) -> pa.Table:
-        """One row per study the current chunk touched, over its current rows (this run's, else earlier
-        runs'); the next chunk starts with none touched."""
-        touched, self._touched = sorted(self._touched), set()
-        totals = self._current(touched)
+    def chunk_table(self, earlier: pa.Table | None = None) -> pa.Table:
+        """One row per study the current chunk touched, over its current rows (this run's, else those of
+        ``earlier``: the current image rows of the snapshot the chunk commits onto)."""
+        touched = sorted(self._touched)
+        totals = self._current(touched, earlier)
         if self._known is None:
             self._known = self.catalog.group_by("study_uri", use_threads=False).aggregate(
                 [("patient_id", "first"), ("body_part", "first"), ("label", "first")]
