@@ -83,7 +83,7 @@ def _summary(
     t_sample: float,
     total: float,
 ) -> dict[str, Any]:
-    """The demo's figures: the evaluation, the study metrics read back from the scored Parquet, times, outputs."""
+    """The demo's figures: the evaluation, the study metrics read back from the scores table, times, outputs."""
     # Read the committed study rows back and measure them, as a user of the output would (README).
     from deltalake import DeltaTable
 
@@ -164,7 +164,7 @@ def render_summary(s: dict[str, Any]) -> str:
         )
     p = s["validation_study_metrics_from_parquet"]
     lines += [
-        f"  study kappa read back from the scored Parquet: {p['kappa']:.3f} ({s['images_scored']} images, "
+        f"  study kappa read back from the scores table: {p['kappa']:.3f} ({s['images_scored']} images, "
         f"{s['scoring_errors']} errors; scored by "
         + ", ".join(f"{k} ({n})" for k, n in s.get("scored_by", {}).items())
         + ")",
