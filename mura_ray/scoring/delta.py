@@ -83,6 +83,7 @@ row names is an orphan ``vacuum`` deletes.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import random
@@ -110,8 +111,13 @@ log = logging.getLogger(__name__)
 TABLE = "scores"
 ATTEMPTS = 8  # commits tried against a table that other writers keep changing, before giving up
 KINDS = ("image", "study", "heatmap", "not_scored", "run")
-KEY_OF = {"image": "image_uri", "study": "study_uri", "heatmap": "image_uri", "not_scored": "image_uri"}
-KEY_OF["run"] = "run_id"
+KEY_OF = {
+    "image": "image_uri",
+    "study": "study_uri",
+    "heatmap": "image_uri",
+    "not_scored": "image_uri",
+    "run": "run_id",
+}
 HEATMAP_EXTRA = ("source_size", "source_etag")  # the image row an overlay shows: redrawn when the file changes
 STAMPED = ("scoring_id", "run_id")  # on every row; a heatmap row gets them from its chunk
 MERGE_PREDICATE = "t.kind = s.kind AND t.key = s.key AND t.scoring_id = s.scoring_id"
@@ -286,33 +292,35 @@ class ScoreStore:
 
     def view(self, kind: str, version: int | str | None = None) -> pa.Table:
         """One kind's rows (its documented columns) at the latest version or at ``version``."""
-        table = self.table(version)
-        if table is None:
-            return _empty(kind)
-        return typed(self.dataset(table, kind).to_table(columns=VIEW_COLUMNS[kind]))
+        return self.current(kind, table=self.table(version))
 
     def snapshot(self, version: int | str | None = None) -> dict[str, pa.Table]:
         """Every kind's rows read from one version of the table: whole chunks only."""
         table = self.table(version)
-        if table is None:
-            return {kind: _empty(kind) for kind in KINDS}
-        return {kind: typed(self.dataset(table, kind).to_table(columns=VIEW_COLUMNS[kind])) for kind in KINDS}
+        return {kind: self.current(kind, table=table) if table is not None else _empty(kind) for kind in KINDS}
 
     def scored(self, scoring_id: str) -> pa.Table:
-        """The current row of each image scored with ``scoring_id`` (``Ledger.scored``'s columns)."""
-        table = self.table()
-        if table is None:
-            return IMAGES_SCHEMA.empty_table().select(PRIOR_COLUMNS)
-        rows = typed(self.dataset(table, "image").to_table(columns=PRIOR_COLUMNS + ["scoring_id"]))
-        return rows.filter(pc.equal(rows["scoring_id"], scoring_id)).select(PRIOR_COLUMNS)
+        """The current row of each image scored with ``scoring_id`` (``PRIOR_COLUMNS``)."""
+        return self.current("image", scoring_id, columns=PRIOR_COLUMNS)
 
-    def current(self, kind: str, scoring_id: str | None = None, table: DeltaTable | None = None) -> pa.Table:
-        """One kind's rows (of ``scoring_id``, or all) in ``table``'s snapshot or the latest."""
+    def current(
+        self,
+        kind: str,
+        scoring_id: str | None = None,
+        table: DeltaTable | None = None,
+        columns: list[str] | None = None,
+    ) -> pa.Table:
+        """One kind's rows (of ``scoring_id``, or all; its documented columns, or ``columns``) in ``table``'s
+        snapshot or the latest."""
+        columns = columns or VIEW_COLUMNS[kind]
         table = table or self.table()
         if table is None:
-            return _empty(kind)
-        rows = typed(self.dataset(table, kind).to_table(columns=VIEW_COLUMNS[kind]))
-        return rows if scoring_id is None else rows.filter(pc.equal(rows["scoring_id"], scoring_id))
+            return _empty(kind).select(columns)
+        read = columns if scoring_id is None or "scoring_id" in columns else [*columns, "scoring_id"]
+        rows = typed(self.dataset(table, kind).to_table(columns=read))
+        if scoring_id is not None:
+            rows = rows.filter(pc.equal(rows["scoring_id"], scoring_id))
+        return rows.select(columns)
 
     def not_scored(self) -> pa.Table:
         """DICOM files runs found not to be radiographs: ``image_uri``, fingerprint, ``modality``; one row per
@@ -324,8 +332,6 @@ class ScoreStore:
 
     def runs(self) -> list[dict[str, Any]]:
         """Every scoring run's row, oldest first: ``run_id``, ``chunks``, ``final`` and its ``totals``."""
-        import json
-
         rows = self.current("run").sort_by([("scored_at", "ascending"), ("run_id", "ascending")]).to_pylist()
         return [dict(r, totals=json.loads(r["totals"] or "{}")) for r in rows]
 

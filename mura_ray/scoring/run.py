@@ -276,17 +276,18 @@ def flagged_without_heatmap(store: ScoreStore, scoring_id: str, catalog: pa.Tabl
     current row is predicted abnormal and that have no overlay of this row yet: none, or one drawn from a
     file of another size or tag. Read from one snapshot."""
     table = store.table()
+    shown = ["image_uri", "study_uri", "prob_abnormal", *HEATMAP_EXTRA]
     if table is None:
-        return store.current("image").select(["image_uri", "study_uri", "prob_abnormal", *HEATMAP_EXTRA])
+        return store.current("image", columns=shown)
     studies = store.current("study", scoring_id, table)
     flagged = studies.filter(pc.fill_null(studies["predicted_abnormal"], False))["study_uri"]
-    images = store.current("image", scoring_id, table)
+    images = store.current("image", scoring_id, table, columns=shown)
     images = images.filter(
         pc.and_(
             pc.and_(pc.is_in(images["study_uri"], flagged), pc.is_in(images["image_uri"], catalog["image_uri"])),
             pc.is_valid(images["prob_abnormal"]),
         )
-    ).select(["image_uri", "study_uri", "prob_abnormal", *HEATMAP_EXTRA])
+    )
     drawn = store.current("heatmap", scoring_id, table)
     done = set(zip(*(drawn[c].to_pylist() for c in ("image_uri", *HEATMAP_EXTRA))))
     lacking = [k not in done for k in zip(*(images[c].to_pylist() for c in ("image_uri", *HEATMAP_EXTRA)))]

@@ -89,11 +89,6 @@ class StudyTotals:
                 _count(totals[study], prob)
         return totals
 
-    def flagged(self) -> list[str]:
-        """The studies this run touched whose current mean score is at or above the threshold."""
-        totals = self._current(sorted(self._own))
-        return [s for s, (_, total, scored) in totals.items() if scored and total / scored >= self.threshold]
-
     def chunk_table(self, earlier: pa.Table | None = None) -> pa.Table:
         """One row per study the current chunk touched, over its current rows (this run's, else those of
         ``earlier``: the current image rows of the snapshot the chunk commits onto)."""
