@@ -30,12 +30,15 @@ does no harm.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import logging
 import os
 import posixpath
 import re
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,15 +117,24 @@ def _walk(fs, base: str) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     while stack:
         folder = stack.pop()
         try:
-            entries = fs.ls(folder, detail=True)
+            with os.scandir(folder) as it:
+                entries = list(it)
         except OSError as exc:  # no permission; or removed since its parent was listed
             unreadable[folder] = f"{type(exc).__name__}: {exc.strerror or exc}"
             continue
-        for info in entries:
-            if info["type"] == "directory":  # a link to a folder is not one (type "other", islink)
-                stack.append(info["name"])
-            else:
-                found[info["name"]] = info
+        for entry in entries:
+            path = entry.path
+            try:
+                if entry.is_symlink():  # followed or not by list_archive; a link to a folder never
+                    found[path] = {"name": path, "type": "other", "islink": True}
+                elif entry.is_dir(follow_symlinks=False):
+                    stack.append(path)
+                else:
+                    st = entry.stat(follow_symlinks=False)
+                    kind = "file" if stat.S_ISREG(st.st_mode) else "other"
+                    found[path] = dict(storage.local_info(st), name=path, type=kind)
+            except FileNotFoundError:  # removed since its folder was listed
+                continue
     return found, unreadable
 
 
@@ -302,16 +314,24 @@ def _csv_rows(fs, csv_dir: str, listing: Listing, found: CsvFindings) -> list[di
 
 
 def _tree_rows(fs, base: str, listing: Listing) -> list[dict[str, Any]]:
+    """A row per listed image, its labels from its folders (parsed once per folder)."""
     rows = []
+    folders: dict[str, tuple[dict[str, Any], str]] = {}  # folder -> (its parse_parts, its URI)
+    prefix = base.rstrip("/") + "/"
     for path, info in listing.images.items():
-        parts = parse_parts(path, posixpath.relpath(path, base))
+        folder = path.rpartition("/")[0]
+        known = folders.get(folder)
+        if known is None:
+            rel = path[len(prefix) :] if path.startswith(prefix) else posixpath.relpath(path, base)
+            known = folders[folder] = (parse_parts(path, rel), storage.to_uri(fs, folder))
+        parts, study_uri = known
         rows.append(
             dict(
                 image_uri=storage.to_uri(fs, path),
                 split=parts["split"],
                 body_part=parts["body_part"],
                 patient_id=parts["patient_id"],
-                study_uri=storage.to_uri(fs, posixpath.dirname(path)),
+                study_uri=study_uri,
                 label=parts["label"],
                 source_size=info.get("size"),
                 source_etag=storage.source_tag(info),
@@ -358,6 +378,18 @@ def build_catalog(root: str, *, split: str | None = None, follow_links: str = "i
     return scan_archive(root, split=split, follow_links=follow_links).table
 
 
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the block (reference counting still frees everything)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def scan_archive(root: str, *, split: str | None = None, follow_links: str = "inside") -> Scan:
     """``build_catalog`` plus the URIs of the non-image files found (MURA's CSVs excepted) and what else the
     listing and the CSVs found, each kind logged as one line."""
@@ -366,12 +398,13 @@ def scan_archive(root: str, *, split: str | None = None, follow_links: str = "in
         raise UsageError(f"archive root not found: {root!r}")
     if not fs.isdir(base):
         raise UsageError(f"archive root is a file, not a folder: {root!r}")
-    listing = list_archive(fs, base, follow_links)
-    csv_dir = _csv_dir(fs, base, listing)
-    found = CsvFindings()
-    rows = _csv_rows(fs, csv_dir, listing, found) if csv_dir else []
-    listed = {r["image_uri"] for r in rows}
-    rows += [r for r in _tree_rows(fs, base, listing) if r["image_uri"] not in listed]
+    with _collector_paused():  # a million small acyclic dicts: the cyclic collector's passes would be wasted
+        listing = list_archive(fs, base, follow_links)
+        csv_dir = _csv_dir(fs, base, listing)
+        found = CsvFindings()
+        rows = _csv_rows(fs, csv_dir, listing, found) if csv_dir else []
+        listed = {r["image_uri"] for r in rows}
+        rows += [r for r in _tree_rows(fs, base, listing) if r["image_uri"] not in listed]
     if not rows:
         raise UsageError(_no_images(root, base, listing, found))
     table = pa.Table.from_pylist(rows, schema=CATALOG_SCHEMA).sort_by("image_uri")
