@@ -485,6 +485,9 @@ class BenchNightlyConfig(ConfigBase):
         (1, 100), help="committed nights behind the timed one", metavar="K,K", check=int_list
     )
     new: int = option(1000, help="new images the timed night finds", check=positive_int)
+    repeats: int = option(
+        3, help="nights timed per size and history, the histories in turn; the table shows medians", check=positive_int
+    )
     json: str | None = option(None, metavar="FILE", help="also write the figures as JSON", path=True)
 
 

@@ -407,7 +407,7 @@ def bench(args: argparse.Namespace) -> int:
         print(recipe.recipe_table(result))
     elif args.bench == "nightly":
         cfg = config_from(C.BenchNightlyConfig, args)
-        result = nightly.bench_nightly(cfg.sizes, cfg.nights, cfg.new)
+        result = nightly.bench_nightly(cfg.sizes, cfg.nights, cfg.new, repeats=cfg.repeats)
         print(nightly.nightly_table(result))
     else:
         cfg = config_from(C.BenchTrainConfig, args)

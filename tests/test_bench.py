@@ -65,13 +65,15 @@ def test_bench_train_reports_epochs_and_workers(ray_cluster, tmp_path):
 @pytest.mark.timeout(600)
 def test_bench_nightly_times_a_night_per_size_and_history(ray_cluster, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    args = ["bench", "nightly", "--sizes", "30,60", "--nights", "1,3", "--new", "4", "--json", "n.json"]
-    assert cli.main(args) == 0
+    args = ["bench", "nightly", "--sizes", "30,60", "--nights", "1,3", "--new", "4", "--repeats", "2"]
+    assert cli.main([*args, "--json", "n.json"]) == 0
     result = json.loads((tmp_path / "n.json").read_text())
     rows = {(r["archive_files"], r["nights_behind"]): r for r in result["rows"]}
     assert set(rows) == {(30, 1), (30, 3), (60, 1), (60, 3)}
     for row in rows.values():
         assert row["scored"] == 4 and 0 < row["plan_seconds"] < row["seconds"] and row["driver_peak_bytes"] > 0
+        assert 0 < row["list_seconds"] <= row["plan_seconds"] and 0 < row["commit_seconds"] < row["seconds"]
+        assert len(row["tries_seconds"]) == 2 and min(row["tries_seconds"]) <= row["seconds"] + 0.01
     assert set(result["nights_ratio"]) == {"30", "60"} and set(result["size_ratio"]) == {"1", "3"}
     printed = capsys.readouterr().out
     assert "most nights / one night" in printed and f"CPU: {result['cpu']['model']}" in printed

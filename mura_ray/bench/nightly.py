@@ -2,11 +2,12 @@
 
 For each archive size (zero-byte ``.png`` files in study folders: listing
 and planning never read pixels) and each history (1 or K committed nights
-behind it, the same images in all), the bench times one real
-``run_scoring`` that finds ``new`` new (real, small PNG) images: wall time
-and the driver's peak resident memory. The history is written through the
-ledger's own commit path (``RunWriter``, one chunk per night, then the
-model's index), without a model: its rows are placeholders.
+behind it, the same images in all), the bench times real ``run_scoring``
+nights that find ``new`` new (real, small PNG) images: wall time, its
+listing, planning and commits, and the driver's peak resident memory. The
+history is written through the nights' own commit path (``RunWriter``, one
+chunk per night, a MERGE into the scores table each), without a model: its
+scores are placeholders.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def write_history(out: str, data: str, meta: dict[str, Any], nights: int) -> Non
         run_id = f"history-{i:04d}"
         part = catalog.slice(lo, hi - lo)
         day_i = str(day + dt.timedelta(i))
-        writer = RunWriter(store, part, _no_rows(), run_id, model_id, 0.5, day_i, scoring_id)
+        writer = RunWriter(store, part, run_id, model_id, 0.5, day_i, scoring_id)
         probs = np.random.default_rng(i).random(part.num_rows).astype(np.float32)
         writer.add(
             pa.table(
@@ -77,13 +78,12 @@ def write_history(out: str, data: str, meta: dict[str, Any], nights: int) -> Non
         writer.commit({"final": True, "started_at": f"{day_i}T00:00:00+00:00"})
 
 
-def _no_rows() -> pa.Table:
-    return pa.table({"image_uri": pa.array([], pa.string()), "study_uri": pa.array([], pa.string())}).append_column(
-        "prob_abnormal", pa.array([], pa.float32())
-    )
+PHASES = ("seconds", "plan_seconds", "list_seconds", "commit_seconds")
 
 
 def timed_night(model_dir: str, data: str, out: str) -> dict[str, Any]:
+    """One real ``run_scoring`` of ``data`` into ``out``: its wall time, the phases its manifest records
+    (listing; listing and planning; its commits) and the driver's peak memory."""
     from mura_ray.config import ScoreConfig
     from mura_ray.scoring.run import run_scoring
 
@@ -94,15 +94,24 @@ def timed_night(model_dir: str, data: str, out: str) -> dict[str, Any]:
     return {
         "seconds": seconds,
         "plan_seconds": manifest["plan_seconds"],
+        "list_seconds": manifest["list_seconds"],
+        "commit_seconds": manifest["commit_seconds"],
         "driver_peak_bytes": mem.peak,
         "scored": manifest["images"],
     }
 
 
 def bench_nightly(
-    sizes: tuple[int, ...], nights: tuple[int, ...], new: int, workdir: str | None = None
+    sizes: tuple[int, ...], nights: tuple[int, ...], new: int, repeats: int = 3, workdir: str | None = None
 ) -> dict[str, Any]:
-    """Time a night finding ``new`` images, per archive size and per number of nights behind it."""
+    """Time a night finding ``new`` images, per archive size and per number of nights behind it.
+
+    At each size every history is written first; then the nights are timed
+    ``repeats`` times, the histories taken in turn (forwards, then
+    backwards), each time on a fresh copy of its table, so that what drifts
+    on the machine (page cache, a busy neighbour) falls on every history
+    alike. A row holds the median of each phase and the spread of the wall
+    time."""
     from mura_ray import cluster
 
     cluster.connect()
@@ -117,33 +126,50 @@ def bench_nightly(
             t0 = time.perf_counter()
             make_empty_archive(data, size)
             log.info("archive of %d empty files written in %.0fs", size, time.perf_counter() - t0)
+            histories = {}
             for k in nights:
-                out = os.path.join(tmp, f"out-{size}-{k}")
+                histories[k] = os.path.join(tmp, f"history-{size}-{k}")
                 t0 = time.perf_counter()
-                write_history(out, data, meta, k)
+                write_history(histories[k], data, meta, k)
                 log.info("%d night(s) of history over %d images written in %.0fs", k, size, time.perf_counter() - t0)
-                shutil.copytree(fresh, os.path.join(data, "tonight"))
-                row = {"archive_files": size, "nights_behind": k, "new_files": new, **timed_night(model_dir, data, out)}
-                shutil.rmtree(os.path.join(data, "tonight"))
-                shutil.rmtree(out)
-                log.info("%s", row)
-                rows.append(row)
+            shutil.copytree(fresh, os.path.join(data, "tonight"))
+            samples: dict[int, list[dict[str, Any]]] = {k: [] for k in nights}
+            for r in range(repeats):
+                for k in nights if r % 2 == 0 else nights[::-1]:
+                    out = os.path.join(tmp, "tonight-out")
+                    shutil.copytree(histories[k], out)
+                    samples[k].append(timed_night(model_dir, data, out))
+                    shutil.rmtree(out)
+                    log.info("%d files, %d night(s) behind, try %d: %s", size, k, r + 1, samples[k][-1])
+            for k in nights:
+                rows.append({"archive_files": size, "nights_behind": k, "new_files": new, **summary(samples[k])})
+                shutil.rmtree(histories[k])
             shutil.rmtree(data)
     return {
         "cpu": cpu_info(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "repeats": repeats,
         "rows": rows,
         **ratios(rows),
     }
 
 
+def summary(tries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of each phase over ``tries``, the wall times of them all, the highest driver peak."""
+    out: dict[str, Any] = {key: float(np.median([t[key] for t in tries])) for key in PHASES}
+    out["tries_seconds"] = [round(t["seconds"], 2) for t in tries]
+    out["driver_peak_bytes"] = max(t["driver_peak_bytes"] for t in tries)
+    out["scored"] = tries[-1]["scored"]
+    return out
+
+
 def ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Most nights / one night at each size; largest / smallest size at each history."""
+    """Most nights / one night at each size; largest / smallest size at each history (medians)."""
     out: dict[str, Any] = {}
-    for key in ("seconds", "plan_seconds"):
+    for key in PHASES:
         by = {(r["archive_files"], r["nights_behind"]): r[key] for r in rows}
         sizes, nights = sorted({s for s, _ in by}), sorted({k for _, k in by})
-        prefix = "" if key == "seconds" else "plan_"
+        prefix = "" if key == "seconds" else key.removesuffix("seconds")
         out[prefix + "nights_ratio"] = {str(s): by[s, nights[-1]] / by[s, nights[0]] for s in sizes if len(nights) > 1}
         out[prefix + "size_ratio"] = {str(k): by[sizes[-1], k] / by[sizes[0], k] for k in nights if len(sizes) > 1}
     out["size_factor"] = sizes[-1] / sizes[0] if rows else 1
@@ -152,21 +178,26 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def nightly_table(r: dict[str, Any]) -> str:
     lines = [
-        "| archive files | nights behind | new files | night's wall time (s) | of which listing + planning (s) "
-        "| driver peak memory (MiB) |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"medians of {r['repeats']} tries each",
+        "",
+        "| archive files | nights behind | new files | night's wall time (s) | tries (s) | listing (s) "
+        "| listing + planning (s) | commits (s) | driver peak memory (MiB) |",
+        "| ---: | ---: | ---: | ---: | :--- | ---: | ---: | ---: | ---: |",
     ]
     for row in r["rows"]:
         lines.append(
             f"| {row['archive_files']:,} | {row['nights_behind']} | {row['new_files']:,} | {row['seconds']:.1f} | "
-            f"{row['plan_seconds']:.1f} | "
-            f"{row['driver_peak_bytes'] / 2**20:.0f} |"
+            f"{', '.join(f'{t:.1f}' for t in row['tries_seconds'])} | {row['list_seconds']:.1f} | "
+            f"{row['plan_seconds']:.1f} | {row['commit_seconds']:.1f} | {row['driver_peak_bytes'] / 2**20:.0f} |"
         )
     for size, ratio in r["nights_ratio"].items():
-        lines.append(f"\nat {int(size):,} files: most nights / one night = {ratio:.2f}")
+        plan = r["plan_nights_ratio"][size]
+        lines.append(f"\nat {int(size):,} files: most nights / one night = {ratio:.2f} (listing + planning {plan:.2f})")
     for k, ratio in r["size_ratio"].items():
+        listing = r["list_size_ratio"][k]
         lines.append(
-            f"with {k} night(s) behind: largest / smallest archive = {ratio:.2f} (files x{r['size_factor']:g})"
+            f"with {k} night(s) behind: largest / smallest archive = {ratio:.2f}, listing alone {listing:.2f} "
+            f"(files x{r['size_factor']:g})"
         )
     cpu = r["cpu"]
     return "\n".join(lines) + f"\n\nCPU: {cpu['model']}; features: {', '.join(cpu['flags']) or 'none'}"

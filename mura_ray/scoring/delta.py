@@ -299,9 +299,9 @@ class ScoreStore:
         table = self.table(version)
         return {kind: self.current(kind, table=table) if table is not None else _empty(kind) for kind in KINDS}
 
-    def scored(self, scoring_id: str) -> pa.Table:
+    def scored(self, scoring_id: str, table: DeltaTable | None = None) -> pa.Table:
         """The current row of each image scored with ``scoring_id`` (``PRIOR_COLUMNS``)."""
-        return self.current("image", scoring_id, columns=PRIOR_COLUMNS)
+        return self.current("image", scoring_id, table, columns=PRIOR_COLUMNS)
 
     def current(
         self,
@@ -322,22 +322,26 @@ class ScoreStore:
             rows = rows.filter(pc.equal(rows["scoring_id"], scoring_id))
         return rows.select(columns)
 
-    def not_scored(self) -> pa.Table:
+    def not_scored(self, table: DeltaTable | None = None) -> pa.Table:
         """DICOM files runs found not to be radiographs: ``image_uri``, fingerprint, ``modality``; one row per
         file (the latest, where runs of several scoring ids found it)."""
-        rows = self.current("not_scored").sort_by([("image_uri", "ascending"), ("scored_at", "descending")])
+        rows = self.current("not_scored", table=table).sort_by(
+            [("image_uri", "ascending"), ("scored_at", "descending")]
+        )
         uris = rows["image_uri"].to_pylist()
         first = [i == 0 or uris[i] != uris[i - 1] for i in range(len(uris))]
         return rows.filter(pa.array(first, pa.bool_())).select(NOT_SCORED_COLUMNS)
 
-    def runs(self) -> list[dict[str, Any]]:
+    def runs(self, table: DeltaTable | None = None) -> list[dict[str, Any]]:
         """Every scoring run's row, oldest first: ``run_id``, ``chunks``, ``final`` and its ``totals``."""
-        rows = self.current("run").sort_by([("scored_at", "ascending"), ("run_id", "ascending")]).to_pylist()
+        rows = (
+            self.current("run", table=table).sort_by([("scored_at", "ascending"), ("run_id", "ascending")]).to_pylist()
+        )
         return [dict(r, totals=json.loads(r["totals"] or "{}")) for r in rows]
 
-    def last_chunk(self, run_id: str) -> int | None:
+    def last_chunk(self, run_id: str, table: DeltaTable | None = None) -> int | None:
         """The number of the last chunk ``run_id`` committed, or None."""
-        table = self.table()
+        table = table or self.table()
         return None if table is None else table.transaction_version(app_id(run_id))
 
     def history(self, limit: int | None = None) -> list[dict[str, Any]]:

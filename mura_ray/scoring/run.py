@@ -105,25 +105,27 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     weights, meta = read_checkpoint(resolve_model_dir(cfg.model))
     module_from(weights, meta)  # fail here, not in every actor, if the weights do not fit
     scan = scan_archive(cfg.data, split=cfg.split, follow_links=cfg.follow_links)
+    list_seconds = time.monotonic() - t0
     if names is not None:
         _write_map(names, scan, cfg)
         scan = dataclasses.replace(scan, table=names.catalog(scan.table))
     store = ScoreStore(cfg.out)
     _note_old_format(cfg.out)
     run_id = cfg.run_id or started_at.strftime("%Y%m%dT%H%M%SZ-") + secrets.token_hex(3)
-    resumed = store.last_chunk(run_id)
+    planned = store.table()  # one snapshot to plan from (None before the first commit)
+    resumed = store.last_chunk(run_id, planned)
     if resumed is not None:
         log.info("run %s committed chunks up to %d before: it goes on from chunk %d", run_id, resumed, resumed + 1)
     key_id = names.key_id if names is not None else None
-    runs = store.runs()
+    runs = store.runs(planned)
     pseudonyms.check_one_key([dict(r["totals"], status="committed") for r in runs], key_id, cfg.out)
     scoring_id = scoring_id_of(meta, cfg.tta)
-    earlier, todo, skipped = _plan(store, scan, meta["model_id"], scoring_id, cfg)
+    todo, skipped = _plan(store, planned, scan, meta["model_id"], scoring_id, cfg)
     faults.maybe_pause("pause-after-plan")
     plan_seconds = time.monotonic() - t0
     threshold, run_date = float(meta.get("threshold", 0.5)), started_at.strftime("%Y-%m-%d")
     first = 0 if resumed is None else resumed + 1
-    writer = RunWriter(store, todo, earlier, run_id, meta["model_id"], threshold, run_date, scoring_id, chunk=first)
+    writer = RunWriter(store, todo, run_id, meta["model_id"], threshold, run_date, scoring_id, chunk=first)
     head = {"input": cfg.data, "split": cfg.split, "full": cfg.full, "started_at": started_at.isoformat()}
     head["pseudonyms"] = key_id
     if todo.num_rows:
@@ -155,11 +157,15 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
         **scan.counts(),
         "seconds": round(seconds, 3),
         "plan_seconds": round(plan_seconds, 3),
+        "list_seconds": round(list_seconds, 3),
+        "commit_seconds": round(writer.commit_seconds, 3),
         "images_per_second": round(writer.rows / seconds, 3) if seconds else 0.0,
         "resumed_after_chunk": resumed,
     }
     last = writer.commit(dict(head, final=True, run=totals), heatmaps=drawn)
+    # commit_seconds counts the last commit too, which the run's row, written in it, cannot.
     totals = dict(last["run"], chunks=last["chunk"] + 1 - first, version=last["version"])
+    totals["commit_seconds"] = round(writer.commit_seconds, 3)
     log.info(
         "committed run %(run_id)s: %(images)d image rows, %(studies)d studies updated in %(chunks)d chunk(s), "
         "table version %(version)d",
@@ -204,12 +210,12 @@ def _write_map(names: pseudonyms.Pseudonyms, scan: Any, cfg: ScoreConfig) -> Non
 
 
 def _plan(
-    store: ScoreStore, scan: Any, model_id: str, scoring_id: str, cfg: ScoreConfig
-) -> tuple[pa.Table, pa.Table, pa.Table]:
-    """(earlier current rows of the archive's images, to score, skipped) for this run."""
-    earlier = store.scored(scoring_id)
+    store: ScoreStore, planned: Any, scan: Any, model_id: str, scoring_id: str, cfg: ScoreConfig
+) -> tuple[pa.Table, pa.Table]:
+    """(to score, skipped) for this run, against the current image rows of ``scoring_id``."""
+    earlier = store.scored(scoring_id, planned)
     earlier = earlier.filter(pc.is_in(earlier["image_uri"], scan.table["image_uri"]))
-    not_scored = store.not_scored()
+    not_scored = store.not_scored(planned)
     accepted = accepted_modalities(cfg.modalities)
     # Set aside while their modality is still not asked for: with --modalities extended, they are scored.
     keep = (
@@ -228,7 +234,7 @@ def _plan(
         model_id[:12],
         scoring_id[:12],
     )
-    return earlier, todo, skipped
+    return todo, skipped
 
 
 def _score_into(

@@ -2,11 +2,12 @@
 
 A study row is written with each chunk that scores one of the study's
 images; it covers the study's current rows at that commit: this run's rows
-so far and, for its other images, the rows of earlier runs (``earlier``).
-So the latest row of a study is its current one, and after the run's last
-chunk it covers every image of the study. This run's totals are kept per
-study as rows arrive, so a commit costs the chunk's studies and one
-filtered pass over ``earlier``, however many chunks came before.
+so far and, for its other images, the current rows of the snapshot the
+chunk commits onto (other runs' rows, a rival's included). So the latest
+row of a study is its current one, and after the run's last chunk it
+covers every image of the study. This run's totals are kept per study as
+rows arrive, so a commit costs the chunk's studies and one filtered pass
+over the snapshot's rows of those studies, however many chunks came before.
 """
 
 from __future__ import annotations
@@ -51,7 +52,6 @@ def _count(totals: list, prob: float | None) -> None:
 @dataclass
 class StudyTotals:
     catalog: pa.Table  # the images this run scores, with every catalog column
-    earlier: pa.Table  # earlier runs' current rows of this model: image_uri, study_uri, prob_abnormal
     model_id: str
     run_id: str
     threshold: float
@@ -77,11 +77,10 @@ class StudyTotals:
         """The chunk is committed: the next one starts with no study touched."""
         self._touched = set()
 
-    def _current(self, studies: list[str], earlier: pa.Table | None = None) -> dict[str, list]:
+    def _current(self, studies: list[str], earlier: pa.Table) -> dict[str, list]:
         """[images, sum of scores, scores] of each study over its current rows: this run's, else those of
-        ``earlier`` (by default the rows of earlier runs when this run was planned)."""
+        ``earlier`` (``image_uri``, ``study_uri``, ``prob_abnormal``)."""
         totals = {study: list(self._own[study]) for study in studies}
-        earlier = self.earlier if earlier is None else earlier
         earlier = earlier.filter(pc.is_in(earlier["study_uri"], pa.array(studies, pa.string())))
         columns = (earlier[c].to_pylist() for c in ("image_uri", "study_uri", "prob_abnormal"))
         for uri, study, prob in zip(*columns):
@@ -89,7 +88,7 @@ class StudyTotals:
                 _count(totals[study], prob)
         return totals
 
-    def chunk_table(self, earlier: pa.Table | None = None) -> pa.Table:
+    def chunk_table(self, earlier: pa.Table) -> pa.Table:
         """One row per study the current chunk touched, over its current rows (this run's, else those of
         ``earlier``: the current image rows of the snapshot the chunk commits onto)."""
         touched = sorted(self._touched)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +44,6 @@ class RunWriter:
 
     store: ScoreStore
     catalog: pa.Table  # the images this run scores, with every catalog column
-    earlier: pa.Table  # current rows of this scoring id for the archive's images, when the run was planned
     run_id: str
     model_id: str
     threshold: float
@@ -53,6 +53,7 @@ class RunWriter:
     rows: int = 0
     errors: int = 0
     studies: int = 0
+    commit_seconds: float = 0.0  # spent in the chunks' commits so far
     not_radiographs: dict[str, int] = field(default_factory=dict)
     engines: dict[str, int] = field(default_factory=dict)  # images scored per "backend precision"
     distribution: ScoreDistribution = field(default_factory=ScoreDistribution)
@@ -64,9 +65,7 @@ class RunWriter:
 
     def __post_init__(self) -> None:
         self.scoring_id = self.scoring_id or self.model_id
-        self._studies = StudyTotals(
-            self.catalog, self.earlier, self.model_id, self.run_id, self.threshold, self.scoring_id
-        )
+        self._studies = StudyTotals(self.catalog, self.model_id, self.run_id, self.threshold, self.scoring_id)
         self._index = {uri: i for i, uri in enumerate(self.catalog["image_uri"].to_pylist())}
 
     @property
@@ -151,7 +150,9 @@ class RunWriter:
         touched = self._studies.touched()
         if not touched:
             return {}
-        current = self.store.current("image", self.scoring_id, table)  # (``ScoreStore.dataset``: filtered here)
+        current = self.store.current(
+            "image", self.scoring_id, table, columns=["image_uri", "study_uri", "prob_abnormal"]
+        )
         current = current.filter(pc.is_in(current["study_uri"], pa.array(touched, pa.string())))
         return {"study": self._studies.chunk_table(current)}
 
@@ -190,6 +191,7 @@ class RunWriter:
             },
             schema=RUNS_SCHEMA,
         )
+        t0 = time.monotonic()
         done: Commit = self.store.commit_chunk(
             run_id=self.run_id,
             scoring_id=self.scoring_id,
@@ -200,6 +202,7 @@ class RunWriter:
             run=run,
             prepare=self._study_rows,
         )
+        self.commit_seconds += time.monotonic() - t0
         faults.maybe_kill("chunk-committed")
         self._studies.end_chunk()
         self._studies_touched |= set(touched)
