@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import http.client
 import http.server
+import logging
 import os
 import signal
 import subprocess
@@ -356,7 +357,7 @@ def test_a_writer_killed_in_a_commit_leaves_the_table_at_its_last_commit(tmp_pat
 
 
 @pytest.mark.parametrize("damage", ["truncated", "deleted"])
-def test_a_damaged_checkpoint_is_set_aside_and_the_table_read_from_its_commits(tmp_path, damage):
+def test_a_damaged_checkpoint_is_set_aside_and_the_table_read_from_its_commits(tmp_path, damage, caplog):
     store = ScoreStore(str(tmp_path / "out"))
     for c in range(4):
         store.commit_chunk(run_id="r1", scoring_id=SID, chunk=c, images=images([f"img{c}"], "r1", 0.5))
@@ -374,9 +375,14 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_table_read_from_its_commits(t
 
     with pytest.raises(Exception, match="[Cc]heckpoint|Parquet"):  # delta-rs 1.6 does not fall back by itself
         DeltaTable(store.uri)
-    moved = ScoreStore(store.output).repair_checkpoint()
+    with caplog.at_level(logging.WARNING, logger="mura_ray.scoring.delta"):
+        first_read = ScoreStore(store.output).scored(SID)  # the first read meets the damage and repairs it
 
-    assert "_last_checkpoint" in moved and (damage == "deleted" or checkpoint in moved)
+    assert sorted(first_read["image_uri"].to_pylist()) == [f"img{c}" for c in range(5)]
+    set_aside = os.listdir(os.path.join(store.output, "scores", "_damaged"))
+    assert "_last_checkpoint" in set_aside and (damage == "deleted" or checkpoint in set_aside)
+    (line,) = [r.getMessage() for r in caplog.records if "set aside" in r.getMessage()]
+    assert "_last_checkpoint" in line and "wrote a fresh checkpoint" in line
     table = DeltaTable(store.uri)
     assert table.transaction_version(delta.app_id("r1")) == 4
     assert sorted(store.scored(SID)["image_uri"].to_pylist()) == [f"img{c}" for c in range(5)]

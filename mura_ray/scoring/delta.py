@@ -60,7 +60,8 @@ leaves the table at its last commit; the files of its unfinished commit
 are named by no commit and ``vacuum`` deletes them (after the retention,
 7 days by default, so that a slow writer's files are never taken from
 under it). A damaged checkpoint is set aside (``_damaged/``) and the
-table read from the commits before it (``repair_checkpoint``).
+table read from its commits (``repair_checkpoint``, called by the first
+read that meets it).
 
 deltalake 1.6 facts this relies on, checked by ``tests/test_delta.py``:
 ``transaction_version`` reads the txn; ``merge``, ``delete`` and
@@ -87,6 +88,7 @@ import json
 import logging
 import os
 import random
+import re
 import secrets
 import time
 import urllib.parse
@@ -268,6 +270,13 @@ class ScoreStore:
             table = DeltaTable(self.uri, storage_options=self.storage_options or None)
         except TableNotFoundError:
             return None
+        except DeltaError as exc:
+            if not _DAMAGED_CHECKPOINT.search(str(exc)):
+                raise
+            # A checkpoint cut short or a hint naming one that is gone: delta-rs 1.6 refuses the table; its
+            # commits still say everything, so set the checkpoint aside and read them (one warning line).
+            self.repair_checkpoint(str(exc).splitlines()[0])
+            table = DeltaTable(self.uri, storage_options=self.storage_options or None)
         if version is not None:
             table.load_as_version(version)
         return table
@@ -459,10 +468,11 @@ class ScoreStore:
             retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=True, full=True
         )
 
-    def repair_checkpoint(self) -> list[str]:
+    def repair_checkpoint(self, reason: str = "") -> list[str]:
         """Set aside damaged checkpoints (and the ``_last_checkpoint`` hint) so the table is read from its
         commits again, then write a fresh checkpoint; returns what was set aside. delta-rs 1.6 refuses a
-        table whose newest checkpoint is truncated or whose hint names a checkpoint that is gone."""
+        table whose newest checkpoint is truncated or whose hint names a checkpoint that is gone; ``table()``
+        calls this when it meets one (``reason``: what delta-rs said)."""
         fs, _ = storage.filesystem(self.output)
         log_dir = storage.join(self._base, TABLE, "_delta_log")
         moved = []
@@ -473,14 +483,29 @@ class ScoreStore:
                     continue
                 target = storage.join(self._base, TABLE, "_damaged", name)
                 fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-                fs.mv(path, target)
+                try:
+                    fs.mv(path, target)
+                except FileNotFoundError:  # set aside by another process meeting it at the same time
+                    continue
                 moved.append(name)
-        table = self.table()
-        if table is None:
-            raise UsageError(f"{self.uri} has no readable commits left")
+        try:
+            table = DeltaTable(self.uri, storage_options=self.storage_options or None)
+        except (TableNotFoundError, DeltaError) as exc:
+            raise UsageError(
+                f"{self.uri}: its checkpoint is damaged and its commits cannot be read without it "
+                f"({str(exc).splitlines()[0]}); restore _delta_log from a backup"
+            ) from None
         table.create_checkpoint()
-        log.warning("set aside %s of %s and wrote a fresh checkpoint", ", ".join(moved) or "nothing", self.uri)
+        log.warning(
+            "%s: set aside %s in _damaged/ and wrote a fresh checkpoint from the table's commits%s",
+            self.uri,
+            ", ".join(moved) or "nothing",
+            f" ({reason})" if reason else "",
+        )
         return moved
+
+
+_DAMAGED_CHECKPOINT = re.compile(r"[Cc]heckpoint|Parquet error")
 
 
 def _readable_parquet(fs: Any, path: str) -> bool:
