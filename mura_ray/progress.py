@@ -5,8 +5,9 @@ On a terminal it is a tqdm bar redrawn in place; when standard output is a
 file or a pipe (Ray Jobs logs, CI, cron) it prints one plain line every
 ``PLAIN_SECONDS`` instead, so logs stay short and readable.
 
-``EventSink`` is how Ray workers and tasks tell the driver how far they are:
-a small actor they push events to (fire and forget) and the driver drains.
+``event_sink()`` is how Ray workers and tasks tell the driver how far they
+are: a small actor (``_Sink``) they push events to (fire and forget), which
+a ``Follower`` thread of the driver drains.
 """
 
 from __future__ import annotations
@@ -112,6 +113,8 @@ class Progress:
 
 
 class _Sink:
+    """The events workers pushed and the driver has not drained yet."""
+
     def __init__(self) -> None:
         self.events: list[Any] = []
 
@@ -124,7 +127,7 @@ class _Sink:
 
 
 def event_sink():
-    """A new ``EventSink`` actor (no CPU reserved): workers call ``sink.push.remote(event)``."""
+    """A new ``_Sink`` actor (no CPU reserved): workers call ``sink.push.remote(event)``."""
     import ray
 
     return ray.remote(num_cpus=0, max_concurrency=4)(_Sink).remote()

@@ -167,9 +167,10 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def score(args: argparse.Namespace) -> int:
-    """score an archive to Parquet, incrementally (per image and per study)
+    """score an archive into a Delta Lake table, incrementally (per image and per study)
 
-    Score the images under --data with a model and write Parquet under --out.
+    Score the images under --data with a model and commit the rows to the scores
+    table under --out.
 
     Run it every night: by default only images that no committed run of this
     model (with the same calibration and --tta) has scored with the same size and

@@ -106,11 +106,12 @@ def bench_nightly(
 ) -> dict[str, Any]:
     """Time a night finding ``new`` images, per archive size and per number of nights behind it.
 
-    At each size every history is written first; then the nights are timed
-    ``repeats`` times, the histories taken in turn (forwards, then
+    At each size every history is written first; then, after one night not
+    counted (it warms the page cache and Ray's workers), the nights are
+    timed ``repeats`` times, the histories taken in turn (forwards, then
     backwards), each time on a fresh copy of its table, so that what drifts
     on the machine (page cache, a busy neighbour) falls on every history
-    alike. A row holds the median of each phase and the spread of the wall
+    alike. A row holds the median of each phase and every try's wall
     time."""
     from mura_ray import cluster
 
@@ -134,13 +135,18 @@ def bench_nightly(
                 log.info("%d night(s) of history over %d images written in %.0fs", k, size, time.perf_counter() - t0)
             shutil.copytree(fresh, os.path.join(data, "tonight"))
             samples: dict[int, list[dict[str, Any]]] = {k: [] for k in nights}
-            for r in range(repeats):
+            for r in range(-1, repeats):  # try -1 warms the page cache and Ray's workers, and is not counted
                 for k in nights if r % 2 == 0 else nights[::-1]:
                     out = os.path.join(tmp, "tonight-out")
                     shutil.copytree(histories[k], out)
-                    samples[k].append(timed_night(model_dir, data, out))
+                    night = timed_night(model_dir, data, out)
                     shutil.rmtree(out)
-                    log.info("%d files, %d night(s) behind, try %d: %s", size, k, r + 1, samples[k][-1])
+                    label = f"try {r + 1}" if r >= 0 else "warm-up (not counted)"
+                    log.info("%d files, %d night(s) behind, %s: %s", size, k, label, night)
+                    if r >= 0:
+                        samples[k].append(night)
+                    else:
+                        break
             for k in nights:
                 rows.append({"archive_files": size, "nights_behind": k, "new_files": new, **summary(samples[k])})
                 shutil.rmtree(histories[k])
@@ -190,9 +196,10 @@ def nightly_table(r: dict[str, Any]) -> str:
             f"{', '.join(f'{t:.1f}' for t in row['tries_seconds'])} | {row['list_seconds']:.1f} | "
             f"{row['plan_seconds']:.1f} | {row['commit_seconds']:.1f} | {row['driver_peak_bytes'] / 2**20:.0f} |"
         )
+    lines.append("")
     for size, ratio in r["nights_ratio"].items():
         plan = r["plan_nights_ratio"][size]
-        lines.append(f"\nat {int(size):,} files: most nights / one night = {ratio:.2f} (listing + planning {plan:.2f})")
+        lines.append(f"at {int(size):,} files: most nights / one night = {ratio:.2f} (listing + planning {plan:.2f})")
     for k, ratio in r["size_ratio"].items():
         listing = r["list_size_ratio"][k]
         lines.append(

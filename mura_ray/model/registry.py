@@ -28,10 +28,6 @@ PREFIX = "models:/"
 INSTALL = 'pip install "mura-ray[mlflow]"'
 
 
-def is_registry_uri(uri: str) -> bool:
-    return uri.startswith(PREFIX)
-
-
 def tracking_uri(option: str | None) -> str | None:
     """The tracking URI to use: the option, else ``MLFLOW_TRACKING_URI``, else None (tracking off)."""
     return option or os.environ.get("MLFLOW_TRACKING_URI") or None

@@ -1,1 +1,1 @@
-"""Batch scoring of whole archives to Parquet: the Ray Data pipeline, the writer, the ledger, one run."""
+"""Batch scoring of whole archives into the scores Delta table: the Ray Data pipeline, the writer, one run."""

@@ -8,7 +8,7 @@ an HMAC-SHA256 of it under the key, cut to 128 bits (32 hex digits)::
     image_uri   <study_uri>/I<hmac(key, "image", image_uri)>   (the study's images share their folder)
     patient_id  P<hmac(key, "patient", patient_id)>
 
-The same key gives the same pseudonyms every night, so the ledger's
+The same key gives the same pseudonyms every night, so the scores table's
 "already scored" check (which keys on ``image_uri`` and the source
 fingerprint) works on pseudonymized output as on plain output, and a
 study's images still share its ``study_uri``. The driver keeps the
@@ -85,7 +85,7 @@ class Pseudonyms:
 
     @property
     def key_id(self) -> str:
-        """Names the key in manifests without revealing it."""
+        """Names the key in the runs' rows without revealing it."""
         return self._hmac("key-id", "mura-ray")[:16]
 
     def study(self, study_uri: str) -> str:

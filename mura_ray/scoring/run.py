@@ -97,7 +97,7 @@ def _same_tag(joined: pa.Table) -> pa.ChunkedArray:
 
 
 def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
-    """Score what is new under ``cfg.data`` and commit the run's Parquet under ``cfg.out``, chunk by chunk."""
+    """Score what is new under ``cfg.data`` and commit its rows to the scores table under ``cfg.out``, by chunks."""
     t0 = time.monotonic()
     started_at = dt.datetime.now(dt.timezone.utc)
     backends.check_choice(cfg.backend, cfg.precision)
