@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet --quiet --disable-pip-version-check
 
-.PHONY: demo test lint install install-test clean
+.PHONY: demo test test-fast lint install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,11 @@ demo: install
 	$(BIN)/mura-ray demo --out demo-out
 
 test: install-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
+
+# The tests that need no Ray (planning, protocol, metrics, decoding, the CLI's checks): a few minutes.
+test-fast: install-test
+	$(BIN)/python -m pytest -q -m "not ray" --durations=10
 
 lint: install-test
 	$(BIN)/ruff check mura_ray tests jobs && $(BIN)/ruff format --check mura_ray tests jobs
