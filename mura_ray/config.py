@@ -263,6 +263,11 @@ class ScoreConfig(ConfigBase):
     split: str | None = option(None, help="score only this split (default: every image)", choices=SPLITS)
     follow_links: str = follow_links_option()
     full: bool = option(False, help="rescore every image, not only new and changed ones")
+    vacuum: bool = option(
+        False,
+        help="after the run, delete the table's files replaced more than 7 days ago, files of killed runs and "
+        "orphan heatmaps, as 'mura-ray scores vacuum' does (the nightly CronJob sets it)",
+    )
     max_error_rate: float = option(
         0.01, metavar="F", check=fraction, help="exit 3 when more than this fraction of the scored images fail"
     )

@@ -226,6 +226,14 @@ def score(args: argparse.Namespace) -> int:
         print(f"{m['heatmaps']} heatmaps of the images in flagged studies, under {m['output']}/heatmaps")
     for line in _not_scored_lines(m):
         print(line)
+    if cfg.vacuum:
+        from mura_ray.scoring import maintenance
+
+        r = maintenance.vacuum(cfg.out, maintenance.MIN_RETENTION_HOURS)
+        print(
+            f"vacuum: deleted {r['data_files']} data files of the table and {r['orphan_heatmaps']} orphan heatmaps "
+            f"(older than {maintenance.MIN_RETENTION_HOURS} h)"
+        )
     if m["images"] and m["errors"] / m["images"] > cfg.max_error_rate:
         print(
             f"mura-ray: {m['errors']} of {m['images']} images could not be scored "

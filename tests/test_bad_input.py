@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import time
 import zlib
 
 import numpy as np
@@ -129,11 +130,20 @@ def test_bad_files_become_rows_and_the_error_rate_sets_the_exit(
                 assert value.encode() not in data, (name, value)
 
     # Undecodable files are final for their bytes: the next run skips them too, and a looser limit exits 0.
+    # With --vacuum (as the nightly CronJob runs) it then deletes an overlay no row names, 8 days old.
+    orphan = out / "heatmaps" / "run_date=2026-01-01" / "run_id=killed" / "x.png"
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"png")
+    old = time.time() - 8 * 24 * 3600
+    os.utime(orphan, (old, old))
     rc = cli.main(
         ["-q", "score", "--model", model, "--data", str(archive), "--out", str(out), "--max-error-rate", "0.5"]
+        + ["--vacuum"]
     )
     assert rc == 0
     again = capsys.readouterr().out
+    assert "vacuum: deleted 0 data files of the table and 1 orphan heatmaps (older than 168 h)" in again
+    assert not orphan.exists()
     assert f"scored 0, skipped {len(expected)} " in again
     assert "CT 1" not in again and "none new; 1 found by earlier runs" in again  # not read again
     rc = cli.main(

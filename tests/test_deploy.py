@@ -17,6 +17,8 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
+from mura_ray import cli
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: pytest's own dependency
@@ -134,6 +136,10 @@ def test_kuberay_training_job_and_nightly_scoring():
     rayjob = yaml.safe_load(docs["ConfigMap"]["data"]["rayjob.yaml"])
     _check_rayjob(rayjob, "jobs/score.py")
     assert "NIGHT" in rayjob["metadata"]["name"]
+    # The entrypoint's arguments are those of `mura-ray score`, as jobs/score.py hands them on.
+    words = rayjob["spec"]["entrypoint"].split()
+    parsed = cli.build_parser().parse_args(["score", *words[words.index("/app/jobs/score.py") + 1 :]])
+    assert parsed.vacuum is True and parsed.commit_every == 10000  # the nightly job keeps the table's files in check
     (rule,) = docs["Role"]["rules"]
     assert rule["resources"] == ["rayjobs"] and set(rule["verbs"]) == {"create", "get", "list", "delete"}
     assert "kubectl delete" in command and "head -n -7" in command  # old RayJobs are cleaned up
