@@ -39,7 +39,7 @@ from mura_ray.options import (
     tta_option,
     use_gpu_option,
 )
-from mura_ray.training.recipes import RECIPES, SELECT_ON
+from mura_ray.recipes import RECIPES, SELECT_ON
 
 __all__ = ["add_options", "option"]
 

@@ -14,8 +14,8 @@ from mura_ray.archive import storage
 from mura_ray.archive.sample import write_sample
 from mura_ray.config import DemoConfig, EvalConfig, ScoreConfig, TrainConfig
 from mura_ray.model.calibration import Calibration
-from mura_ray.reporting.evaluate import run_evaluation
 from mura_ray.reporting.metrics import binary_metrics, fmt_ci
+from mura_ray.review.evaluate import run_evaluation
 from mura_ray.scoring.run import run_scoring
 from mura_ray.training.driver import run_training
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from mura_ray import config as C
 from mura_ray import hardware
-from mura_ray.training.recipes import SELECTED
+from mura_ray.recipes import SELECTED
 
 
 def config_from(cls: type, args: argparse.Namespace) -> Any:
@@ -146,8 +146,8 @@ def evaluate(args: argparse.Namespace) -> int:
     Grad-CAM heatmaps. Warns when the split evaluated helped choose the model.
     """
     from mura_ray.reporting.calibration import calibration_line
-    from mura_ray.reporting.evaluate import run_evaluation
     from mura_ray.reporting.metrics import fmt, fmt_ci
+    from mura_ray.review.evaluate import run_evaluation
 
     cfg = config_from(C.EvalConfig, args)
     r = run_evaluation(cfg)
@@ -298,7 +298,7 @@ def explain(args: argparse.Namespace) -> int:
     folders, comma-separated. Heatmaps need a backward pass and run on the
     plain model in their own actors.
     """
-    from mura_ray.reporting.explain import run_explain
+    from mura_ray.review.explain import run_explain
 
     cfg = config_from(C.ExplainConfig, args)
     r = run_explain(cfg)
@@ -321,7 +321,7 @@ def monitor(args: argparse.Namespace) -> int:
     nights), or its error rate over --max-error-rate (for cron or a Ray Job to alert on); 2 for
     unusable arguments.
     """
-    from mura_ray.reporting.monitor import run_monitor
+    from mura_ray.review.monitor import run_monitor
 
     r = run_monitor(config_from(C.MonitorConfig, args))
     for n in r["nights"]:

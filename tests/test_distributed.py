@@ -126,8 +126,8 @@ def test_the_trainer_built_for_gpus_uses_the_backend_that_keeps_cpu_tensors_off_
     from ray.train import ScalingConfig
 
     from mura_ray.config import TrainConfig
+    from mura_ray.recipes import resolve
     from mura_ray.training import driver
-    from mura_ray.training.recipes import resolve
 
     cfg = TrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), workers=2, weights="none", use_gpu="yes")
     resolve(cfg)

@@ -92,7 +92,7 @@ def test_pointing_game_on_the_demo_model(demo_model):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_explain_writes_one_overlay_per_image_of_the_named_studies(demo_model, tmp_path):
-    from mura_ray.reporting.explain import run_explain
+    from mura_ray.review.explain import run_explain
 
     root, model_dir = demo_model
     studies = sorted({os.path.dirname(n) for n in _findings(root) if "/valid/" in n})[:2]
@@ -158,7 +158,7 @@ def test_score_heatmaps_flagged_are_committed_once_with_the_run(demo_model, tmp_
 
 
 def test_a_gallery_skips_an_image_gone_or_broken_since_it_was_scored(untrained_models, tmp_path):
-    from mura_ray.reporting.explain import overlays_of
+    from mura_ray.review.explain import overlays_of
 
     (model, _), _ = untrained_models
     weights, meta = read_checkpoint(model)

@@ -10,7 +10,7 @@ from PIL import Image, ImageOps
 
 from mura_ray import cli
 from mura_ray.archive.sample import write_sample
-from mura_ray.reporting.monitor import decile_groups, psi, psi_noise
+from mura_ray.review.monitor import decile_groups, psi, psi_noise
 from mura_ray.scoring.distribution import histogram
 
 

@@ -6,7 +6,7 @@ import pyarrow.compute as pc
 import pytest
 
 from mura_ray.archive.catalog import build_catalog
-from mura_ray.reporting.evaluate import protocol_warning
+from mura_ray.review.evaluate import protocol_warning
 from mura_ray.training.protocol import PATIENTS_FILE, TUNE, carve_tuning_split, chose_on, patient_keys, record
 
 

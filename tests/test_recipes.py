@@ -8,7 +8,7 @@ import pytest
 
 from mura_ray import cli
 from mura_ray.config import TrainConfig
-from mura_ray.training.recipes import recipe_lr, resolve
+from mura_ray.recipes import recipe_lr, resolve
 from mura_ray.training.stopping import EarlyStopping
 
 

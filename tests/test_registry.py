@@ -14,7 +14,8 @@ import pytest
 from conftest import write_untrained_model
 
 from mura_ray.archive import storage
-from mura_ray.model.checkpoint import read_checkpoint, resolve_model_dir
+from mura_ray.model.checkpoint import read_checkpoint
+from mura_ray.model.registry import resolve_model_dir
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -110,7 +111,7 @@ def test_a_registry_version_that_is_not_a_checkpoint_is_refused_and_not_kept(reg
 KILLED_DOWNLOAD = """
 import os, signal, sys
 import mlflow
-from mura_ray.model.checkpoint import resolve_model_dir
+from mura_ray.model.registry import resolve_model_dir
 
 real = mlflow.artifacts.download_artifacts
 

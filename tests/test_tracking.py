@@ -16,13 +16,13 @@ def test_nothing_of_mlflow_is_imported_when_tracking_is_off(tmp_path):
     code = """
 import os, sys
 os.environ.pop("MLFLOW_TRACKING_URI", None)
-import mura_ray.cli, mura_ray.training.driver, mura_ray.scoring.run, mura_ray.reporting.evaluate
-import mura_ray.reporting.monitor, mura_ray.reporting.explain, mura_ray.model.checkpoint
+import mura_ray.cli, mura_ray.training.driver, mura_ray.scoring.run, mura_ray.review.evaluate
+import mura_ray.review.monitor, mura_ray.review.explain, mura_ray.model.checkpoint, mura_ray.model.registry
 from mura_ray.config import TrainConfig
 from mura_ray.training.driver import start_tracking
 cfg = TrainConfig(data=sys.argv[1], out=sys.argv[1] + "/run", weights="none")
 assert start_tracking(cfg) is None
-assert mura_ray.model.checkpoint.resolve_model_dir(sys.argv[1]) == sys.argv[1]
+assert mura_ray.model.registry.resolve_model_dir(sys.argv[1]) == sys.argv[1]
 loaded = sorted(m for m in sys.modules if m.split(".")[0] == "mlflow")
 assert not loaded, loaded
 print("ok")
@@ -107,7 +107,8 @@ def test_training_logs_to_mlflow_registers_and_a_resume_continues_the_run(
     assert versions == {"1": meta["model_id"], "2": again["model_id"]}
     # Version 1 still names model 1's files: each kept model is logged under its own folder.
     monkeypatch.setenv("MURA_RAY_CACHE", str(tmp_path / "cache2"))
-    from mura_ray.model.checkpoint import read_checkpoint, resolve_model_dir
+    from mura_ray.model.checkpoint import read_checkpoint
+    from mura_ray.model.registry import resolve_model_dir
 
     for version, model_id in versions.items():
         assert read_checkpoint(resolve_model_dir(f"models:/{cfg.register}/{version}"))[1]["model_id"] == model_id

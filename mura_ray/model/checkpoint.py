@@ -26,8 +26,8 @@ from mura_ray.errors import UsageError
 from mura_ray.imaging.preprocess import preprocessing_record
 from mura_ray.model.calibration import Calibration
 from mura_ray.model.resnet import ARCHITECTURE, NUM_CLASSES
+from mura_ray.model.weights import WEIGHTS_FILE
 
-WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "metadata.json"
 
 
@@ -105,35 +105,6 @@ def save_checkpoint(directory: str, model: nn.Module, metadata: dict[str, Any]) 
     body = json.dumps(meta, indent=2, sort_keys=True).encode()
     write_checkpoint(directory, {WEIGHTS_FILE: weights, METADATA_FILE: body})
     return meta["model_id"]
-
-
-def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
-    """A state dict from a safetensors file, or from a checkpoint directory holding one."""
-    fs, path = storage.filesystem(uri)
-    if fs.isdir(path):
-        path = storage.join(path, WEIGHTS_FILE)
-    if not fs.exists(path):
-        raise UsageError(f"weights not found: {uri!r}")
-    data = storage.read_bytes(fs, path)
-    try:
-        return st_load(data)
-    except Exception as exc:
-        raise UsageError(
-            f"{uri!r} is not a safetensors file ({type(exc).__name__}); pickled weights are not loaded"
-        ) from None
-
-
-def resolve_model_dir(model: str) -> str:
-    """Accept a checkpoint directory, a training run directory holding ``model/``, or a registry URI
-    (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``: downloaded once, see ``model.registry``)."""
-    if model.startswith("models:/"):
-        from mura_ray.model.registry import download_registered
-
-        return download_registered(model)
-    fs, path = storage.filesystem(model)
-    if fs.exists(storage.join(path, "model", METADATA_FILE)):
-        return storage.join(model, "model")
-    return model
 
 
 def read_checkpoint(directory: str, attempts: int = 5) -> tuple[bytes, dict[str, Any]]:

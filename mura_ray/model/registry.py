@@ -28,6 +28,17 @@ PREFIX = "models:/"
 INSTALL = 'pip install "mura-ray[mlflow]"'
 
 
+def resolve_model_dir(model: str) -> str:
+    """Accept a model folder, a training run folder holding ``model/``, or a registry URI
+    (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``: downloaded once, ``download_registered``)."""
+    if model.startswith(PREFIX):
+        return download_registered(model)
+    fs, path = storage.filesystem(model)
+    if fs.exists(storage.join(path, "model", METADATA_FILE)):
+        return storage.join(model, "model")
+    return model
+
+
 def tracking_uri(option: str | None) -> str | None:
     """The tracking URI to use: the option, else ``MLFLOW_TRACKING_URI``, else None (tracking off)."""
     return option or os.environ.get("MLFLOW_TRACKING_URI") or None

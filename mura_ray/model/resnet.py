@@ -10,6 +10,7 @@ from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
 
 from mura_ray.errors import UsageError
+from mura_ray.model.weights import read_state_dict
 
 ARCHITECTURE = "resnet18"
 NUM_CLASSES = 2
@@ -83,8 +84,6 @@ def load_starting_weights(model: nn.Module, weights: str) -> list[str]:
                 "pass --weights PATH (a safetensors state dict) or --weights none"
             ) from None
     else:
-        from mura_ray.model.checkpoint import read_state_dict
-
         state = read_state_dict(weights)
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}

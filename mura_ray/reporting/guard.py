@@ -104,8 +104,9 @@ def check_model(model_dir: str, data: str, split: str = "valid") -> dict[str, An
     from mura_ray.archive import storage
     from mura_ray.archive.catalog import build_catalog
     from mura_ray.imaging.preprocess import EvalPreset, fit_of, load_square
-    from mura_ray.model.checkpoint import read_checkpoint, resolve_model_dir
+    from mura_ray.model.checkpoint import read_checkpoint
     from mura_ray.model.ensemble import module_from
+    from mura_ray.model.registry import resolve_model_dir
     from mura_ray.model.resnet import for_inference
 
     weights, meta = read_checkpoint(resolve_model_dir(model_dir))

@@ -36,9 +36,10 @@ from mura_ray.archive.catalog import scan_archive
 from mura_ray.config import ScoreConfig
 from mura_ray.imaging.decode import READ_ERROR
 from mura_ray.model import backends
-from mura_ray.model.checkpoint import read_checkpoint, resolve_model_dir, scoring_id_of
+from mura_ray.model.checkpoint import read_checkpoint, scoring_id_of
 from mura_ray.model.ensemble import module_from
 from mura_ray.model.heatmaps import HEATMAP_LAYER
+from mura_ray.model.registry import resolve_model_dir
 from mura_ray.options import placement_of
 from mura_ray.progress import Progress
 from mura_ray.scoring import pseudonyms

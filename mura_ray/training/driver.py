@@ -25,7 +25,7 @@ import ray
 from ray.train import ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from mura_ray import __version__, cluster, console, faults
+from mura_ray import __version__, cluster, console, faults, recipes
 from mura_ray.archive import storage
 from mura_ray.archive.catalog import build_catalog, fingerprint
 from mura_ray.config import TrainConfig, resumable_fields
@@ -37,7 +37,7 @@ from mura_ray.model.registry import tracking_uri
 from mura_ray.model.resnet import build_model, load_starting_weights, parse_trainable
 from mura_ray.model.steps import class_weights
 from mura_ray.progress import Follower, Progress, event_sink
-from mura_ray.training import protocol, recipes, rundir
+from mura_ray.training import protocol, rundir
 from mura_ray.training.dataset import (
     AugmentationDraws,
     ExactValidationConfig,

@@ -27,8 +27,9 @@ from mura_ray.archive import storage
 from mura_ray.config import EnsembleConfig
 from mura_ray.errors import UsageError
 from mura_ray.imaging.preprocess import fit_of
-from mura_ray.model.checkpoint import model_metadata, read_checkpoint, resolve_model_dir
+from mura_ray.model.checkpoint import model_metadata, read_checkpoint
 from mura_ray.model.ensemble import ENSEMBLE, is_ensemble
+from mura_ray.model.registry import resolve_model_dir
 from mura_ray.training import predictions, rundir
 
 log = logging.getLogger(__name__)

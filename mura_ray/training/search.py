@@ -25,11 +25,10 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from mura_ray import cluster
+from mura_ray import cluster, recipes
 from mura_ray.archive import storage
 from mura_ray.config import EnsembleConfig, TrainConfig, TuneSearchConfig
 from mura_ray.errors import UsageError
-from mura_ray.training import recipes
 from mura_ray.training.ensemble import build_ensemble
 
 log = logging.getLogger(__name__)

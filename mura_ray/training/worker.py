@@ -27,12 +27,12 @@ from mura_ray.config import TrainConfig
 from mura_ray.hardware import ieee_fp32, no_cuda_message
 from mura_ray.model.checkpoint import WEIGHTS_FILE, load_training_state, save_training_state, state_dict_bytes
 from mura_ray.model.resnet import build_model, parse_trainable, set_trainable
+from mura_ray.recipes import SELECTED
 from mura_ray.reporting.metrics import evaluation_metrics
 from mura_ray.training import rundir
 from mura_ray.training.distributed import gather_arrays
 from mura_ray.training.epoch import train_epoch, tune_predictions
 from mura_ray.training.events import StepReporter, tell_driver
-from mura_ray.training.recipes import SELECTED
 from mura_ray.training.stopping import EarlyStopping
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,8 @@ from scipy.stats import chi2
 from mura_ray.archive import storage
 from mura_ray.config import MonitorConfig
 from mura_ray.errors import UsageError
-from mura_ray.model.checkpoint import read_checkpoint, resolve_model_dir
+from mura_ray.model.checkpoint import read_checkpoint
+from mura_ray.model.registry import resolve_model_dir
 from mura_ray.reporting import plots
 from mura_ray.scoring.delta import ScoreStore
 from mura_ray.scoring.distribution import BINS, histogram

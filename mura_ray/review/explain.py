@@ -28,9 +28,10 @@ from mura_ray.errors import UsageError
 from mura_ray.imaging.decode import MAX_BYTES, one_line
 from mura_ray.imaging.preprocess import EvalPreset, fit_of, load_square, read_capped
 from mura_ray.model.calibration import Calibration
-from mura_ray.model.checkpoint import read_checkpoint, resolve_model_dir
+from mura_ray.model.checkpoint import read_checkpoint
 from mura_ray.model.ensemble import module_from
 from mura_ray.model.heatmaps import HEATMAP_LAYER, display_square, grad_cam, overlay
+from mura_ray.model.registry import resolve_model_dir
 from mura_ray.options import placement_of
 from mura_ray.progress import Progress
 from mura_ray.reporting.metrics import study_scores

@@ -30,14 +30,15 @@ from mura_ray.config import EvalConfig, ScoreConfig
 from mura_ray.errors import UsageError
 from mura_ray.model import backends
 from mura_ray.model.calibration import Calibration
-from mura_ray.model.checkpoint import read_checkpoint, resolve_model_dir
+from mura_ray.model.checkpoint import read_checkpoint
+from mura_ray.model.registry import resolve_model_dir
 from mura_ray.options import placement_of
 from mura_ray.progress import Progress
 from mura_ray.reporting import plots
 from mura_ray.reporting.calibration import calibration_line, calibration_report, calibration_table
-from mura_ray.reporting.explain import overlays_of
 from mura_ray.reporting.metrics import fmt, fmt_ci, full_report, study_scores
 from mura_ray.reporting.mura_format import competition_report, predictions_csv
+from mura_ray.review.explain import overlays_of
 from mura_ray.scoring.pipeline import results_table, scored_dataset
 from mura_ray.training.protocol import chose_on
 

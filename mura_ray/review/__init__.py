@@ -1,0 +1,1 @@
+"""Jobs that review a model or the nights: evaluation reports, explanations, the nightly monitor."""
