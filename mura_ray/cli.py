@@ -17,12 +17,12 @@ import dataclasses
 import inspect
 import sys
 from collections.abc import Callable, Sequence
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from mura_ray import config as C
 from mura_ray import verbs as V
 from mura_ray.errors import UsageError
+from mura_ray.versions import version_line
 
 DESCRIPTION = """Abnormality screening of musculoskeletal radiographs (MURA) on Ray.
 
@@ -40,16 +40,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"mura-ray: error: {self.prog}: {message} (see {self.prog} --help)\n")
-
-
-def _version() -> str:
-    def v(name: str) -> str:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return "not installed"
-
-    return f"mura-ray {v('mura-ray')} (ray {v('ray')}, torch {v('torch')}, torchvision {v('torchvision')})"
 
 
 # verb -> (what it runs, its options: a config dataclass or a function that adds them, an example)
@@ -126,7 +116,7 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace], int], Any, str]] = {
 def build_parser() -> argparse.ArgumentParser:
     """The ``mura-ray`` parser: one sub-command per entry of ``VERBS``, help from each function's docstring."""
     parser = _Parser(prog="mura-ray", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--version", action="version", version=version_line())
     # -q and -v go before or after the verb; SUPPRESS keeps a verb's parser from resetting the global value.
     common = argparse.ArgumentParser(add_help=False)
     for p in (parser, common):

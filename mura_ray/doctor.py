@@ -10,19 +10,11 @@ from __future__ import annotations
 
 import os
 import platform
-from importlib.metadata import PackageNotFoundError, version
 
 from mura_ray.hardware import SPEED_FLAGS, cpu_info
+from mura_ray.versions import PACKAGES, version_of
 
-PACKAGES = ("mura-ray", "ray", "torch", "torchvision", "pydicom", "pyarrow", "s3fs")
 PINNED_RAY = "2.60.0"
-
-
-def _version(name: str) -> str | None:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
 
 
 def _gpus() -> list[str]:
@@ -115,7 +107,7 @@ def run_doctor(checks: list[str]) -> int:
     """Print the report; returns 0 when all is usable, 1 otherwise (the reasons are printed)."""
     problems: list[str] = []
     rows: list[tuple[str, str]] = []
-    versions = {name: _version(name) for name in PACKAGES}
+    versions = {name: version_of(name) for name in PACKAGES}
     rows.append(("python", platform.python_version()))
     for name, v in versions.items():
         rows.append((name, v or "not installed"))

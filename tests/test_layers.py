@@ -11,7 +11,7 @@ ROOT = os.path.join(os.path.dirname(__file__), os.pardir, "mura_ray")
 
 # Low to high. A module is in the layer of its longest matching name (a package or a module).
 LAYERS = [
-    ("base", ["", "errors", "hardware", "faults", "console", "progress"]),
+    ("base", ["", "errors", "hardware", "faults", "console", "progress", "versions"]),
     ("archive", ["archive"]),
     ("imaging", ["imaging"]),
     ("model", ["model"]),

@@ -13,15 +13,15 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 import torch
-from sklearn.metrics import cohen_kappa_score
 from torch import nn
 
 from mura_ray.errors import UsageError
 from mura_ray.model import backends
 from mura_ray.model.calibration import IDENTITY, Calibration
-from mura_ray.reporting.metrics import study_scores
+from mura_ray.reporting.metrics import kappa_rows, study_scores
 
-LIMITS = {"max_abs_diff": 0.01, "decision_agreement": 0.995, "study_kappa_diff": 0.01}
+# The engine's own check at start-up (backends.GUARD_MAX_ABS) and this guard on a labelled split agree.
+LIMITS = {"max_abs_diff": backends.GUARD_MAX_ABS, "decision_agreement": 0.995, "study_kappa_diff": 0.01}
 
 
 def figures(
@@ -31,8 +31,8 @@ def figures(
     decisions, ref_decisions = probs >= threshold, reference >= threshold
     _, study_probs, study_labels = study_scores(studies, probs, labels)
     _, study_ref, _ = study_scores(studies, reference, labels)
-    kappa = cohen_kappa_score(study_labels, study_probs >= threshold)
-    kappa_ref = cohen_kappa_score(study_labels, study_ref >= threshold)
+    kappa = float(kappa_rows(study_labels, study_probs >= threshold))
+    kappa_ref = float(kappa_rows(study_labels, study_ref >= threshold))
     out = {
         "max_abs_diff": float(np.max(np.abs(probs - reference))) if len(probs) else 0.0,
         "decision_agreement": float(np.mean(decisions == ref_decisions)) if len(probs) else 1.0,

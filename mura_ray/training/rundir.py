@@ -30,6 +30,7 @@ import pyarrow as pa
 
 from mura_ray.archive import storage
 from mura_ray.reporting import plots
+from mura_ray.versions import versions
 
 MODEL_DIR = "model"
 VALID_PREDICTIONS = "valid_predictions.parquet"
@@ -83,29 +84,6 @@ def wait_for_recorded_epoch(run_dir: str, epoch: int, timeout: float = 120.0) ->
         time.sleep(0.2)
 
 
-def package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in (
-        "mura-ray",
-        "ray",
-        "torch",
-        "torchvision",
-        "numpy",
-        "pyarrow",
-        "scikit-learn",
-        "pillow",
-        "pydicom",
-        "safetensors",
-    ):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    return out
-
-
 def write_model_folder(
     run_dir: str,
     weights: bytes,
@@ -151,7 +129,7 @@ def write_model_folder(
         chooser=chooser,
         method=calibration,
     )
-    meta = dict(metadata, **chosen, package_versions=package_versions(), model_id=model_id_of(weights))
+    meta = dict(metadata, **chosen, package_versions=versions(), model_id=model_id_of(weights))
     if guard_sample is not None and len(guard_sample["pixels"]):
         from mura_ray.reporting.guard import check_sample
 
