@@ -28,6 +28,13 @@ def largest_node_cpus(default: float) -> float:
     return max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=default)
 
 
+def require_connected(what: str) -> None:
+    """Raise unless this process is connected to Ray: a job connects once, on purpose (``connect``), before
+    it builds a dataset, so that Ray is never started with defaults by a ``ray.put`` somewhere."""
+    if not ray.is_initialized():
+        raise RuntimeError(f"{what} needs Ray: call mura_ray.cluster.connect() first")
+
+
 def connect(num_cpus: int | None = None) -> bool:
     """Make sure this process is connected to Ray; returns whether it started a local cluster.
 

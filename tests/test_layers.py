@@ -116,3 +116,30 @@ def test_every_module_is_in_a_layer_and_the_layers_name_real_modules():
     for _, prefixes in LAYERS:
         for prefix in prefixes:
             assert prefix in MODULES, f"LAYERS names {prefix!r}, which is no module or package of mura_ray"
+
+
+def test_building_a_dataset_never_starts_ray_by_itself():
+    """A job connects to Ray once, on purpose; a dataset builder called before that raises and starts nothing."""
+    import subprocess
+    import sys
+
+    code = """
+import pyarrow as pa, ray
+from mura_ray.config import ScoreConfig
+from mura_ray.scoring.heatmaps import heatmap_dataset
+from mura_ray.scoring.pipeline import scored_dataset
+keys = pa.table({"image_uri": pa.array([], pa.string())})
+for build in (lambda: scored_dataset(keys, b"", {}, ScoreConfig(model="", data="/tmp", out="")),
+              lambda: heatmap_dataset(keys, b"", {}, "/tmp", placement=("no", 1.0, 0.0))):
+    try:
+        build()
+    except RuntimeError as exc:
+        print(exc)
+assert not ray.is_initialized()
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines() == [
+        "scored_dataset needs Ray: call mura_ray.cluster.connect() first",
+        "heatmap_dataset needs Ray: call mura_ray.cluster.connect() first",
+    ]

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mura_ray import console
+from mura_ray import cluster, console
 from mura_ray.archive import storage
 from mura_ray.archive.catalog import build_catalog
 from mura_ray.config import EvalConfig, ScoreConfig
@@ -90,6 +90,7 @@ def predict(
         gpu_timeout=placement[2],
     )
     parts = []
+    cluster.connect()
     ds = scored_dataset(labelled, weights, meta, cfg)
     with Progress(f"scoring split {split}", labelled.num_rows) as bar:
         for batch in ds.iter_batches(batch_size=128, batch_format="numpy"):

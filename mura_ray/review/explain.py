@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from mura_ray import console
+from mura_ray import cluster, console
 from mura_ray.archive import storage
 from mura_ray.archive.catalog import build_catalog
 from mura_ray.config import ExplainConfig, ScoreConfig
@@ -37,6 +37,7 @@ from mura_ray.progress import Progress
 from mura_ray.reporting.metrics import study_scores
 from mura_ray.scoring.heatmaps import heatmap_dataset, heatmap_name, index_rows
 from mura_ray.scoring.pipeline import results_table, scored_dataset
+from mura_ray.scoring.studies import at_or_above
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ def run_explain(cfg: ExplainConfig) -> dict[str, Any]:
     catalog = build_catalog(cfg.data, split=cfg.split, follow_links=cfg.follow_links)
     if not storage.is_remote(cfg.out):
         console.set_ray_log(storage.join(cfg.out, "ray.log"))
+    cluster.connect()  # _choose scores the archive to find the flagged studies
     chosen = _choose(catalog, cfg, weights, meta)
     fs, out = storage.filesystem(cfg.out)
     fs.makedirs(out, exist_ok=True)
@@ -144,7 +146,8 @@ def _flagged(catalog: pa.Table, cfg: ExplainConfig, weights: bytes, meta: dict[s
     scored = scored.filter(pc.is_valid(scored["prob_abnormal"]))
     studies = np.asarray(scored["study_uri"].to_pylist(), dtype=object)
     ids, means, _ = study_scores(studies, scored["prob_abnormal"].to_numpy())
-    flagged = ids[means >= float(meta.get("threshold", 0.5))]
+    # The scores table's rule for a study row's predicted_abnormal, so both flag the same studies.
+    flagged = ids[at_or_above(pa.array(means), float(meta.get("threshold", 0.5))).to_numpy(zero_copy_only=False)]
     log.info("%d of %d studies are predicted abnormal", len(flagged), len(ids))
     chosen = scored.filter(pc.is_in(scored["study_uri"], pa.array(flagged.tolist(), pa.string())))
     return chosen.select(["image_uri", "prob_abnormal"]).sort_by("image_uri")

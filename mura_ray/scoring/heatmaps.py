@@ -112,7 +112,7 @@ def heatmap_dataset(
     """``image_uri`` rows (and ``prob_abnormal`` when known, and a ``caption``, both shown on the overlay) ->
     ``png`` bytes per image, with the map's peak and the score, or ``error``. ``placement``: ``--use-gpu``,
     ``--gpus-per-actor`` and ``--gpu-timeout``."""
-    cluster.connect()
+    cluster.require_connected("heatmap_dataset")
     use_gpu, gpus, timeout = placement
     plan = cluster.place_scoring_actors(None, use_gpu, None, gpus, timeout)
     fs, _ = storage.filesystem(data)

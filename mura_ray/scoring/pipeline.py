@@ -58,7 +58,7 @@ def scored_dataset(keys: pa.Table, weights: bytes, meta: dict[str, Any], cfg: Sc
     safetensors bytes whose sha256 is ``meta["model_id"]``)."""
 
     backends.check_choice(cfg.backend, cfg.precision)
-    cluster.connect()
+    cluster.require_connected("scored_dataset")
     weights_ref = ray.put(weights)
     plan = cluster.place_scoring_actors(
         cfg.actors, cfg.use_gpu, cfg.cpus_per_actor, cfg.gpus_per_actor, cfg.gpu_timeout, cfg.backend

@@ -30,7 +30,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mura_ray import faults
+from mura_ray import cluster, faults
 from mura_ray.archive import storage
 from mura_ray.archive.catalog import scan_archive
 from mura_ray.config import ScoreConfig
@@ -251,6 +251,7 @@ def _score_into(
     ``cfg.commit_every`` images. With ``names``, the tasks read the real paths and the writer sees only
     their pseudonyms."""
     keys, by_path = _keys_to_read(todo, names)
+    cluster.connect()  # only now: a night with nothing to score never starts Ray
     ds = scored_dataset(keys, weights, meta, cfg)
     seen = 0
     with Progress("scoring", todo.num_rows) as bar:
@@ -330,6 +331,7 @@ def _heatmaps_of(
     else:
         keys = flagged
     parts = []
+    cluster.connect()
     ds = heatmap_dataset(keys, weights, meta, cfg.data, placement=placement_of(cfg))
     with Progress("heatmaps of flagged studies", flagged.num_rows) as bar:
         for batch in ds.iter_batches(batch_size=16, batch_format="numpy"):
