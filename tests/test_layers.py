@@ -125,11 +125,10 @@ def test_building_a_dataset_never_starts_ray_by_itself():
 
     code = """
 import pyarrow as pa, ray
-from mura_ray.config import ScoreConfig
 from mura_ray.scoring.heatmaps import heatmap_dataset
-from mura_ray.scoring.pipeline import scored_dataset
+from mura_ray.scoring.pipeline import ScoringSettings, scored_dataset
 keys = pa.table({"image_uri": pa.array([], pa.string())})
-for build in (lambda: scored_dataset(keys, b"", {}, ScoreConfig(model="", data="/tmp", out="")),
+for build in (lambda: scored_dataset(keys, b"", {}, ScoringSettings(data="/tmp")),
               lambda: heatmap_dataset(keys, b"", {}, "/tmp", placement=("no", 1.0, 0.0))):
     try:
         build()

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from mura_ray import cluster, console
 from mura_ray.archive import storage
 from mura_ray.archive.catalog import build_catalog
-from mura_ray.config import EvalConfig, ScoreConfig
+from mura_ray.config import EvalConfig
 from mura_ray.errors import UsageError
 from mura_ray.model import backends
 from mura_ray.model.calibration import Calibration
@@ -39,7 +39,7 @@ from mura_ray.reporting.calibration import calibration_line, calibration_report,
 from mura_ray.reporting.metrics import fmt, fmt_ci, full_report, study_scores
 from mura_ray.reporting.mura_format import competition_report, predictions_csv
 from mura_ray.review.explain import overlays_of
-from mura_ray.scoring.pipeline import results_table, scored_dataset
+from mura_ray.scoring.pipeline import ScoringSettings, results_table, scored_dataset
 from mura_ray.training.protocol import chose_on
 
 log = logging.getLogger(__name__)
@@ -76,10 +76,8 @@ def predict(
     if labelled.num_rows == 0:
         raise UsageError(f"no labelled images in split {split!r} under {data!r}: evaluation needs labels")
     backend, precision = engine
-    cfg = ScoreConfig(
-        model="",
+    settings = ScoringSettings(
         data=data,
-        out="",
         batch_size=batch_size,
         modalities="ALL",
         backend=backend,
@@ -91,7 +89,7 @@ def predict(
     )
     parts = []
     cluster.connect()
-    ds = scored_dataset(labelled, weights, meta, cfg)
+    ds = scored_dataset(labelled, weights, meta, settings)
     with Progress(f"scoring split {split}", labelled.num_rows) as bar:
         for batch in ds.iter_batches(batch_size=128, batch_format="numpy"):
             parts.append(results_table(batch))

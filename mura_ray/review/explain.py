@@ -23,7 +23,7 @@ import torch
 from mura_ray import cluster, console
 from mura_ray.archive import storage
 from mura_ray.archive.catalog import build_catalog
-from mura_ray.config import ExplainConfig, ScoreConfig
+from mura_ray.config import ExplainConfig
 from mura_ray.errors import UsageError
 from mura_ray.imaging.decode import MAX_BYTES, one_line
 from mura_ray.imaging.preprocess import EvalPreset, fit_of, load_square, read_capped
@@ -36,7 +36,7 @@ from mura_ray.options import placement_of
 from mura_ray.progress import Progress
 from mura_ray.reporting.metrics import study_scores
 from mura_ray.scoring.heatmaps import heatmap_dataset, heatmap_name, index_rows
-from mura_ray.scoring.pipeline import results_table, scored_dataset
+from mura_ray.scoring.pipeline import ScoringSettings, results_table, scored_dataset
 from mura_ray.scoring.studies import at_or_above
 
 log = logging.getLogger(__name__)
@@ -129,17 +129,15 @@ def _choose(catalog: pa.Table, cfg: ExplainConfig, weights: bytes, meta: dict[st
 def _flagged(catalog: pa.Table, cfg: ExplainConfig, weights: bytes, meta: dict[str, Any]) -> pa.Table:
     """The images of the studies whose mean calibrated score is at or above the model's threshold."""
     parts = []
-    score_cfg = ScoreConfig(
-        model="",
+    settings = ScoringSettings(
         data=cfg.data,
-        out="",
         modalities="ALL",
         use_gpu=cfg.use_gpu,
         gpus_per_actor=cfg.gpus_per_actor,
         gpu_timeout=cfg.gpu_timeout,
     )
     with Progress("scoring to find flagged studies", catalog.num_rows) as bar:
-        for batch in scored_dataset(catalog, weights, meta, score_cfg).iter_batches(batch_size=128):
+        for batch in scored_dataset(catalog, weights, meta, settings).iter_batches(batch_size=128):
             parts.append(results_table(batch))
             bar.update(parts[-1].num_rows)
     scored = catalog.select(["image_uri", "study_uri"]).join(pa.concat_tables(parts), "image_uri")

@@ -16,6 +16,7 @@ asked for come out with ``modality`` set and no score.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -46,12 +47,37 @@ class Scorer(BatchScorer):
         super().__init__(ray.get(weights[0]), device=torch.device("cuda" if use_gpu else "cpu"), **settings)
 
 
+_SCORE = {f.name: f.default for f in dataclasses.fields(ScoreConfig)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoringSettings:
+    """What the scoring pipeline takes of a job's settings: ``score``'s (``of``), and ``evaluate``'s and
+    ``explain``'s, which score with the defaults of ``score`` but for what they set."""
+
+    data: str  # the archive root the keys are under
+    batch_size: int | None = _SCORE["batch_size"]
+    modalities: str = "ALL"
+    backend: str = _SCORE["backend"]
+    precision: str = _SCORE["precision"]
+    tta: str = _SCORE["tta"]
+    actors: int | None = _SCORE["actors"]
+    cpus_per_actor: float | None = _SCORE["cpus_per_actor"]
+    use_gpu: str = _SCORE["use_gpu"]
+    gpus_per_actor: float = _SCORE["gpus_per_actor"]
+    gpu_timeout: float = _SCORE["gpu_timeout"]
+
+    @classmethod
+    def of(cls, cfg: ScoreConfig) -> ScoringSettings:
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
+
 def accepted_modalities(setting: str) -> tuple[str, ...] | None:
     """``--modalities`` as the decoder takes it: the codes, or None for ``all``."""
     return None if setting == "ALL" else tuple(setting.split(","))
 
 
-def scored_dataset(keys: pa.Table, weights: bytes, meta: dict[str, Any], cfg: ScoreConfig) -> ray.data.Dataset:
+def scored_dataset(keys: pa.Table, weights: bytes, meta: dict[str, Any], cfg: ScoringSettings) -> ray.data.Dataset:
     """``image_uri`` rows -> rows with ``prob_abnormal`` (NaN where ``error`` or ``modality`` is set).
 
     Decode tasks read and decode; model actors score with ``weights`` (the

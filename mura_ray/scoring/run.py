@@ -45,7 +45,7 @@ from mura_ray.progress import Progress
 from mura_ray.scoring import pseudonyms
 from mura_ray.scoring.delta import HEATMAP_EXTRA, ScoreStore
 from mura_ray.scoring.heatmaps import heatmap_dataset, heatmap_name, index_rows
-from mura_ray.scoring.pipeline import accepted_modalities, results_table, scored_dataset
+from mura_ray.scoring.pipeline import ScoringSettings, accepted_modalities, results_table, scored_dataset
 from mura_ray.scoring.writer import RunWriter
 
 log = logging.getLogger(__name__)
@@ -252,7 +252,7 @@ def _score_into(
     their pseudonyms."""
     keys, by_path = _keys_to_read(todo, names)
     cluster.connect()  # only now: a night with nothing to score never starts Ray
-    ds = scored_dataset(keys, weights, meta, cfg)
+    ds = scored_dataset(keys, weights, meta, ScoringSettings.of(cfg))
     seen = 0
     with Progress("scoring", todo.num_rows) as bar:
         for batch in ds.iter_batches(batch_size=min(256, cfg.commit_every), batch_format="numpy"):
