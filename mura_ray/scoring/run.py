@@ -105,8 +105,9 @@ def run_scoring(cfg: ScoreConfig) -> dict[str, Any]:
     names = pseudonyms.from_settings(cfg.pseudonymize, cfg.pseudonym_map)
     weights, meta = read_checkpoint(resolve_model_dir(cfg.model))
     module_from(weights, meta)  # fail here, not in every actor, if the weights do not fit
+    listed_from = time.monotonic()
     scan = scan_archive(cfg.data, split=cfg.split, follow_links=cfg.follow_links)
-    list_seconds = time.monotonic() - t0
+    list_seconds = time.monotonic() - listed_from
     if names is not None:
         _write_map(names, scan, cfg)
         scan = dataclasses.replace(scan, table=names.catalog(scan.table))
