@@ -176,7 +176,8 @@ def _without_read_override():
         libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP; fails harmlessly where the process has neither
 
 
-def test_an_unreadable_folder_is_counted_and_named(tmp_path, small_archive):
+@pytest.mark.parametrize("mode", [0o000, 0o444], ids=["no permission", "names readable, entries not"])
+def test_an_unreadable_folder_is_counted_and_named(tmp_path, small_archive, mode):
     import json
     import subprocess
     import sys
@@ -186,7 +187,7 @@ def test_an_unreadable_folder_is_counted_and_named(tmp_path, small_archive):
         (tmp_path / name).mkdir()
         shutil.copy(os.path.join(root, plan[0].rel_path), tmp_path / name / "x.png")
     locked = tmp_path / "locked"
-    locked.chmod(0)
+    locked.chmod(mode)
     try:
         child = subprocess.run(
             [sys.executable, "-c", _LIST_IN_CHILD, str(tmp_path), str(locked)],
@@ -199,7 +200,9 @@ def test_an_unreadable_folder_is_counted_and_named(tmp_path, small_archive):
         locked.chmod(0o755)
     assert child.returncode == 0, child.stderr[-3000:]
     out = json.loads(child.stdout.splitlines()[-1])
-    assert out["readable"] is False  # the folder really cannot be listed by the process that scans it
+    # The folder really cannot be listed by the process that scans it; or, without search permission, its
+    # names can be listed but not its files' sizes and times.
+    assert out["readable"] is (mode == 0o444)
     assert out["uris"] == [str(tmp_path / "open" / "x.png")]
     assert out["unreadable"] == [str(locked)]
 

@@ -122,19 +122,27 @@ def _walk(fs, base: str) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
         except OSError as exc:  # no permission; or removed since its parent was listed
             unreadable[folder] = f"{type(exc).__name__}: {exc.strerror or exc}"
             continue
-        for entry in entries:
-            path = entry.path
-            try:
-                if entry.is_symlink():  # followed or not by list_archive; a link to a folder never
-                    found[path] = {"name": path, "type": "other", "islink": True}
-                elif entry.is_dir(follow_symlinks=False):
-                    stack.append(path)
-                else:
-                    st = entry.stat(follow_symlinks=False)
-                    kind = "file" if stat.S_ISREG(st.st_mode) else "other"
-                    found[path] = dict(storage.local_info(st), name=path, type=kind)
-            except FileNotFoundError:  # removed since its folder was listed
-                continue
+        files: dict[str, dict[str, Any]] = {}
+        folders: list[str] = []
+        try:
+            for entry in entries:
+                path = entry.path
+                try:
+                    if entry.is_symlink():  # followed or not by list_archive; a link to a folder never
+                        files[path] = {"name": path, "type": "other", "islink": True}
+                    elif entry.is_dir(follow_symlinks=False):
+                        folders.append(path)
+                    else:
+                        st = entry.stat(follow_symlinks=False)
+                        kind = "file" if stat.S_ISREG(st.st_mode) else "other"
+                        files[path] = dict(storage.local_info(st), name=path, type=kind)
+                except FileNotFoundError:  # removed since its folder was listed
+                    continue
+        except OSError as exc:  # names readable but not the entries (a folder with r but not x permission)
+            unreadable[folder] = f"{type(exc).__name__}: {exc.strerror or exc}"
+            continue
+        found.update(files)
+        stack.extend(folders)
     return found, unreadable
 
 
