@@ -230,10 +230,7 @@ def score(args: argparse.Namespace) -> int:
         from mura_ray.scoring import maintenance
 
         r = maintenance.vacuum(cfg.out, maintenance.MIN_RETENTION_HOURS)
-        print(
-            f"vacuum: deleted {r['data_files']} data files of the table and {r['orphan_heatmaps']} orphan heatmaps "
-            f"(older than {maintenance.MIN_RETENTION_HOURS} h)"
-        )
+        print(f"vacuum: {maintenance.vacuum_line(r, maintenance.MIN_RETENTION_HOURS)}")
     if m["images"] and m["errors"] / m["images"] > cfg.max_error_rate:
         print(
             f"mura-ray: {m['errors']} of {m['images']} images could not be scored "
@@ -278,11 +275,7 @@ def scores(args: argparse.Namespace) -> int:
     else:
         cfg = config_from(C.ScoresVacuumConfig, args)
         r = maintenance.vacuum(cfg.out, cfg.retention_hours, dry_run=cfg.dry_run)
-        verb = "would delete" if cfg.dry_run else "deleted"
-        print(
-            f"{verb} {r['data_files']} data files of the table and {r['orphan_heatmaps']} orphan heatmaps "
-            f"(older than {cfg.retention_hours} h) under {cfg.out}"
-        )
+        print(f"{maintenance.vacuum_line(r, cfg.retention_hours, dry_run=cfg.dry_run)} under {cfg.out}")
     return 0
 
 

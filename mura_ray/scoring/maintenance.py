@@ -88,6 +88,15 @@ def _mtime(info: dict[str, Any]) -> float | None:
     return None
 
 
+def vacuum_line(r: dict[str, Any], retention_hours: int, *, dry_run: bool = False) -> str:
+    """What ``vacuum`` did (``r``), in one line."""
+    verb = "would delete" if dry_run else "deleted"
+    return (
+        f"{verb} {r['data_files']} data files of the table and {r['orphan_heatmaps']} orphan heatmaps "
+        f"(older than {retention_hours} h)"
+    )
+
+
 def vacuum(out: str, retention_hours: int, *, dry_run: bool = False) -> dict[str, Any]:
     """Delta vacuum (files no current version needs, replaced more than ``retention_hours`` ago, and files no
     commit named), then the orphan heatmaps older than that."""

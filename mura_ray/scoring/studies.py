@@ -77,22 +77,22 @@ class StudyTotals:
         """The chunk is committed: the next one starts with no study touched."""
         self._touched = set()
 
-    def _current(self, studies: list[str], earlier: pa.Table) -> dict[str, list]:
+    def _current(self, studies: list[str], snapshot: pa.Table) -> dict[str, list]:
         """[images, sum of scores, scores] of each study over its current rows: this run's, else those of
-        ``earlier`` (``image_uri``, ``study_uri``, ``prob_abnormal``)."""
+        ``snapshot`` (``image_uri``, ``study_uri``, ``prob_abnormal``)."""
         totals = {study: list(self._own[study]) for study in studies}
-        earlier = earlier.filter(pc.is_in(earlier["study_uri"], pa.array(studies, pa.string())))
-        columns = (earlier[c].to_pylist() for c in ("image_uri", "study_uri", "prob_abnormal"))
+        snapshot = snapshot.filter(pc.is_in(snapshot["study_uri"], pa.array(studies, pa.string())))
+        columns = (snapshot[c].to_pylist() for c in ("image_uri", "study_uri", "prob_abnormal"))
         for uri, study, prob in zip(*columns):
             if uri not in self._own_uris:
                 _count(totals[study], prob)
         return totals
 
-    def chunk_table(self, earlier: pa.Table) -> pa.Table:
+    def chunk_table(self, snapshot: pa.Table) -> pa.Table:
         """One row per study the current chunk touched, over its current rows (this run's, else those of
-        ``earlier``: the current image rows of the snapshot the chunk commits onto)."""
+        ``snapshot``: the current image rows of the snapshot the chunk commits onto)."""
         touched = sorted(self._touched)
-        totals = self._current(touched, earlier)
+        totals = self._current(touched, snapshot)
         if self._known is None:
             self._known = self.catalog.group_by("study_uri", use_threads=False).aggregate(
                 [("patient_id", "first"), ("body_part", "first"), ("label", "first")]
