@@ -1,7 +1,8 @@
-"""Shared fixtures: one synthetic archive, one S3 server and one Ray cluster per test session.
+"""Shared fixtures: synthetic archives, one S3 server and one Ray cluster per test session.
 
 The S3 server (moto) and Ray are both bound to 127.0.0.1. The S3 settings
-are put in the environment before Ray starts, so Ray's workers inherit them.
+are put in the environment before Ray starts, so Ray's workers inherit them;
+the server starts only when a test asks for it.
 """
 
 from __future__ import annotations
@@ -61,19 +62,28 @@ def learn_archive(tmp_path_factory):
     return root, plan
 
 
-@pytest.fixture(scope="session")
-def s3_server():
-    """A moto S3 server on 127.0.0.1 with test credentials in the environment; yields the endpoint."""
-    from moto.server import ThreadedMotoServer
+def _free_port_below_ephemeral() -> int:
+    """A free port outside Ray's worker range (10002-19999) and the kernel's ephemeral range, so that
+    nothing Ray starts before the S3 server takes it."""
+    import random
 
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    saved = {
-        k: os.environ.get(k)
-        for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
-    }
+    for port in random.Random(os.getpid()).sample(range(20000, 32000), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 20000 and 32000")
+
+
+@pytest.fixture(scope="session")
+def s3_env():
+    """The S3 settings of the session's moto server, in the environment before Ray starts (its workers
+    inherit them); the server itself starts only for the tests that use it (``s3_server``)."""
+    endpoint = f"http://127.0.0.1:{_free_port_below_ephemeral()}"
+    keys = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    saved = {k: os.environ.get(k) for k in keys}
     os.environ.update(
         AWS_ENDPOINT_URL=endpoint,
         AWS_ACCESS_KEY_ID="testing",
@@ -81,7 +91,6 @@ def s3_server():
         AWS_DEFAULT_REGION="us-east-1",
     )
     yield endpoint
-    server.stop()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
@@ -90,7 +99,20 @@ def s3_server():
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(s3_server):
+def s3_server(s3_env):
+    """A moto S3 server on 127.0.0.1 at the endpoint ``s3_env`` put in the environment; yields the endpoint."""
+    from urllib.parse import urlparse
+
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=urlparse(s3_env).port)
+    server.start()
+    yield s3_env
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_env):
     """A local Ray cluster on 127.0.0.1, started once, sized as mura-ray sizes its own."""
     import ray
 

@@ -69,28 +69,41 @@ def test_the_weights_file_round_trips_into_the_module_and_every_engine_agrees_wi
     assert maps.shape == (2, 40, 40) and np.allclose(probs, reference[:2], atol=1e-4)
 
 
+@pytest.fixture(scope="module")
+def search(learn_archive, tmp_path_factory):
+    """`mura-ray tune` with two one-epoch trials, both kept: (argv, folder, what it printed). Its trials are
+    also the members of the two-run ensemble below, so the module trains two models, not three."""
+    import contextlib
+    import io
+
+    root, _ = learn_archive
+    out = str(tmp_path_factory.mktemp("tune") / "search")
+    argv = [
+        "tune", "--data", root, "--out", out, "--trials", "2", "--keep", "2", "--workers", "1", "--epochs", "1",
+        "--image-sizes", "32,40", "--weights", "none", "--batch-size", "16", "--guard-images", "0",
+        "--lr-range", "1e-4,3e-3",
+    ]  # fmt: skip
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert cli.main(argv) == 0
+    return argv, out, printed.getvalue()
+
+
+def _trial(out, k):
+    """(run folder, model folder, metadata) of trial ``k`` of a search."""
+    run = os.path.join(out, "trials", f"trial-{k}")
+    model = os.path.join(run, "model")
+    return run, model, json.load(open(os.path.join(model, "metadata.json")))
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_an_ensemble_of_two_runs_is_built_scored_and_read_back(trained_run, learn_archive, tmp_path, capsys):
-    from mura_ray.config import TrainConfig
-    from mura_ray.training.driver import run_training
-
-    first_cfg, first = trained_run
+def test_an_ensemble_of_two_runs_is_built_scored_and_read_back(search, learn_archive, tmp_path, capsys):
     root, _ = learn_archive
-    second = run_training(
-        TrainConfig(
-            data=root,
-            out=str(tmp_path / "r2"),
-            workers=2,
-            epochs=2,
-            image_size=40,
-            fit=first_cfg.fit,
-            batch_size=16,
-            weights="none",
-            seed=1,
-        )
-    )
+    (first_run, first_dir, first_meta), (_, second_dir, second_meta) = (_trial(search[1], k) for k in (0, 1))
+    first = {"model_dir": first_dir, "model_id": first_meta["model_id"]}
+    second = {"model_dir": second_dir, "model_id": second_meta["model_id"]}
     out = str(tmp_path / "ens")
     capsys.readouterr()
     assert cli.main(["ensemble", "--models", first["model_dir"], second["model_dir"], "--out", out]) == 0
@@ -98,7 +111,8 @@ def test_an_ensemble_of_two_runs_is_built_scored_and_read_back(trained_run, lear
     print(printed)
     assert "member 0" in printed and "member 1" in printed and "ensemble" in printed
     weights, meta = read_checkpoint(os.path.join(out, "model"))
-    assert meta["architecture"] == "ensemble" and meta["image_size"] == max(48, 40)
+    assert meta["architecture"] == "ensemble"
+    assert meta["image_size"] == max(first_meta["image_size"], second_meta["image_size"])
     assert [m["model_id"] for m in meta["members"]] == [first["model_id"], second["model_id"]]
     assert meta["calibration_method"] == "platt" and meta["protocol"]["chosen_on"]["threshold"] == "tune"
     # The tuning split chose: the ensemble's tuning predictions are the members' mean.
@@ -119,7 +133,7 @@ def test_an_ensemble_of_two_runs_is_built_scored_and_read_back(trained_run, lear
     assert images.filter(images["error"].is_null()).num_rows == images.num_rows
     # The model folder keys images by their rank among the sorted paths, which a member's run directory keeps.
     valid = pq.read_table(os.path.join(out, "model", "valid_predictions.parquet")).sort_by("image").to_pandas()
-    paths = pq.read_table(os.path.join(first_cfg.out, "valid_predictions.parquet"))["image_uri"].to_pylist()
+    paths = pq.read_table(os.path.join(first_run, "valid_predictions.parquet"))["image_uri"].to_pylist()
     valid["image_uri"] = sorted(paths)
     rows = images.to_pandas().merge(valid, on="image_uri", suffixes=("", "_valid"))
     assert len(rows) == images.num_rows
@@ -145,18 +159,8 @@ def test_an_ensemble_of_two_runs_is_built_scored_and_read_back(trained_run, lear
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_tune_searches_on_ray_tune_keeps_one_tuning_split_ensembles_the_best_and_resumes(
-    learn_archive, tmp_path, capsys
-):
-    root, _ = learn_archive
-    out = str(tmp_path / "search")
-    argv = [
-        "tune", "--data", root, "--out", out, "--trials", "2", "--keep", "2", "--workers", "1", "--epochs", "1",
-        "--image-sizes", "32,40", "--weights", "none", "--batch-size", "16", "--guard-images", "0",
-        "--lr-range", "1e-4,3e-3",
-    ]  # fmt: skip
-    assert cli.main(argv) == 0
-    printed = capsys.readouterr().out
+def test_tune_searches_on_ray_tune_keeps_one_tuning_split_ensembles_the_best_and_resumes(search):
+    argv, out, printed = search
     print(printed)
     result = json.load(open(os.path.join(out, "tune.json")))
     trials = {t["member"]: t for t in result["trials"]}
