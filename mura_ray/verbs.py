@@ -187,9 +187,10 @@ def score(args: argparse.Namespace) -> int:
                     'heatmap', 'not_scored' and 'run'. Each chunk is one commit:
                     readers see it whole or not at all; a rescore replaces the
                     row, the old one stays in the table's history.
-      OUT/heatmaps/run_date=D/run_id=R/  with --heatmaps flagged: a Grad-CAM overlay
-                    PNG per image of each study predicted abnormal (drawn once per
-                    current image row; a killed run's are drawn by the next run)
+      OUT/heatmaps/run_date=YYYY-MM-DD/run_id=<run_id>/  with --heatmaps flagged:
+                    a Grad-CAM overlay PNG per image of each study predicted
+                    abnormal (drawn once per current image row; a killed run's
+                    are drawn by the next run)
 
     Two runs into one OUT at once are safe: each commit is checked against the
     other's, and one image never gets two current rows. 'mura-ray scores'

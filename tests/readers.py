@@ -7,7 +7,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import DeltaTable
 
-from mura_ray.scoring.delta import VIEW_COLUMNS, ScoreStore
+from mura_ray.scoring.delta import ScoreStore
+from mura_ray.scoring.schemas import VIEW_COLUMNS
 
 
 def scores(out: str, kind: str, version: int | None = None, where: str = "") -> pa.Table:

@@ -28,9 +28,7 @@ from deltalake import DeltaTable
 from mura_ray.errors import UsageError
 from mura_ray.scoring import delta
 from mura_ray.scoring.delta import CommitConflict, ScoreStore
-from mura_ray.scoring.heatmap_index import INDEX_SCHEMA
-from mura_ray.scoring.schemas import PRIOR_COLUMNS
-from mura_ray.scoring.studies import STUDIES_SCHEMA
+from mura_ray.scoring.schemas import INDEX_SCHEMA, PRIOR_COLUMNS, STUDIES_SCHEMA
 from mura_ray.scoring.writer import IMAGES_SCHEMA
 
 SID = "scoring-1"

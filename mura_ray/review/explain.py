@@ -2,7 +2,7 @@
 
 Writes ``DIR/<path under ROOT>.heatmap.png`` per image (the radiograph, the
 same under its heatmap, and the calibrated score) and ``DIR/index.parquet``
-(``scoring.heatmaps.INDEX_SCHEMA``). ``--studies flagged`` first scores the
+(``scoring.schemas.INDEX_SCHEMA``). ``--studies flagged`` first scores the
 archive with the fast engines and keeps the studies predicted abnormal;
 ``all`` takes every study; a comma list names study folders.
 ``overlays_of`` makes the same pictures in-process for the evaluation's gallery.

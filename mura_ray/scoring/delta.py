@@ -104,52 +104,21 @@ from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundErr
 
 from mura_ray.archive import storage
 from mura_ray.errors import UsageError
-from mura_ray.scoring.heatmap_index import INDEX_SCHEMA
-from mura_ray.scoring.schemas import IMAGES_SCHEMA, NOT_SCORED_COLUMNS, NOT_SCORED_SCHEMA, PRIOR_COLUMNS, RUNS_SCHEMA
-from mura_ray.scoring.studies import STUDIES_SCHEMA
+from mura_ray.scoring.schemas import (
+    KEY_OF,
+    KINDS,
+    NOT_SCORED_COLUMNS,
+    PRIOR_COLUMNS,
+    SCORES_SCHEMA,
+    STAMPED,
+    TABLE,
+    VIEW_COLUMNS,
+)
 
 log = logging.getLogger(__name__)
 
-TABLE = "scores"
 ATTEMPTS = 8  # commits tried against a table that other writers keep changing, before giving up
-KINDS = ("image", "study", "heatmap", "not_scored", "run")
-KEY_OF = {
-    "image": "image_uri",
-    "study": "study_uri",
-    "heatmap": "image_uri",
-    "not_scored": "image_uri",
-    "run": "run_id",
-}
-HEATMAP_EXTRA = ("source_size", "source_etag")  # the image row an overlay shows: redrawn when the file changes
-STAMPED = ("scoring_id", "run_id")  # on every row; a heatmap row gets them from its chunk
 MERGE_PREDICATE = "t.kind = s.kind AND t.key = s.key AND t.scoring_id = s.scoring_id"
-
-
-def _view_columns() -> dict[str, list[str]]:
-    heatmap = INDEX_SCHEMA.names + [c for c in STAMPED + HEATMAP_EXTRA if c not in INDEX_SCHEMA.names]
-    not_scored = NOT_SCORED_SCHEMA.names + [c for c in STAMPED if c not in NOT_SCORED_SCHEMA.names]
-    return {
-        "image": IMAGES_SCHEMA.names,
-        "study": STUDIES_SCHEMA.names,
-        "heatmap": heatmap,
-        "not_scored": not_scored,
-        "run": RUNS_SCHEMA.names,
-    }
-
-
-def _table_schema() -> pa.Schema:
-    """``kind`` and ``key``, then every column of every kind once (a name has one type in all)."""
-    fields: dict[str, pa.Field] = {"kind": pa.field("kind", pa.string()), "key": pa.field("key", pa.string())}
-    for schema in (IMAGES_SCHEMA, STUDIES_SCHEMA, INDEX_SCHEMA, NOT_SCORED_SCHEMA, RUNS_SCHEMA):
-        for f in schema:
-            if f.name in fields and fields[f.name].type != f.type:
-                raise TypeError(f"column {f.name} is {fields[f.name].type} in one kind and {f.type} in another")
-            fields.setdefault(f.name, f)
-    return pa.schema(list(fields.values()))
-
-
-VIEW_COLUMNS = _view_columns()
-SCORES_SCHEMA = _table_schema()
 
 
 def app_id(run_id: str) -> str:

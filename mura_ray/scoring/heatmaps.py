@@ -27,7 +27,7 @@ from mura_ray.model.calibration import Calibration
 from mura_ray.model.checkpoint import model_id_of
 from mura_ray.model.ensemble import module_from
 from mura_ray.model.heatmaps import HEATMAP_LAYER, display_square, grad_cam, overlay, peak, png_bytes
-from mura_ray.scoring.heatmap_index import INDEX_SCHEMA
+from mura_ray.scoring.schemas import INDEX_SCHEMA
 
 DISPLAY = 256  # side of each half of an overlay, in pixels
 SUFFIX = ".heatmap.png"

@@ -9,6 +9,7 @@ from typing import Any
 from mura_ray.archive import storage
 from mura_ray.errors import UsageError
 from mura_ray.scoring.delta import ScoreStore
+from mura_ray.scoring.schemas import HEATMAPS
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def orphan_heatmaps(store: ScoreStore, out: str, older_than: float) -> list[str]
     """PNGs under ``OUT/heatmaps`` that no current heatmap row names, last modified before ``older_than``
     (a POSIX time): a killed run's overlays, or those of retracted or redrawn rows."""
     fs, base = storage.filesystem(out)
-    folder = storage.join(base, "heatmaps")
+    folder = storage.join(base, HEATMAPS)
     if not fs.exists(folder):
         return []
     named = {storage.join(base, p) for p in store.current("heatmap")["heatmap"].to_pylist() if p}

@@ -43,9 +43,10 @@ from mura_ray.model.registry import resolve_model_dir
 from mura_ray.options import placement_of
 from mura_ray.progress import Progress
 from mura_ray.scoring import pseudonyms
-from mura_ray.scoring.delta import HEATMAP_EXTRA, ScoreStore
+from mura_ray.scoring.delta import ScoreStore
 from mura_ray.scoring.heatmaps import heatmap_dataset, heatmap_name, index_rows
 from mura_ray.scoring.pipeline import ScoringSettings, accepted_modalities, results_table, scored_dataset
+from mura_ray.scoring.schemas import HEATMAP_EXTRA, HEATMAPS
 from mura_ray.scoring.writer import RunWriter
 
 log = logging.getLogger(__name__)
@@ -321,7 +322,7 @@ def _heatmaps_of(
         return None
     fs, base = storage.filesystem(cfg.out)
     root = cfg.data if names is None else None  # pseudonyms are names already, under no root
-    folder = storage.join("heatmaps", f"run_date={writer.run_date}", f"run_id={writer.run_id}")
+    folder = storage.join(HEATMAPS, f"run_date={writer.run_date}", f"run_id={writer.run_id}")
     study_of = dict(zip(flagged["image_uri"].to_pylist(), flagged["study_uri"].to_pylist()))
     keys, by_path = _keys_to_read(catalog.filter(pc.is_in(catalog["image_uri"], flagged["image_uri"])), names)
     if names is not None:

@@ -18,22 +18,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-STUDIES_SCHEMA = pa.schema(
-    [
-        ("study_uri", pa.string()),
-        ("patient_id", pa.string()),
-        ("body_part", pa.string()),
-        ("n_images", pa.int32()),
-        ("n_errors", pa.int32()),
-        ("prob_abnormal", pa.float32()),
-        ("predicted_abnormal", pa.bool_()),
-        ("label", pa.int8()),
-        ("model_id", pa.string()),
-        ("scoring_id", pa.string()),
-        ("run_id", pa.string()),
-        ("scored_at", pa.timestamp("us", tz="UTC")),
-    ]
-)
+from mura_ray.scoring.schemas import STUDIES_SCHEMA
 
 
 def at_or_above(prob: pa.ChunkedArray | pa.Array, threshold: float) -> pa.ChunkedArray:
