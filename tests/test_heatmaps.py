@@ -15,12 +15,13 @@ from safetensors.torch import load as st_load
 
 from mura_ray.archive.sample import FINDINGS_CSV
 from mura_ray.config import DemoConfig, ExplainConfig, ScoreConfig
-from mura_ray.imaging.preprocess import EvalPreset, box_in_input, load_square
+from mura_ray.imaging.preprocess import EvalPreset, load_square
 from mura_ray.model.calibration import Calibration
 from mura_ray.model.checkpoint import read_checkpoint
 from mura_ray.model.heatmaps import HEATMAP_LAYER, grad_cam, peak
 from mura_ray.model.resnet import build_model
 from mura_ray.scoring.heatmaps import DISPLAY, SUFFIX
+from tests.helpers import box_in_input
 from tests.readers import scores
 
 MARGIN = 0.05  # of the input's side, around the drawn box

@@ -12,13 +12,13 @@ from mura_ray.imaging.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     EvalPreset,
-    box_in_input,
     cache_side,
     fit_of,
     fit_square,
     load_square,
 )
 from mura_ray.imaging.tensors import TrainPreset, to_input
+from tests.helpers import box_in_input
 
 
 def _png(array, mode=None, fmt="PNG"):

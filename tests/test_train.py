@@ -15,7 +15,7 @@ from mura_ray.demo import demo_train_config
 from mura_ray.model.steps import class_weights
 from mura_ray.reporting.metrics import choose_threshold, study_scores
 from mura_ray.training.driver import run_training
-from mura_ray.training.rundir import read_events
+from tests.helpers import read_events
 
 
 @pytest.mark.timeout(600)

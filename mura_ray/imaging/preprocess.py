@@ -210,24 +210,3 @@ def preprocessing_record(image_size: int, fit: str = "crop") -> dict[str, Any]:
         "cache_side": cache_side(image_size, fit),
         "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "gray_to_rgb": True},
     }
-
-
-def box_in_input(
-    box: tuple[float, float, float, float], height: int, width: int, image_size: int, fit: str = "crop"
-) -> np.ndarray:
-    """A box ``(x0, y0, x1, y1)`` in an original image's pixels -> the same box in the model's (S, S) input,
-    through the cache's ``fit`` and the evaluation crop."""
-    x0, y0, x1, y1 = box
-    if fit == "stretch":
-        sx, sy = image_size / width, image_size / height
-        return np.array([x0 * sx, y0 * sy, (x1 + 1) * sx, (y1 + 1) * sy])
-    if fit == "pad":
-        nh, nw = _padded_size(height, width, image_size)
-        top, left = (image_size - nh) // 2, (image_size - nw) // 2
-        sx, sy = nw / width, nh / height
-        return np.array([x0 * sx + left, y0 * sy + top, (x1 + 1) * sx + left, (y1 + 1) * sy + top])
-    side = cache_side(image_size)
-    nh, nw, top, left = _crop_geometry(height, width, side)
-    off = (side - image_size) // 2
-    sx, sy = nw / width, nh / height
-    return np.array([x0 * sx - left - off, y0 * sy - top - off, (x1 + 1) * sx - left - off, (y1 + 1) * sy - top - off])

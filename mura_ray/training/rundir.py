@@ -50,13 +50,6 @@ def log_event(run_dir: str, **event: Any) -> None:
     storage.write_text(path, before + json.dumps(event) + "\n")
 
 
-def read_events(run_dir: str) -> list[dict[str, Any]]:
-    path = storage.join(run_dir, EVENTS)
-    if not storage.exists(path):
-        return []
-    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
-
-
 def write_history(run_dir: str, history: list[dict[str, Any]]) -> None:
     """Per-epoch metrics as ``metrics.json`` and ``metrics.csv``, and the curves, under the run directory."""
     storage.write_text(storage.join(run_dir, "metrics.json"), json.dumps(history, indent=2))
